@@ -282,12 +282,26 @@ static void dq_q8_k(const uint8_t *b, float *y) {
 
 /* ---- quantization, one block -------------------------------------------------------------- */
 
+/* The 32-element types follow llama.cpp's reference conventions (scale computed in fp32 and
+ * applied as a reciprocal, halves rounded up), so for the same input they write the same bytes as
+ * llama.cpp's quantizer. */
+
+static float recip(float d) {
+    return d != 0.0f ? 1.0f / d : 0.0f;
+}
+
+/* floor(v) clamped to [0, hi]; callers pass value + offset + 0.5 (non-negative) to round. */
+static int floor_clamp(float v, int hi) {
+    return clampi((int)floorf(v), 0, hi);
+}
+
 static void q_q4_0(const float *x, uint8_t *b) {
-    float d = wr_f16_ret(b, signed_absmax(x, 32) / -8.0f);
+    float d = signed_absmax(x, 32) / -8.0f, id = recip(d);
+    wr_f16(b, d);
     uint8_t *qs = b + 2;
     for (int j = 0; j < 16; j++) {
-        int q0 = qround(x[j], d, -8, 7) + 8;
-        int q1 = qround(x[j + 16], d, -8, 7) + 8;
+        int q0 = floor_clamp(x[j] * id + 8.5f, 15);
+        int q1 = floor_clamp(x[j + 16] * id + 8.5f, 15);
         qs[j] = (uint8_t)(q0 | (q1 << 4));
     }
 }
@@ -295,23 +309,25 @@ static void q_q4_0(const float *x, uint8_t *b) {
 static void q_q4_1(const float *x, uint8_t *b) {
     float mn, mx;
     min_max(x, 32, &mn, &mx);
-    float d = wr_f16_ret(b, (mx - mn) / 15.0f);
-    float m = wr_f16_ret(b + 2, mn);
+    float d = (mx - mn) / 15.0f, id = recip(d);
+    wr_f16(b, d);
+    wr_f16(b + 2, mn);
     uint8_t *qs = b + 4;
     for (int j = 0; j < 16; j++) {
-        int q0 = qround(x[j] - m, d, 0, 15);
-        int q1 = qround(x[j + 16] - m, d, 0, 15);
+        int q0 = floor_clamp((x[j] - mn) * id + 0.5f, 15);
+        int q1 = floor_clamp((x[j + 16] - mn) * id + 0.5f, 15);
         qs[j] = (uint8_t)(q0 | (q1 << 4));
     }
 }
 
 static void q_q5_0(const float *x, uint8_t *b) {
-    float d = wr_f16_ret(b, signed_absmax(x, 32) / -16.0f);
+    float d = signed_absmax(x, 32) / -16.0f, id = recip(d);
+    wr_f16(b, d);
     uint8_t *qs = b + 6;
     uint32_t qh = 0;
     for (int j = 0; j < 16; j++) {
-        int q0 = qround(x[j], d, -16, 15) + 16;
-        int q1 = qround(x[j + 16], d, -16, 15) + 16;
+        int q0 = floor_clamp(x[j] * id + 16.5f, 31);
+        int q1 = floor_clamp(x[j + 16] * id + 16.5f, 31);
         qs[j] = (uint8_t)((q0 & 0x0f) | ((q1 & 0x0f) << 4));
         qh |= (uint32_t)(q0 >> 4) << j;
         qh |= (uint32_t)(q1 >> 4) << (j + 16);
@@ -322,13 +338,14 @@ static void q_q5_0(const float *x, uint8_t *b) {
 static void q_q5_1(const float *x, uint8_t *b) {
     float mn, mx;
     min_max(x, 32, &mn, &mx);
-    float d = wr_f16_ret(b, (mx - mn) / 31.0f);
-    float m = wr_f16_ret(b + 2, mn);
+    float d = (mx - mn) / 31.0f, id = recip(d);
+    wr_f16(b, d);
+    wr_f16(b + 2, mn);
     uint8_t *qs = b + 8;
     uint32_t qh = 0;
     for (int j = 0; j < 16; j++) {
-        int q0 = qround(x[j] - m, d, 0, 31);
-        int q1 = qround(x[j + 16] - m, d, 0, 31);
+        int q0 = floor_clamp((x[j] - mn) * id + 0.5f, 31);
+        int q1 = floor_clamp((x[j + 16] - mn) * id + 0.5f, 31);
         qs[j] = (uint8_t)((q0 & 0x0f) | ((q1 & 0x0f) << 4));
         qh |= (uint32_t)(q0 >> 4) << j;
         qh |= (uint32_t)(q1 >> 4) << (j + 16);
@@ -336,21 +353,26 @@ static void q_q5_1(const float *x, uint8_t *b) {
     wr_u32(b + 4, qh);
 }
 
+/* Symmetric 8-bit: d = amax / 127, q = round-half-away(x / d). Returns the sum of the quants. */
+static int q8_block(const float *x, uint8_t *dp, int8_t *qs) {
+    float d = fabsf(signed_absmax(x, 32)) / 127.0f, id = recip(d);
+    wr_f16(dp, d);
+    int sum = 0;
+    for (int j = 0; j < 32; j++) {
+        qs[j] = (int8_t)clampi((int)roundf(x[j] * id), -127, 127);
+        sum += qs[j];
+    }
+    return sum;
+}
+
 static void q_q8_0(const float *x, uint8_t *b) {
-    float d = wr_f16_ret(b, fabsf(signed_absmax(x, 32)) / 127.0f);
-    int8_t *qs = (int8_t *)(b + 2);
-    for (int j = 0; j < 32; j++) qs[j] = (int8_t)qround(x[j], d, -127, 127);
+    q8_block(x, b, (int8_t *)(b + 2));
 }
 
 static void q_q8_1(const float *x, uint8_t *b) {
-    float d = wr_f16_ret(b, fabsf(signed_absmax(x, 32)) / 127.0f);
-    int8_t *qs = (int8_t *)(b + 4);
-    int sum = 0;
-    for (int j = 0; j < 32; j++) {
-        qs[j] = (int8_t)qround(x[j], d, -127, 127);
-        sum += qs[j];
-    }
-    wr_f16(b + 2, d * (float)sum);
+    int sum = q8_block(x, b, (int8_t *)(b + 4));
+    float d = fabsf(signed_absmax(x, 32)) / 127.0f;
+    wr_f16(b + 2, (float)sum * d);
 }
 
 /* Asymmetric sub-block fit used by Q2_K / Q4_K / Q5_K: x ~ scale * q - min with q in [0, qmax]
@@ -475,8 +497,8 @@ static void q_q8_k(const float *x, uint8_t *b) {
         memset(b, 0, 292);
         return;
     }
-    float iscale = -128.0f / mx;
-    for (int j = 0; j < XLLM_QK_K; j++) qs[j] = (int8_t)clampi(nearest(iscale * x[j]), -128, 127);
+    float iscale = -127.0f / mx;
+    for (int j = 0; j < XLLM_QK_K; j++) qs[j] = (int8_t)clampi(nearest(iscale * x[j]), -127, 127);
     wr_f32(b, 1.0f / iscale);
     for (int g = 0; g < 16; g++) {
         int sum = 0;
