@@ -7,6 +7,7 @@
 
 #include "testutil.h"
 #include "compute/dtype.h"
+#include "gguf/gguf.h"
 
 static const xllm_dtype k_all[] = {
     XLLM_DTYPE_F32,  XLLM_DTYPE_F16,  XLLM_DTYPE_BF16, XLLM_DTYPE_Q4_0, XLLM_DTYPE_Q4_1,
@@ -360,136 +361,26 @@ static void test_vec_dot(void **state) {
 
 /* ---- real GGUF files ---------------------------------------------------------------------- */
 
-typedef struct gg_tensor {
-    char name[128];
-    uint32_t type;
-    uint32_t n_dims;
-    int64_t ne[4];
-    uint64_t offset;
-} gg_tensor;
-
-typedef struct gg_file {
-    uint8_t *buf;
-    size_t size;
-    uint64_t n_tensors;
-    gg_tensor *tensors;
-    size_t data_off;
-} gg_file;
-
-typedef struct gg_cur {
-    const uint8_t *p;
-    size_t pos, size;
-} gg_cur;
-
-static void cur_need(gg_cur *c, size_t n) {
-    if (n > c->size - c->pos) fail_msg("gguf: truncated at %zu", c->pos);
+static xllm_gguf *gg_open(const char *name) {
+    char rel[256], err[256];
+    snprintf(rel, sizeof(rel), "models/tiny/%s", name);
+    xllm_gguf *g = NULL;
+    xllm_status st = xllm_gguf_open(xllm_test_shared(rel), &g, err, sizeof(err));
+    if (st != XLLM_OK) fail_msg("cannot open %s: %s", rel, err);
+    return g;
 }
 
-static uint64_t cur_uint(gg_cur *c, int bytes) {
-    cur_need(c, (size_t)bytes);
-    uint64_t v = 0;
-    for (int i = 0; i < bytes; i++) v |= (uint64_t)c->p[c->pos + (size_t)i] << (8 * i);
-    c->pos += (size_t)bytes;
-    return v;
-}
-
-static void cur_skip(gg_cur *c, uint64_t n) {
-    if (n > c->size - c->pos) fail_msg("gguf: truncated at %zu", c->pos);
-    c->pos += (size_t)n;
-}
-
-static size_t gg_scalar_size(uint32_t vt) {
-    static const size_t sz[13] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
-    if (vt > 12 || vt == 8 || vt == 9) return 0;
-    return sz[vt];
-}
-
-/* Skips one metadata value of type vt; returns it when it is an integer that fits. */
-static uint64_t gg_skip_value(gg_cur *c, uint32_t vt) {
-    if (vt == 8) {
-        cur_skip(c, cur_uint(c, 8));
-        return 0;
-    }
-    if (vt == 9) {
-        uint32_t et = (uint32_t)cur_uint(c, 4);
-        uint64_t n = cur_uint(c, 8);
-        for (uint64_t i = 0; i < n; i++) gg_skip_value(c, et);
-        return 0;
-    }
-    size_t sz = gg_scalar_size(vt);
-    if (!sz) fail_msg("gguf: bad value type %u", vt);
-    return cur_uint(c, (int)sz);
-}
-
-static void gg_open(gg_file *g, const char *rel) {
-    const char *path = xllm_test_shared(rel);
-    memset(g, 0, sizeof(*g));
-    g->buf = xllm_test_read_file(path, &g->size);
-    if (!g->buf) fail_msg("cannot read %s", path);
-    gg_cur c = {g->buf, 0, g->size};
-    cur_need(&c, 4);
-    assert_memory_equal(g->buf, "GGUF", 4);
-    c.pos = 4;
-    uint32_t version = (uint32_t)cur_uint(&c, 4);
-    assert_true(version >= 2);
-    g->n_tensors = cur_uint(&c, 8);
-    uint64_t n_kv = cur_uint(&c, 8);
-    assert_true(g->n_tensors < 100000 && n_kv < 100000);
-    uint64_t alignment = 32;
-    for (uint64_t i = 0; i < n_kv; i++) {
-        uint64_t klen = cur_uint(&c, 8);
-        cur_need(&c, klen);
-        bool is_align = klen == 17 && memcmp(c.p + c.pos, "general.alignment", 17) == 0;
-        c.pos += klen;
-        uint32_t vt = (uint32_t)cur_uint(&c, 4);
-        uint64_t v = gg_skip_value(&c, vt);
-        if (is_align) alignment = v;
-    }
-    assert_true(alignment > 0 && (alignment & (alignment - 1)) == 0);
-    g->tensors = calloc(g->n_tensors ? g->n_tensors : 1, sizeof(gg_tensor));
-    for (uint64_t i = 0; i < g->n_tensors; i++) {
-        gg_tensor *t = &g->tensors[i];
-        uint64_t len = cur_uint(&c, 8);
-        cur_need(&c, len);
-        assert_true(len < sizeof(t->name));
-        memcpy(t->name, c.p + c.pos, len);
-        c.pos += len;
-        t->n_dims = (uint32_t)cur_uint(&c, 4);
-        assert_true(t->n_dims >= 1 && t->n_dims <= 4);
-        for (int d = 0; d < 4; d++) t->ne[d] = 1;
-        for (uint32_t d = 0; d < t->n_dims; d++) t->ne[d] = (int64_t)cur_uint(&c, 8);
-        t->type = (uint32_t)cur_uint(&c, 4);
-        t->offset = cur_uint(&c, 8);
-    }
-    g->data_off = (c.pos + alignment - 1) / alignment * alignment;
-}
-
-static void gg_close(gg_file *g) {
-    free(g->buf);
-    free(g->tensors);
-    memset(g, 0, sizeof(*g));
-}
-
-static int64_t gg_nelem(const gg_tensor *t) {
+static int64_t gg_nelem(const xllm_gguf_tensor *t) {
     return t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3];
 }
 
-/* Data of a tensor, bounds-checked against the file. */
-static const uint8_t *gg_data(const gg_file *g, const gg_tensor *t, size_t *bytes) {
-    const xllm_dtype_traits *tr = xllm_dtype_get_traits((xllm_dtype)t->type);
-    if (!tr) fail_msg("tensor %s has unsupported type %u", t->name, t->type);
-    size_t row = xllm_dtype_row_bytes((xllm_dtype)t->type, t->ne[0]);
-    assert_true(row > 0);
-    size_t n = row * (size_t)(gg_nelem(t) / t->ne[0]);
-    assert_true(g->data_off + t->offset + n <= g->size);
-    *bytes = n;
-    return g->buf + g->data_off + t->offset;
-}
-
-static const gg_tensor *gg_find(const gg_file *g, const char *name) {
-    for (uint64_t i = 0; i < g->n_tensors; i++)
-        if (strcmp(g->tensors[i].name, name) == 0) return &g->tensors[i];
-    return NULL;
+/* The f32 weights of a tensor as an aligned copy. */
+static float *gg_f32_copy(const xllm_gguf_tensor *t) {
+    assert_int_equal(t->type, XLLM_DTYPE_F32);
+    float *w = malloc(t->n_bytes);
+    assert_non_null(w);
+    memcpy(w, t->data, t->n_bytes);
+    return w;
 }
 
 /* Largest normalized error a correct dequantizer shows on these files (the files measure about
@@ -536,39 +427,31 @@ static void test_real_gguf(void **state) {
     };
     double worst[XLLM_DTYPE_COUNT] = {0};
     int seen[XLLM_DTYPE_COUNT] = {0};
-    char path[256];
 
-    gg_file ref;
-    gg_open(&ref, "models/tiny/qwen3-tiny-f32.gguf");
+    xllm_gguf *ref = gg_open("qwen3-tiny-f32.gguf");
     for (size_t fi = 0; fi < sizeof(files) / sizeof(files[0]); fi++) {
-        gg_file g;
-        snprintf(path, sizeof(path), "models/tiny/%s", files[fi]);
-        gg_open(&g, path);
-        assert_int_equal(g.n_tensors, ref.n_tensors);
-        for (uint64_t i = 0; i < g.n_tensors; i++) {
-            const gg_tensor *t = &g.tensors[i];
+        xllm_gguf *g = gg_open(files[fi]);
+        assert_int_equal(g->n_tensors, ref->n_tensors);
+        for (uint64_t i = 0; i < g->n_tensors; i++) {
+            const xllm_gguf_tensor *t = &g->tensors[i];
             if (t->type == XLLM_DTYPE_F32) continue;
-            const gg_tensor *rt = gg_find(&ref, t->name);
+            const xllm_gguf_tensor *rt = xllm_gguf_find_tensor(ref, t->name);
             assert_non_null(rt);
-            assert_int_equal(rt->type, XLLM_DTYPE_F32);
             for (int d = 0; d < 4; d++) assert_int_equal(rt->ne[d], t->ne[d]);
             int64_t n = gg_nelem(t), cols = t->ne[0];
-            size_t qbytes, fbytes;
-            const uint8_t *qd = gg_data(&g, t, &qbytes);
-            const uint8_t *fd = gg_data(&ref, rt, &fbytes);
-            float *want = malloc((size_t)n * sizeof(float));
+            size_t qbytes = t->n_bytes;
+            const uint8_t *qd = t->data;
+            float *want = gg_f32_copy(rt);
             float *got = malloc((size_t)n * sizeof(float));
-            memcpy(want, fd, (size_t)n * sizeof(float));
-            size_t row = xllm_dtype_row_bytes((xllm_dtype)t->type, cols);
+            size_t row = xllm_dtype_row_bytes(t->type, cols);
             for (int64_t r = 0; r < n / cols; r++)
-                xllm_dequant_row_ref((xllm_dtype)t->type, qd + (size_t)r * row, got + r * cols,
-                                     cols);
+                xllm_dequant_row_ref(t->type, qd + (size_t)r * row, got + r * cols, cols);
             double err = xllm_test_norm_err(got, want, n);
             /* Our plain quantizer on the same data: llama.cpp's is at least about as good. */
             uint8_t *mine = malloc(qbytes);
             float *mine_deq = malloc((size_t)n * sizeof(float));
-            xllm_quant_row_ref((xllm_dtype)t->type, want, mine, n);
-            xllm_dequant_row_ref((xllm_dtype)t->type, mine, mine_deq, n);
+            xllm_quant_row_ref(t->type, want, mine, n);
+            xllm_dequant_row_ref(t->type, mine, mine_deq, n);
             double err_mine = xllm_test_norm_err(mine_deq, want, n);
             /* The dot product over a row agrees with the dequantized row. */
             double dot_ref = 0, mag = 0;
@@ -576,10 +459,10 @@ static void test_real_gguf(void **state) {
                 dot_ref += (double)got[j] * want[j];
                 mag += fabs((double)got[j] * want[j]);
             }
-            double dot = xllm_vec_dot_ref((xllm_dtype)t->type, qd, want, cols);
+            double dot = xllm_vec_dot_ref(t->type, qd, want, cols);
             assert_true(fabs(dot - dot_ref) <= 1e-6 * mag);
 
-            xllm_dtype ty = (xllm_dtype)t->type;
+            xllm_dtype ty = t->type;
             if (err > worst[ty]) worst[ty] = err;
             seen[ty]++;
             if (err > real_tol(ty) || err > 1.3 * err_mine + 1e-4)
@@ -590,9 +473,9 @@ static void test_real_gguf(void **state) {
             free(mine);
             free(mine_deq);
         }
-        gg_close(&g);
+        xllm_gguf_free(g);
     }
-    gg_close(&ref);
+    xllm_gguf_free(ref);
     for (size_t i = 0; i < sizeof(must_see) / sizeof(must_see[0]); i++) {
         xllm_dtype t = must_see[i];
         print_message("  %-5s %3d tensors, worst error vs f32 %.5f\n", xllm_dtype_name(t), seen[t],
@@ -614,27 +497,21 @@ static void test_real_bytes(void **state) {
         {"qwen3-tiny-q4_1.gguf", XLLM_DTYPE_Q4_1}, {"qwen3-tiny-q5_0.gguf", XLLM_DTYPE_Q5_0},
         {"qwen3-tiny-q5_1.gguf", XLLM_DTYPE_Q5_1},
     };
-    char path[256];
-    gg_file ref;
-    gg_open(&ref, "models/tiny/qwen3-tiny-f32.gguf");
+    xllm_gguf *ref = gg_open("qwen3-tiny-f32.gguf");
     for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
-        gg_file g;
-        snprintf(path, sizeof(path), "models/tiny/%s", cases[ci].file);
-        gg_open(&g, path);
+        xllm_gguf *g = gg_open(cases[ci].file);
         const xllm_dtype_traits *tr = xllm_dtype_get_traits(cases[ci].t);
         int64_t blocks = 0, diff_blocks = 0;
         int n_tensors = 0;
-        for (uint64_t i = 0; i < g.n_tensors; i++) {
-            const gg_tensor *t = &g.tensors[i];
-            if (t->type != (uint32_t)cases[ci].t) continue;
-            const gg_tensor *rt = gg_find(&ref, t->name);
+        for (uint64_t i = 0; i < g->n_tensors; i++) {
+            const xllm_gguf_tensor *t = &g->tensors[i];
+            if (t->type != cases[ci].t) continue;
+            const xllm_gguf_tensor *rt = xllm_gguf_find_tensor(ref, t->name);
             assert_non_null(rt);
-            size_t qbytes, fbytes;
-            const uint8_t *qd = gg_data(&g, t, &qbytes);
-            const uint8_t *fd = gg_data(&ref, rt, &fbytes);
+            size_t qbytes = t->n_bytes;
+            const uint8_t *qd = t->data;
             int64_t n = gg_nelem(t);
-            float *w = malloc((size_t)n * sizeof(float));
-            memcpy(w, fd, (size_t)n * sizeof(float));
+            float *w = gg_f32_copy(rt);
             uint8_t *mine = malloc(qbytes);
             xllm_quant_row_ref(cases[ci].t, w, mine, n);
             int64_t nb = (int64_t)(qbytes / tr->block_bytes);
@@ -652,9 +529,9 @@ static void test_real_bytes(void **state) {
         /* llama.cpp may be built with fused multiply-add, which moves an exact .5 tie now and then;
          * allow a handful of blocks in a million. */
         assert_true(diff_blocks * 100000 <= blocks);
-        gg_close(&g);
+        xllm_gguf_free(g);
     }
-    gg_close(&ref);
+    xllm_gguf_free(ref);
 }
 
 int main(void) {
