@@ -1,0 +1,52 @@
+/* Private layout of xllm_context: the KV memory and the workspaces of the forward pass, all
+ * sized at creation so that a step does not allocate (logits grow to their high-water mark). */
+#ifndef XLLM_ENGINE_IMPL_H
+#define XLLM_ENGINE_IMPL_H
+
+#include "compute/threadpool.h"
+#include "kv/kv.h"
+#include "model/model-impl.h"
+#include "xllm/xllm.h"
+
+typedef struct xllm_workspace {
+    float *x;        /* (n_batch, n_embd) residual stream */
+    float *xn;       /* (n_batch, n_embd) normed input of a block */
+    float *q;        /* (n_batch, n_head * head_dim) */
+    float *k;        /* (n_batch, n_head_kv * head_dim) */
+    float *v;        /* (n_batch, n_head_kv * head_dim) */
+    float *att;      /* (n_batch, n_head * head_dim) attention output */
+    float *ffn_a;    /* (n_batch, n_ff_max) gate / hidden */
+    float *ffn_b;    /* (n_batch, n_ff_max) up */
+    float *out;      /* (n_batch, n_embd) block output before the residual add */
+    float *rope_cos; /* (n_batch, n_rot / 2) */
+    float *rope_sin;
+    float *router;    /* (n_batch, n_expert) router probabilities */
+    int32_t *exp_ids; /* (n_batch, n_expert_used) chosen experts */
+    float *exp_w;     /* (n_batch, n_expert_used) their weights */
+    int32_t *rows;    /* (n_batch) token rows routed to one expert */
+    float *gather;    /* (n_batch, n_embd) the rows routed to one expert */
+    float *exp_out;   /* (n_batch, n_embd) one expert's output for those rows */
+    float *scratch;   /* (n_threads, max_cols) dequantized weight rows */
+    float *att_scratch; /* (n_threads, n_ctx) attention scores */
+    int32_t *seq_next;  /* (n_seq) next position per sequence while validating a batch */
+    int32_t *seq_last;  /* (n_seq) last row of each sequence in the batch */
+} xllm_workspace;
+
+struct xllm_context {
+    const xllm_model *model;
+    xllm_context_params params;
+    xllm_threadpool *tp;
+    xllm_kv *kv;
+    xllm_workspace ws;
+    int64_t max_cols;
+    /* outputs of the last batch */
+    float *logits;          /* (n_out, n_vocab) */
+    int64_t logits_cap;     /* rows allocated */
+    int32_t *out_row;       /* (n_batch) row -> output index, -1 when none */
+    int32_t n_rows;         /* rows of the last batch */
+};
+
+/* Runs the forward pass of a validated batch (forward.c). The KV memory has room for it. */
+xllm_status xllm_forward(xllm_context *ctx, const xllm_batch *b, int32_t n_out);
+
+#endif
