@@ -9,7 +9,8 @@
 #include "util/common.h"
 
 static xllm_mat mat_of(const xllm_weight *w, int64_t expert) {
-    xllm_mat m = {.data = (const uint8_t *)w->data + (size_t)expert * (size_t)w->ne[1] * w->row_bytes,
+    xllm_mat m = {.data =
+                      (const uint8_t *)w->data + (size_t)expert * (size_t)w->ne[1] * w->row_bytes,
                   .type = w->type,
                   .n_rows = w->ne[1],
                   .n_cols = w->ne[0],
@@ -214,8 +215,8 @@ xllm_status xllm_forward(xllm_context *ctx, const xllm_batch *b, int32_t n_out) 
     const int64_t T = b->n_tokens, E = hp->n_embd;
 
     for (int64_t t = 0; t < T; t++) {
-        const uint8_t *row = (const uint8_t *)m->tok_embd.data +
-                             (size_t)b->token[t] * m->tok_embd.row_bytes;
+        const uint8_t *row =
+            (const uint8_t *)m->tok_embd.data + (size_t)b->token[t] * m->tok_embd.row_bytes;
         xllm_dequant_row_ref(m->tok_embd.type, row, ws->x + t * E, E);
     }
     rope_tables(ctx, b);
@@ -225,8 +226,10 @@ xllm_status xllm_forward(xllm_context *ctx, const xllm_batch *b, int32_t n_out) 
         attention_block(ctx, b, il);
         for (int64_t t = 0; t < T; t++)
             xllm_op_rmsnorm(ws->xn + t * E, ws->x + t * E, ly->ffn_norm.data, E, hp->norm_eps);
-        if (hp->n_expert > 0) moe_ffn(ctx, ly, T);
-        else dense_ffn(ctx, ly, T);
+        if (hp->n_expert > 0)
+            moe_ffn(ctx, ly, T);
+        else
+            dense_ffn(ctx, ly, T);
         for (int64_t i = 0; i < T * E; i++) ws->x[i] += ws->out[i];
     }
 

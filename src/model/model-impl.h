@@ -31,16 +31,16 @@ typedef struct xllm_weight {
 } xllm_weight;
 
 typedef struct xllm_layer {
-    xllm_weight attn_norm;            /* (n_embd) */
-    xllm_weight wq, wk, wv, wo;       /* wq: (n_head*head_dim rows, n_embd cols) ... */
-    xllm_weight bq, bk, bv;           /* qwen2 biases (optional) */
-    xllm_weight q_norm, k_norm;       /* qwen3 per-head RMS norms (head_dim) */
-    xllm_weight ffn_norm;             /* (n_embd) */
-    xllm_weight ffn_gate, ffn_up;     /* dense: (n_ff rows, n_embd cols) */
-    xllm_weight ffn_down;             /* dense: (n_embd rows, n_ff cols) */
-    xllm_weight ffn_gate_inp;         /* moe router: (n_expert rows, n_embd cols) */
-    xllm_weight gate_exps, up_exps;   /* moe: (n_ff_exp rows, n_embd cols) x n_expert */
-    xllm_weight down_exps;            /* moe: (n_embd rows, n_ff_exp cols) x n_expert */
+    xllm_weight attn_norm;          /* (n_embd) */
+    xllm_weight wq, wk, wv, wo;     /* wq: (n_head*head_dim rows, n_embd cols) ... */
+    xllm_weight bq, bk, bv;         /* qwen2 biases (optional) */
+    xllm_weight q_norm, k_norm;     /* qwen3 per-head RMS norms (head_dim) */
+    xllm_weight ffn_norm;           /* (n_embd) */
+    xllm_weight ffn_gate, ffn_up;   /* dense: (n_ff rows, n_embd cols) */
+    xllm_weight ffn_down;           /* dense: (n_embd rows, n_ff cols) */
+    xllm_weight ffn_gate_inp;       /* moe router: (n_expert rows, n_embd cols) */
+    xllm_weight gate_exps, up_exps; /* moe: (n_ff_exp rows, n_embd cols) x n_expert */
+    xllm_weight down_exps;          /* moe: (n_embd rows, n_ff_exp cols) x n_expert */
 } xllm_layer;
 
 typedef struct xllm_hparams {

@@ -108,7 +108,8 @@ static bool load_hparams(loader *L) {
     snprintf(key, sizeof(key), "%s.rope.scaling.type", L->m->arch_name);
     const char *stype = xllm_gguf_get_str(L->m->gguf, key);
     hp->rope_freq_scale = 1.0f;
-    if (stype && !strcmp(stype, "linear") && scale > 0) hp->rope_freq_scale = 1.0f / scale;
+    if (stype && !strcmp(stype, "linear") && scale > 0)
+        hp->rope_freq_scale = 1.0f / scale;
     else if (stype && strcmp(stype, "none") && strcmp(stype, "linear")) {
         xllm_set_err(L->err, L->err_size, "metadata %s = '%s' is not supported", key, stype);
         return false;
@@ -174,8 +175,8 @@ static void bind(loader *L, xllm_weight *w, const char *name, bool required, int
     }
     w->data = t->data;
     if (L->m->data_copy)
-        w->data = (const uint8_t *)L->m->data_copy + ((const uint8_t *)t->data -
-                                                      (L->m->gguf->base + L->m->gguf->data_offset));
+        w->data = (const uint8_t *)L->m->data_copy +
+                  ((const uint8_t *)t->data - (L->m->gguf->base + L->m->gguf->data_offset));
     w->type = t->type;
     for (int d = 0; d < 4; d++) w->ne[d] = t->ne[d];
     w->row_bytes = xllm_dtype_row_bytes(t->type, t->ne[0]);
@@ -204,7 +205,8 @@ static void bind_layer(loader *L, int il, xllm_layer *ly) {
         bind(L, &ly->ffn_gate_inp, NAME("ffn_gate_inp.weight"), true, E, hp->n_expert, 1);
         /* expert FFN size from the tensor when metadata lacks it */
         if (!L->failed && L->m->hp.n_ff_exp == 0) {
-            const xllm_gguf_tensor *t = xllm_gguf_find_tensor(L->m->gguf, NAME("ffn_up_exps.weight"));
+            const xllm_gguf_tensor *t =
+                xllm_gguf_find_tensor(L->m->gguf, NAME("ffn_up_exps.weight"));
             if (t) L->m->hp.n_ff_exp = (int32_t)t->ne[1];
         }
         const int64_t F = L->m->hp.n_ff_exp;
@@ -288,9 +290,9 @@ xllm_status xllm_model_load(const char *path, const xllm_model_params *params, x
     for (; ia < sizeof(k_arches) / sizeof(k_arches[0]); ia++)
         if (!strcmp(k_arches[ia].name, arch)) break;
     if (ia == sizeof(k_arches) / sizeof(k_arches[0])) {
-        xllm_set_err(msg, sizeof(msg),
-                     "architecture '%s' is not supported (supported: llama, qwen2, qwen3, qwen3moe)",
-                     arch);
+        xllm_set_err(
+            msg, sizeof(msg),
+            "architecture '%s' is not supported (supported: llama, qwen2, qwen3, qwen3moe)", arch);
         st = XLLM_ERR_UNSUPPORTED;
         goto fail;
     }

@@ -1,0 +1,98 @@
+/* Helpers shared by the subcommands. */
+#include "cli/common.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+bool xllm_cli_int(const char *cmd, const char *opt, const char *s, int64_t lo, int64_t hi,
+                  int64_t *out) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) {
+        fprintf(stderr, "xllm %s: bad value '%s' for %s (expected an integer in %lld..%lld)\n", cmd,
+                s, opt, (long long)lo, (long long)hi);
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
+bool xllm_cli_float(const char *cmd, const char *opt, const char *s, float *out) {
+    char *end;
+    errno = 0;
+    float v = strtof(s, &end);
+    if (errno || end == s || *end || !isfinite(v)) {
+        fprintf(stderr, "xllm %s: bad value '%s' for %s (expected a number)\n", cmd, s, opt);
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
+const char *xllm_cli_value(const char *cmd, int argc, char **argv, int *i) {
+    if (*i + 1 >= argc) {
+        fprintf(stderr, "xllm %s: option %s needs a value\n", cmd, argv[*i]);
+        return NULL;
+    }
+    return argv[++*i];
+}
+
+bool xllm_cli_kv_type(const char *cmd, const char *s, xllm_dtype *out) {
+    if (!strcmp(s, "f32"))
+        *out = XLLM_DTYPE_F32;
+    else if (!strcmp(s, "f16"))
+        *out = XLLM_DTYPE_F16;
+    else {
+        fprintf(stderr, "xllm %s: bad KV type '%s' (expected f32 or f16)\n", cmd, s);
+        return false;
+    }
+    return true;
+}
+
+double xllm_cli_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+typedef struct progress {
+    int last;
+} progress;
+
+static void draw_progress(float frac, void *user) {
+    progress *p = user;
+    int pct = (int)(frac * 100.0f + 0.5f);
+    if (pct == p->last) return;
+    p->last = pct;
+    const int width = 40;
+    int fill = pct * width / 100;
+    fprintf(stderr, "\rloading [");
+    for (int i = 0; i < width; i++) fputc(i < fill ? '=' : ' ', stderr);
+    fprintf(stderr, "] %3d%%", pct);
+    if (pct >= 100) fputc('\n', stderr);
+    fflush(stderr);
+}
+
+xllm_model *xllm_cli_load_model(const char *cmd, const char *path, bool quiet) {
+    xllm_model_params mp = xllm_model_default_params();
+    progress pr = {.last = -1};
+    struct stat st;
+    if (!quiet && isatty(STDERR_FILENO) && stat(path, &st) == 0 && st.st_size > (64 << 20)) {
+        mp.progress = draw_progress;
+        mp.progress_user = &pr;
+    }
+    xllm_model *m = NULL;
+    char err[1024];
+    if (xllm_model_load(path, &mp, &m, err, sizeof(err)) != XLLM_OK) {
+        fprintf(stderr, "xllm %s: %s\n", cmd, err);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,28 @@
+/* Helpers shared by the subcommands: option parsing, model loading with a progress bar. */
+#ifndef XLLM_CLI_COMMON_H
+#define XLLM_CLI_COMMON_H
+
+#define XLLM_CLI_MIN(a, b) ((a) < (b) ? (a) : (b))
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "xllm/xllm.h"
+
+/* Parses a number option value; prints "xllm CMD: bad value for OPT" and returns false. */
+bool xllm_cli_int(const char *cmd, const char *opt, const char *s, int64_t lo, int64_t hi,
+                  int64_t *out);
+bool xllm_cli_float(const char *cmd, const char *opt, const char *s, float *out);
+/* Returns argv[*i + 1] and advances, or prints an error and returns NULL. */
+const char *xllm_cli_value(const char *cmd, int argc, char **argv, int *i);
+
+/* Loads a model, drawing a progress bar on stderr when it is a terminal and the model large.
+ * Prints the error and returns NULL on failure. */
+xllm_model *xllm_cli_load_model(const char *cmd, const char *path, bool quiet);
+
+/* Parses "f32" / "f16". */
+bool xllm_cli_kv_type(const char *cmd, const char *s, xllm_dtype *out);
+
+double xllm_cli_now(void); /* monotonic seconds */
+
+#endif
