@@ -58,10 +58,34 @@ int xllm_cmd_run(int argc, char **argv) {
             ignore_eos = true;
             continue;
         }
-        if (a[0] != '-' || !(v = xllm_cli_value(cmd, argc, argv, &i))) {
-            if (a[0] != '-') fprintf(stderr, "xllm run: unexpected argument '%s'\n", a);
+        static const char *const k_valued[] = {"-m",
+                                               "--model",
+                                               "-p",
+                                               "--prompt",
+                                               "-n",
+                                               "--n-predict",
+                                               "--temp",
+                                               "--top-k",
+                                               "--top-p",
+                                               "--min-p",
+                                               "--repeat-penalty",
+                                               "--repeat-last-n",
+                                               "--frequency-penalty",
+                                               "--presence-penalty",
+                                               "--seed",
+                                               "-t",
+                                               "--threads",
+                                               "-c",
+                                               "--ctx-size",
+                                               "--kv-type"};
+        bool known = false;
+        for (size_t k = 0; k < sizeof(k_valued) / sizeof(k_valued[0]); k++)
+            known |= !strcmp(a, k_valued[k]);
+        if (!known) {
+            fprintf(stderr, "xllm run: unknown option '%s' (see xllm run --help)\n", a);
             return 1;
         }
+        if (!(v = xllm_cli_value(cmd, argc, argv, &i))) return 1;
         bool ok = true;
         if (!strcmp(a, "-m") || !strcmp(a, "--model"))
             model_path = v;
@@ -95,11 +119,6 @@ int xllm_cmd_run(int argc, char **argv) {
             ok = xllm_cli_int(cmd, a, v, 1, 1 << 24, &n_ctx);
         else if (!strcmp(a, "--kv-type"))
             ok = xllm_cli_kv_type(cmd, v, &kv_type);
-        else {
-            fprintf(stderr, "xllm run: unknown option '%s'\n", a);
-            usage(stderr);
-            return 1;
-        }
         if (!ok) return 1;
     }
     if (!model_path || !prompt) {
