@@ -1,0 +1,37 @@
+/* Internal tokenizer interface: builds an xllm_tokenizer from a GGUF's tokenizer.ggml.* keys
+ * (SentencePiece "llama" vocabularies, and byte-level BPE "gpt2" vocabularies). */
+#ifndef XLLM_TOKENIZER_TOKENIZER_H
+#define XLLM_TOKENIZER_TOKENIZER_H
+
+#include <stddef.h>
+
+#include "gguf/gguf.h"
+#include "xllm/xllm.h"
+
+/* Token types as stored in tokenizer.ggml.token_type. */
+typedef enum xllm_token_type {
+    XLLM_TOKEN_TYPE_UNDEFINED = 0,
+    XLLM_TOKEN_TYPE_NORMAL = 1,
+    XLLM_TOKEN_TYPE_UNKNOWN = 2,
+    XLLM_TOKEN_TYPE_CONTROL = 3,
+    XLLM_TOKEN_TYPE_USER_DEFINED = 4,
+    XLLM_TOKEN_TYPE_UNUSED = 5,
+    XLLM_TOKEN_TYPE_BYTE = 6,
+} xllm_token_type;
+
+/* Reads the vocabulary out of g (everything needed is copied: g may be freed afterwards). On
+ * error returns a status, *out = NULL, and a message naming the offending key. */
+xllm_status xllm_tokenizer_from_gguf(const xllm_gguf *g, xllm_tokenizer **out, char *err,
+                                     size_t err_size);
+void xllm_tokenizer_free(xllm_tokenizer *tok); /* accepts NULL */
+
+/* The text of a token as stored in the vocabulary (not NUL-terminated), or NULL when id is out
+ * of range. */
+const char *xllm_tokenizer_token_text(const xllm_tokenizer *tok, int32_t id, size_t *len);
+/* The token type of id (XLLM_TOKEN_TYPE_UNDEFINED when out of range). */
+xllm_token_type xllm_tokenizer_token_type(const xllm_tokenizer *tok, int32_t id);
+/* Whether SentencePiece tokenization prepends U+2581 to the text (tokenizer.ggml.add_space_prefix).
+ */
+bool xllm_tokenizer_add_space_prefix(const xllm_tokenizer *tok);
+
+#endif

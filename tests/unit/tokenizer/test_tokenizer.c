@@ -1,0 +1,440 @@
+/* Unit tests of the tokenizer: reference tokenizations of the tiny models' prompts, llama.cpp's
+ * vocab test vectors for SentencePiece vocabularies, round trips, and the byte-level BPE vocab. */
+#include <dirent.h>
+#include <stdbool.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include "gguf/gguf.h"
+#include "testutil.h"
+#include "tokenizer/tokenizer.h"
+
+#define SEP "\n__ggml_vocab_test__\n"
+
+typedef struct loaded {
+    xllm_gguf *g;
+    xllm_tokenizer *tok;
+} loaded;
+
+static bool load(const char *rel, loaded *l) {
+    char err[512] = "";
+    l->g = NULL;
+    l->tok = NULL;
+    if (xllm_gguf_open(xllm_test_shared(rel), &l->g, err, sizeof(err)) != XLLM_OK) {
+        print_message("%s: %s\n", rel, err);
+        return false;
+    }
+    xllm_status st = xllm_tokenizer_from_gguf(l->g, &l->tok, err, sizeof(err));
+    if (st != XLLM_OK) print_message("%s: %s\n", rel, err);
+    /* The tokenizer copies what it needs: drop the file right away. */
+    xllm_gguf_free(l->g);
+    l->g = NULL;
+    return st == XLLM_OK;
+}
+
+static int32_t *tokenize(const xllm_tokenizer *tok, const char *text, size_t len, bool add_special,
+                         bool parse_special, int32_t *n_out) {
+    int32_t n = xllm_tokenize(tok, text, len, NULL, 0, add_special, parse_special);
+    assert_true(n <= 0);
+    int32_t need = -n;
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)(need + 1));
+    n = xllm_tokenize(tok, text, len, ids, need, add_special, parse_special);
+    assert_int_equal(n, need);
+    if (need > 0) { /* one short must report the need again */
+        assert_int_equal(xllm_tokenize(tok, text, len, ids, need - 1, add_special, parse_special),
+                         -need);
+    }
+    *n_out = n;
+    return ids;
+}
+
+/* Concatenated pieces of ids (malloc'd, NUL-terminated). */
+static char *detokenize(const xllm_tokenizer *tok, const int32_t *ids, int32_t n, bool special,
+                        size_t *len) {
+    size_t cap = 64, used = 0;
+    char *out = malloc(cap);
+    for (int32_t i = 0; i < n; i++) {
+        int32_t k = xllm_token_to_piece(tok, ids[i], NULL, 0, special);
+        if (k < 0) {
+            k = -k;
+            while (used + (size_t)k + 1 > cap) cap *= 2;
+            out = realloc(out, cap);
+            assert_int_equal(xllm_token_to_piece(tok, ids[i], out + used, k, special), k);
+        }
+        used += (size_t)k;
+    }
+    out[used] = 0;
+    *len = used;
+    return out;
+}
+
+/* ---- reference prompts of the tiny models ------------------------------------------------ */
+
+static void test_tiny_refs(void **state) {
+    (void)state;
+    const char *dir = xllm_test_shared("models/tiny/refs");
+    char dirpath[4096 - 512];
+    snprintf(dirpath, sizeof(dirpath), "%s", dir);
+    DIR *d = opendir(dirpath);
+    assert_non_null(d);
+    struct dirent *de;
+    int checked = 0;
+    while ((de = readdir(d)) != NULL) {
+        const char *name = de->d_name;
+        size_t nl = strlen(name);
+        if (nl < 9 || strcmp(name + nl - 5, ".json") != 0) continue;
+        if (strncmp(name, "qwen3-qwentok", 13) == 0) continue; /* BPE: test_qwentok */
+        char model[512], path[4400];
+        const char *dot = strstr(name, ".p");
+        assert_non_null(dot);
+        snprintf(model, sizeof(model), "models/tiny/%.*s.gguf", (int)(dot - name), name);
+        snprintf(path, sizeof(path), "%s/%s", dirpath, name);
+        json_error_t jerr;
+        json_t *j = json_load_file(path, 0, &jerr);
+        assert_non_null(j);
+        const char *prompt = json_string_value(json_object_get(j, "prompt"));
+        json_t *want = json_object_get(j, "prompt_ids");
+        assert_non_null(prompt);
+        assert_true(json_is_array(want));
+        loaded l;
+        assert_true(load(model, &l));
+        assert_string_equal(xllm_tokenizer_type(l.tok), "llama");
+        assert_true(xllm_tokenizer_add_bos(l.tok));
+        int32_t n;
+        int32_t *ids = tokenize(l.tok, prompt, strlen(prompt), true, true, &n);
+        assert_int_equal(n, (int32_t)json_array_size(want));
+        for (int32_t i = 0; i < n; i++)
+            assert_int_equal(ids[i], json_integer_value(json_array_get(want, (size_t)i)));
+        /* Detokenize (skipping BOS; the leading space comes from the space prefix). */
+        size_t len;
+        char *text = detokenize(l.tok, ids + 1, n - 1, false, &len);
+        assert_string_equal(text + 1, prompt);
+        assert_int_equal(text[0], ' ');
+        free(text);
+        free(ids);
+        xllm_tokenizer_free(l.tok);
+        json_decref(j);
+        checked++;
+    }
+    closedir(d);
+    assert_true(checked >= 6);
+}
+
+/* ---- llama.cpp vocab test vectors -------------------------------------------------------- */
+
+/* Checks one vocab's .inp/.out pairs; returns the number of strings, or -1 when the vocab is not a
+ * SentencePiece one (or is absent). */
+static int check_vocab(const char *base, bool require_all, int *n_ok) {
+    char rel[512];
+    snprintf(rel, sizeof(rel), "models/vocab/%s.gguf", base);
+    loaded l;
+    if (!load(rel, &l)) return -1;
+    if (strcmp(xllm_tokenizer_type(l.tok), "llama") != 0) {
+        xllm_tokenizer_free(l.tok);
+        return -1;
+    }
+    size_t inp_size, out_size;
+    char path[4200];
+    snprintf(path, sizeof(path), "%s.inp", xllm_test_shared(rel));
+    char *inp = xllm_test_read_file(path, &inp_size);
+    snprintf(path, sizeof(path), "%s.out", xllm_test_shared(rel));
+    char *outf = xllm_test_read_file(path, &out_size);
+    if (!inp || !outf) {
+        free(inp);
+        free(outf);
+        xllm_tokenizer_free(l.tok);
+        return -1;
+    }
+    int count = 0;
+    *n_ok = 0;
+    char *s = inp, *line = outf;
+    for (;;) {
+        char *sep = strstr(s, SEP);
+        if (!sep) break;
+        size_t len = (size_t)(sep - s);
+        char *eol = strchr(line, '\n');
+        if (!eol) eol = line + strlen(line);
+        /* expected ids */
+        int32_t want[1024];
+        int32_t nw = 0;
+        for (char *p = line; p < eol;) {
+            char *q;
+            long v = strtol(p, &q, 10);
+            if (q == p) break;
+            assert_true(nw < 1024);
+            want[nw++] = (int32_t)v;
+            p = q;
+        }
+        int32_t n;
+        int32_t *ids = tokenize(l.tok, s, len, false, false, &n);
+        bool ok = n == nw && memcmp(ids, want, sizeof(int32_t) * (size_t)n) == 0;
+        if (!ok) print_message("%s: string %d (%.*s) differs\n", base, count, (int)len, s);
+        if (require_all) {
+            assert_int_equal(n, nw);
+            for (int32_t i = 0; i < n; i++) assert_int_equal(ids[i], want[i]);
+        }
+        /* round trip: one leading space comes from the space prefix */
+        size_t dl;
+        char *text = detokenize(l.tok, ids, n, false, &dl);
+        const char *t = text;
+        if (xllm_tokenizer_add_space_prefix(l.tok) && dl > 0 && t[0] == ' ') {
+            t++;
+            dl--;
+        }
+        bool rt = dl == len && memcmp(t, s, len) == 0;
+        if (!rt) print_message("%s: string %d does not round-trip: '%s'\n", base, count, t);
+        if (require_all) assert_true(rt);
+        free(text);
+        if (ok && rt) (*n_ok)++;
+        free(ids);
+        count++;
+        s = sep + strlen(SEP);
+        line = *eol ? eol + 1 : eol;
+    }
+    free(inp);
+    free(outf);
+    xllm_tokenizer_free(l.tok);
+    return count;
+}
+
+static void test_vocab_llama_spm(void **state) {
+    (void)state;
+    int ok;
+    /* 46 strings in the llama.cpp copy at hand */
+    assert_int_equal(check_vocab("ggml-vocab-llama-spm", true, &ok), 46);
+    assert_int_equal(ok, 46);
+}
+
+/* Every other SentencePiece vocab that has test vectors. */
+static void test_vocab_other_spm(void **state) {
+    (void)state;
+    DIR *d = opendir(xllm_test_shared("models/vocab"));
+    assert_non_null(d);
+    struct dirent *de;
+    int n_vocabs = 0;
+    while ((de = readdir(d)) != NULL) {
+        size_t nl = strlen(de->d_name);
+        if (nl < 6 || strcmp(de->d_name + nl - 5, ".gguf") != 0) continue;
+        if (strcmp(de->d_name, "ggml-vocab-llama-spm.gguf") == 0) continue;
+        char base[256];
+        snprintf(base, sizeof(base), "%.*s", (int)(nl - 5), de->d_name);
+        int ok;
+        int n = check_vocab(base, true, &ok);
+        if (n < 0) continue;
+        print_message("%s: %d/%d\n", base, ok, n);
+        assert_int_equal(ok, n);
+        n_vocabs++;
+    }
+    closedir(d);
+    assert_true(n_vocabs >= 1); /* phi-3 */
+}
+
+/* Every GGUF vocab loads (or is refused as unsupported), never a crash. */
+static void test_vocab_all_load(void **state) {
+    (void)state;
+    DIR *d = opendir(xllm_test_shared("models/vocab"));
+    assert_non_null(d);
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        size_t nl = strlen(de->d_name);
+        if (nl < 6 || strcmp(de->d_name + nl - 5, ".gguf") != 0) continue;
+        char rel[512], err[512] = "";
+        snprintf(rel, sizeof(rel), "models/vocab/%s", de->d_name);
+        xllm_gguf *g = NULL;
+        assert_int_equal(xllm_gguf_open(xllm_test_shared(rel), &g, err, sizeof(err)), XLLM_OK);
+        xllm_tokenizer *tok = NULL;
+        xllm_status st = xllm_tokenizer_from_gguf(g, &tok, err, sizeof(err));
+        const char *model = xllm_gguf_get_str(g, "tokenizer.ggml.model");
+        if (strcmp(model, "llama") == 0 || strcmp(model, "gpt2") == 0) {
+            assert_int_equal(st, XLLM_OK);
+            int32_t ids[64];
+            assert_true(xllm_tokenize(tok, "Hello world", 11, ids, 64, true, true) > 0);
+        } else {
+            assert_int_equal(st, XLLM_ERR_UNSUPPORTED);
+            assert_non_null(strstr(err, "tokenizer.ggml.model"));
+            assert_null(tok);
+        }
+        xllm_tokenizer_free(tok);
+        xllm_gguf_free(g);
+    }
+    closedir(d);
+}
+
+/* ---- the Llama-2 vocabulary -------------------------------------------------------------- */
+
+static void test_llama2_tiny_random(void **state) {
+    (void)state;
+    loaded l;
+    assert_true(load("models/tiny-random/llama-2-tiny-random.gguf", &l));
+    const xllm_tokenizer *tok = l.tok;
+    assert_int_equal(xllm_tokenizer_n_vocab(tok), 32000);
+    assert_int_equal(xllm_token_bos(tok), 1);
+    assert_int_equal(xllm_token_eos(tok), 2);
+    assert_true(xllm_token_is_eog(tok, 2));
+    assert_false(xllm_token_is_eog(tok, 1));
+    assert_false(xllm_token_is_eog(tok, -1));
+    assert_false(xllm_token_is_eog(tok, 32000));
+    assert_string_equal(xllm_tokenizer_type(tok), "llama");
+    int32_t ids[64];
+    int32_t n = xllm_tokenize(tok, "Hello world", 11, ids, 64, true, false);
+    assert_int_equal(n, 3);
+    assert_int_equal(ids[0], 1);
+    assert_int_equal(ids[1], 15043);
+    assert_int_equal(ids[2], 3186);
+    /* empty text: BOS only, or nothing */
+    assert_int_equal(xllm_tokenize(tok, "", 0, ids, 64, true, false), 1);
+    assert_int_equal(xllm_tokenize(tok, "", 0, ids, 64, false, false), 0);
+    /* special tokens: parsed only when asked */
+    const char *sp = "<s>Hi</s>";
+    n = xllm_tokenize(tok, sp, strlen(sp), ids, 64, false, true);
+    assert_true(n >= 3);
+    assert_int_equal(ids[0], 1);
+    assert_int_equal(ids[n - 1], 2);
+    n = xllm_tokenize(tok, sp, strlen(sp), ids, 64, false, false);
+    for (int32_t i = 0; i < n; i++) assert_true(ids[i] != 1 && ids[i] != 2);
+    /* pieces */
+    char buf[32];
+    assert_int_equal(xllm_token_to_piece(tok, 15043, buf, sizeof(buf), false), 6);
+    assert_memory_equal(buf, " Hello", 6);
+    assert_int_equal(xllm_token_to_piece(tok, 1, buf, sizeof(buf), false), 0);
+    assert_int_equal(xllm_token_to_piece(tok, 1, buf, sizeof(buf), true), 3);
+    assert_memory_equal(buf, "<s>", 3);
+    assert_int_equal(xllm_token_to_piece(tok, 15043, buf, 3, false), -6);
+    /* byte tokens: <0x0A> is id 13 */
+    assert_int_equal(xllm_token_to_piece(tok, 13, buf, sizeof(buf), false), 1);
+    assert_int_equal(buf[0], '\n');
+    /* invalid arguments */
+    assert_true(xllm_token_to_piece(tok, -1, buf, sizeof(buf), false) < 0);
+    assert_true(xllm_token_to_piece(tok, 32000, buf, sizeof(buf), false) < 0);
+    xllm_tokenizer_free(l.tok);
+}
+
+/* ---- byte-level BPE (Qwen vocabulary) ---------------------------------------------------- */
+
+static void test_qwentok(void **state) {
+    (void)state;
+    loaded l;
+    assert_true(load("models/tiny/qwen3-qwentok-f16.gguf", &l));
+    const xllm_tokenizer *tok = l.tok;
+    assert_string_equal(xllm_tokenizer_type(tok), "gpt2");
+    assert_int_equal(xllm_tokenizer_n_vocab(tok), 151936);
+    assert_false(xllm_tokenizer_add_bos(tok));
+    char buf[64];
+    /* 198 = "Ċ" = "\n"; 872 = "user"; 279 = "Ġthe" */
+    assert_int_equal(xllm_token_to_piece(tok, 198, buf, sizeof(buf), false), 1);
+    assert_int_equal(buf[0], '\n');
+    assert_int_equal(xllm_token_to_piece(tok, 872, buf, sizeof(buf), false), 4);
+    assert_memory_equal(buf, "user", 4);
+    assert_int_equal(xllm_token_to_piece(tok, 279, buf, sizeof(buf), false), 4);
+    assert_memory_equal(buf, " the", 4);
+    /* control tokens */
+    assert_int_equal(xllm_token_to_piece(tok, 151645, buf, sizeof(buf), false), 0);
+    assert_int_equal(xllm_token_to_piece(tok, 151645, buf, sizeof(buf), true), 10);
+    assert_memory_equal(buf, "<|im_end|>", 10);
+    assert_true(xllm_token_is_eog(tok, 151645)); /* <|im_end|> */
+    assert_true(xllm_token_is_eog(tok, 151643)); /* <|endoftext|> */
+    assert_false(xllm_token_is_eog(tok, 151644));
+
+    json_error_t jerr;
+    char path[4200];
+    snprintf(path, sizeof(path), "%s",
+             xllm_test_shared("models/tiny/refs/qwen3-qwentok-f16.p1.json"));
+    json_t *j = json_load_file(path, 0, &jerr);
+    assert_non_null(j);
+    const char *prompt = json_string_value(json_object_get(j, "prompt"));
+    json_t *want = json_object_get(j, "prompt_ids");
+    int32_t n;
+    int32_t *ids = tokenize(tok, prompt, strlen(prompt), true, true, &n);
+    assert_int_equal(n, (int32_t)json_array_size(want));
+    for (int32_t i = 0; i < n; i++)
+        assert_int_equal(ids[i], json_integer_value(json_array_get(want, (size_t)i)));
+    size_t len;
+    char *text = detokenize(tok, ids, n, true, &len);
+    assert_string_equal(text, prompt);
+    free(text);
+    free(ids);
+    json_decref(j);
+    xllm_tokenizer_free(l.tok);
+}
+
+/* The interim BPE pre-tokenizer on llama.cpp's qwen2 vectors (the Qwen vocab is the same):
+ * all 46 must match. */
+static void test_qwentok_vectors(void **state) {
+    (void)state;
+    loaded l;
+    assert_true(load("models/tiny/qwen3-qwentok-f16.gguf", &l));
+    size_t inp_size, out_size;
+    char *inp =
+        xllm_test_read_file(xllm_test_shared("models/vocab/ggml-vocab-qwen2.gguf.inp"), &inp_size);
+    char *outf =
+        xllm_test_read_file(xllm_test_shared("models/vocab/ggml-vocab-qwen2.gguf.out"), &out_size);
+    assert_non_null(inp);
+    assert_non_null(outf);
+    int count = 0, ok = 0, rt_ok = 0;
+    char *s = inp, *line = outf;
+    for (char *sep; (sep = strstr(s, SEP)) != NULL; count++) {
+        size_t len = (size_t)(sep - s);
+        char *eol = strchr(line, '\n');
+        if (!eol) eol = line + strlen(line);
+        int32_t want[1024], nw = 0;
+        for (char *p = line; p < eol;) {
+            char *q;
+            long v = strtol(p, &q, 10);
+            if (q == p) break;
+            want[nw++] = (int32_t)v;
+            p = q;
+        }
+        int32_t n;
+        int32_t *ids = tokenize(l.tok, s, len, false, false, &n);
+        if (n == nw && memcmp(ids, want, sizeof(int32_t) * (size_t)n) == 0)
+            ok++;
+        else
+            print_message("qwen2 vectors: string %d (%.*s) differs\n", count, (int)len, s);
+        size_t dl;
+        char *text = detokenize(l.tok, ids, n, false, &dl);
+        if (dl == len && memcmp(text, s, len) == 0) rt_ok++;
+        free(text);
+        free(ids);
+        s = sep + strlen(SEP);
+        line = *eol ? eol + 1 : eol;
+    }
+    print_message("qwen2 vectors with the interim BPE: %d/%d exact, %d/%d round trips\n", ok, count,
+                  rt_ok, count);
+    assert_int_equal(count, 46);
+    assert_int_equal(rt_ok, count); /* byte-level BPE always round-trips */
+    assert_int_equal(ok, count);    /* all of them, with the interim pre-tokenizer */
+    free(inp);
+    free(outf);
+    xllm_tokenizer_free(l.tok);
+}
+
+/* ---- validation -------------------------------------------------------------------------- */
+
+static void test_bad_metadata(void **state) {
+    (void)state;
+    char err[512];
+    xllm_tokenizer *tok = (xllm_tokenizer *)1;
+    /* A GGUF without tokenizer keys: the error names the key. */
+    static const unsigned char empty_gguf[] = {'G', 'G', 'U', 'F', 3, 0, 0, 0, 0, 0, 0, 0,
+                                               0,   0,   0,   0,   0, 0, 0, 0, 0, 0, 0, 0};
+    xllm_gguf *g = NULL;
+    assert_int_equal(xllm_gguf_parse(empty_gguf, sizeof(empty_gguf), &g, err, sizeof(err)),
+                     XLLM_OK);
+    assert_int_equal(xllm_tokenizer_from_gguf(g, &tok, err, sizeof(err)), XLLM_ERR_FORMAT);
+    assert_null(tok);
+    assert_non_null(strstr(err, "tokenizer.ggml.model"));
+    xllm_gguf_free(g);
+    assert_int_equal(xllm_tokenizer_from_gguf(NULL, &tok, err, sizeof(err)), XLLM_ERR_INVALID_ARG);
+    assert_int_equal(xllm_tokenize(NULL, "a", 1, NULL, 0, true, true), INT32_MIN);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_tiny_refs),          cmocka_unit_test(test_vocab_llama_spm),
+        cmocka_unit_test(test_vocab_other_spm),    cmocka_unit_test(test_vocab_all_load),
+        cmocka_unit_test(test_llama2_tiny_random), cmocka_unit_test(test_qwentok),
+        cmocka_unit_test(test_qwentok_vectors),    cmocka_unit_test(test_bad_metadata),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
