@@ -131,18 +131,23 @@ int32_t xllm_token_bos(const xllm_tokenizer *tok); /* -1 when the vocab has none
 int32_t xllm_token_eos(const xllm_tokenizer *tok);
 bool xllm_token_is_eog(const xllm_tokenizer *tok, int32_t id); /* end of generation */
 bool xllm_tokenizer_add_bos(const xllm_tokenizer *tok);        /* does the vocab want BOS? */
-const char *xllm_tokenizer_type(const xllm_tokenizer *tok);    /* "llama" (SPM), ... */
+const char *xllm_tokenizer_type(const xllm_tokenizer *tok);    /* "llama" (SPM), "gpt2" */
+/* SentencePiece: tokenizing prepends a space (U+2581), so a detokenized text that starts at
+ * the beginning of a sequence drops the first piece's leading space. */
+bool xllm_tokenizer_add_space_prefix(const xllm_tokenizer *tok);
 
 /* Tokenizes text (len bytes, need not be NUL-terminated). add_special: add BOS (and EOS) as the
- * vocab asks; parse_special: recognise special-token text such as "<s>". Writes at most max ids;
- * returns the number of ids, or minus the number needed when max is too small. Thread-safe. */
+ * vocab asks; parse_special: recognise special-token text such as "<s>". Writes at most max ids
+ * (ids may be NULL with max 0 to ask for the size); returns the number of ids, minus the number
+ * needed when max is too small, or INT32_MIN on invalid arguments. Thread-safe. */
 int32_t xllm_tokenize(const xllm_tokenizer *tok, const char *text, size_t len, int32_t *ids,
                       int32_t max, bool add_special, bool parse_special);
 
 /* The bytes of one token as they appear in text (SPM's U+2581 becomes a space, byte tokens
  * <0xNN> become the byte). Control tokens give "" unless special is true. Returns the number of
- * bytes written, or minus the size needed when buf is too small. A piece may end inside a
- * UTF-8 character: a streaming caller holds back incomplete characters. */
+ * bytes written, minus the size needed when buf is too small, or INT32_MIN for an id out of
+ * range. A piece may end inside a UTF-8 character: a streaming caller holds back incomplete
+ * characters. */
 int32_t xllm_token_to_piece(const xllm_tokenizer *tok, int32_t id, char *buf, int32_t buf_size,
                             bool special);
 

@@ -203,16 +203,26 @@ int xllm_cmd_run(int argc, char **argv) {
     int32_t n_gen = 0, pos = n_prompt;
     const float *logits = xllm_get_logits(ctx, last_rows - 1);
     char piece[256];
+    bool at_start = plen == 0, strip_space = xllm_tokenizer_add_space_prefix(tok);
     while (n_gen < n_predict) {
         int32_t t = xllm_sampler_sample(smp, logits);
         xllm_sampler_accept(smp, t);
         n_gen++;
         if (!ignore_eos && xllm_token_is_eog(tok, t)) break;
         int32_t np = xllm_token_to_piece(tok, t, piece, sizeof(piece), false);
+        char *pc = piece;
+        if (np > 0 && at_start) {
+            /* the text starts here: SPM's space prefix is not part of it */
+            if (strip_space && pc[0] == ' ') {
+                pc++;
+                np--;
+            }
+            at_start = false;
+        }
         if (np > 0) {
             if (pend_len + (size_t)np > pend_cap)
                 pending = realloc(pending, pend_cap = 2 * (pend_len + (size_t)np));
-            memcpy(pending + pend_len, piece, (size_t)np);
+            memcpy(pending + pend_len, pc, (size_t)np);
             pend_len += (size_t)np;
             size_t ok = utf8_complete(pending, pend_len);
             if (ok) {

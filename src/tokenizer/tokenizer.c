@@ -235,14 +235,13 @@ static xllm_status read_id(const xllm_gguf *g, const char *key, int32_t n_vocab,
                      xllm_gguf_type_name(kv->type));
         return XLLM_ERR_FORMAT;
     }
-    if (v == -1) { /* some converters write -1 for "none" */
+    if (v == -1 || v == (int64_t)UINT32_MAX) { /* converters write -1 (as int or uint32): none */
         *id = -1;
         return XLLM_OK;
     }
     if (v < 0 || v >= n_vocab) {
-        xllm_set_err(err, err_size, "%s: token id %lld out of range [0, %d)", key, (long long)v,
-                     n_vocab);
-        return XLLM_ERR_FORMAT;
+        /* as llama.cpp does: a bad special id is ignored and the default kept */
+        return XLLM_OK;
     }
     *id = (int32_t)v;
     return XLLM_OK;

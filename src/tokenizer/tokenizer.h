@@ -30,8 +30,5 @@ void xllm_tokenizer_free(xllm_tokenizer *tok); /* accepts NULL */
 const char *xllm_tokenizer_token_text(const xllm_tokenizer *tok, int32_t id, size_t *len);
 /* The token type of id (XLLM_TOKEN_TYPE_UNDEFINED when out of range). */
 xllm_token_type xllm_tokenizer_token_type(const xllm_tokenizer *tok, int32_t id);
-/* Whether SentencePiece tokenization prepends U+2581 to the text (tokenizer.ggml.add_space_prefix).
- */
-bool xllm_tokenizer_add_space_prefix(const xllm_tokenizer *tok);
 
 #endif

@@ -28,6 +28,7 @@ static int setup(void **state) {
 
 static int teardown(void **state) {
     fixture *f = *state;
+    if (!f) return 0;
     xllm_model_free(f->model);
     json_decref(f->ref);
     free(f);
