@@ -240,9 +240,10 @@ static bool parse_tensor_info(cursor *c, uint64_t idx, xllm_gguf_tensor *t) {
     }
     uint32_t type;
     if (!rd_u32(c, &type, "type")) return false;
-    const xllm_dtype_traits *tr = xllm_dtype_get_traits((xllm_dtype)type);
-    if (type >= XLLM_DTYPE_COUNT || !tr)
-        return fail(c, "%s %" PRIu64 " is not a supported tensor type", "type", type);
+    /* range-check before converting to the enum: a raw id may be any uint32 */
+    const xllm_dtype_traits *tr =
+        type < XLLM_DTYPE_COUNT ? xllm_dtype_get_traits((xllm_dtype)type) : NULL;
+    if (!tr) return fail(c, "%s %" PRIu64 " is not a supported tensor type", "type", type);
     t->type = (xllm_dtype)type;
     if (t->ne[0] % tr->block_size != 0)
         return fail(c, "%s %" PRIu64 " is not a multiple of the type's block size",
