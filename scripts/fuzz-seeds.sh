@@ -19,5 +19,9 @@ case "$name" in
       fi
     done
     ;;
+  fuzz_sse)
+    printf ': ping\r\ndata: {"choices":[{"delta":{"content":"hi"}}]}\r\n\r\ndata: a\ndata: b\n\ndata: [DONE]\n\n' \
+      >"$corpus/seed-stream"
+    ;;
   *) ;;
 esac
