@@ -229,6 +229,22 @@ static int parse_opts(int argc, char **argv, bs_opts *o) {
 
 #define BS_ERR_BODY_MAX 2048
 
+/* Why a request failed; counted per kind in the report. */
+typedef enum bs_err_kind {
+    BS_E_NONE,
+    BS_E_CONNECT,   /* no connection to the server */
+    BS_E_HTTP,      /* an answer other than 200 */
+    BS_E_CUT,       /* the stream stopped before [DONE] / finish_reason */
+    BS_E_MALFORMED, /* an SSE event that is not a JSON object */
+    BS_E_SERVER,    /* an error object inside the stream */
+    BS_E_TIMEOUT,   /* --timeout-s ran out */
+    BS_E_OTHER,
+    BS_E_COUNT
+} bs_err_kind;
+
+static const char *const BS_ERR_NAMES[BS_E_COUNT] = {
+    "none", "connect", "http", "stream_cut", "malformed_sse", "error_event", "timeout", "other"};
+
 typedef struct bs_req {
     int32_t id;
     bool online;
@@ -249,12 +265,15 @@ typedef struct bs_req {
     char *err_body; /* body of a non-200 answer (first BS_ERR_BODY_MAX bytes) */
     size_t err_len;
     char err[320];
+    bs_err_kind err_kind;
     char curl_err[CURL_ERROR_SIZE];
 } bs_req;
 
-static void req_set_err(bs_req *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void req_set_err(bs_req *r, const char *fmt, ...) {
+static void req_set_err(bs_req *r, bs_err_kind kind, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void req_set_err(bs_req *r, bs_err_kind kind, const char *fmt, ...) {
     if (r->err[0]) return; /* keep the first cause */
+    r->err_kind = kind;
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(r->err, sizeof(r->err), fmt, ap);
@@ -306,14 +325,15 @@ static int on_event(void *user, const char *data, size_t len) {
     if (!json_is_object(root)) {
         char s[96];
         snippet(data, len, s, sizeof(s));
-        req_set_err(r, "malformed SSE event after %lld chunks: '%s'", (long long)r->n_chunks, s);
+        req_set_err(r, BS_E_MALFORMED, "malformed SSE event after %lld chunks: '%s'",
+                    (long long)r->n_chunks, s);
         json_decref(root);
         return 1;
     }
     json_t *e = json_object_get(root, "error");
     if (e) {
         const char *m = error_message(e);
-        req_set_err(r, "error event in stream: %s", m ? m : "(no message)");
+        req_set_err(r, BS_E_SERVER, "error event in stream: %s", m ? m : "(no message)");
         json_decref(root);
         return 1;
     }
@@ -362,7 +382,8 @@ static size_t on_write(char *ptr, size_t size, size_t nmemb, void *user) {
         return n;
     }
     int rc = xllm_bench_sse_feed(&r->sse, ptr, n, on_event, r);
-    if (rc == XLLM_ERR_FORMAT) req_set_err(r, "malformed SSE: an event over 16 MiB");
+    if (rc == XLLM_ERR_FORMAT)
+        req_set_err(r, BS_E_MALFORMED, "malformed SSE: an event over 16 MiB");
     return rc ? 0 : n; /* 0 aborts the transfer */
 }
 
@@ -374,15 +395,21 @@ static void req_finish(bs_req *r, CURLcode code) {
     if (code == CURLE_OK && r->http == 200 && !r->err[0]) {
         r->t_now = r->t_end;
         if (xllm_bench_sse_finish(&r->sse, on_event, r) == XLLM_ERR_FORMAT)
-            req_set_err(r, "malformed SSE: an event over 16 MiB");
+            req_set_err(r, BS_E_MALFORMED, "malformed SSE: an event over 16 MiB");
     }
     if (r->err[0]) return; /* set while parsing */
     if (code != CURLE_OK && (r->http == 0 || r->http == 200)) {
-        const char *what = code == CURLE_PARTIAL_FILE || code == CURLE_RECV_ERROR ? "stream cut"
-                           : code == CURLE_OPERATION_TIMEDOUT                     ? "timeout"
-                                                              : "transfer failed";
-        req_set_err(r, "%s after %lld chunks: %s", what, (long long)r->n_chunks,
-                    r->curl_err[0] ? r->curl_err : curl_easy_strerror(code));
+        const char *detail = r->curl_err[0] ? r->curl_err : curl_easy_strerror(code);
+        if (code == CURLE_COULDNT_CONNECT || code == CURLE_COULDNT_RESOLVE_HOST)
+            req_set_err(r, BS_E_CONNECT, "cannot connect: %s", detail);
+        else if (code == CURLE_OPERATION_TIMEDOUT)
+            req_set_err(r, BS_E_TIMEOUT, "timeout after %lld chunks: %s", (long long)r->n_chunks,
+                        detail);
+        else if (r->http == 200)
+            req_set_err(r, BS_E_CUT, "stream cut after %lld chunks: %s", (long long)r->n_chunks,
+                        detail);
+        else
+            req_set_err(r, BS_E_OTHER, "transfer failed: %s", detail);
         return;
     }
     if (r->http != 200) {
@@ -395,12 +422,12 @@ static void req_finish(bs_req *r, CURLcode code) {
             snprintf(s, sizeof(s), "%s", msg);
         else
             snippet(r->err_body ? r->err_body : "", r->err_len, s, sizeof(s));
-        req_set_err(r, "HTTP %ld: %s", r->http, s[0] ? s : "(empty body)");
+        req_set_err(r, BS_E_HTTP, "HTTP %ld: %s", r->http, s[0] ? s : "(empty body)");
         json_decref(root);
         return;
     }
     if (!r->done_seen && !r->finish_seen) {
-        req_set_err(r, "stream ended after %lld chunks without [DONE] or finish_reason",
+        req_set_err(r, BS_E_CUT, "stream ended after %lld chunks without [DONE] or finish_reason",
                     (long long)r->n_chunks);
         return;
     }
@@ -465,7 +492,7 @@ typedef struct bs_run {
 static bool start_req(bs_run *b, bs_req *r) {
     CURL *e = curl_easy_init();
     if (!e) {
-        req_set_err(r, "curl_easy_init failed");
+        req_set_err(r, BS_E_OTHER, "curl_easy_init failed");
         return false;
     }
     r->easy = e;
@@ -488,7 +515,7 @@ static bool start_req(bs_run *b, bs_req *r) {
     r->t_start = xllm_cli_now();
     r->started = true;
     if (curl_multi_add_handle(b->multi, e) != CURLM_OK) {
-        req_set_err(r, "curl_multi_add_handle failed");
+        req_set_err(r, BS_E_OTHER, "curl_multi_add_handle failed");
         return false;
     }
     b->in_flight++;
@@ -654,6 +681,7 @@ typedef struct bs_class {
     xllm_bench_summary ttft, tpot, itl, e2e; /* ms */
     const char *first_error;
     int32_t first_error_id;
+    size_t by_kind[BS_E_COUNT]; /* failures per bs_err_kind */
 } bs_class;
 
 static bool is_good(const bs_opts *o, const bs_req *r) {
@@ -682,6 +710,7 @@ static bs_class summarize_class(const bs_run *b, int which, const char *name) {
         c.n++;
         if (!r->ok) {
             c.failed++;
+            c.by_kind[r->err_kind]++;
             if (!c.first_error) {
                 c.first_error = r->err;
                 c.first_error_id = r->id;
@@ -724,6 +753,11 @@ static void class_json(json_t *o, const bs_opts *opt, const bs_class *c, double 
     json_object_set_new(o, "failed", json_integer((json_int_t)c->failed));
     json_object_set_new(o, "first_error",
                         c->first_error ? json_string(c->first_error) : json_null());
+    json_t *kinds = json_object();
+    for (int k = 1; k < BS_E_COUNT; k++)
+        if (c->by_kind[k])
+            json_object_set_new(kinds, BS_ERR_NAMES[k], json_integer((json_int_t)c->by_kind[k]));
+    json_object_set_new(o, "errors", kinds);
     json_object_set_new(o, "completed_without_tokens", json_integer((json_int_t)c->no_tokens));
     json_object_set_new(o, "total_input_tokens", json_integer(c->in_tokens));
     json_object_set_new(o, "total_output_tokens", json_integer(c->out_tokens));
@@ -742,7 +776,14 @@ static void class_json(json_t *o, const bs_opts *opt, const bs_class *c, double 
 
 static void print_class(const bs_opts *o, const bs_class *c, double dur) {
     printf("%-36s %zu\n", "Successful requests:", c->completed);
-    printf("%-36s %zu\n", "Failed requests:", c->failed);
+    printf("%-36s %zu", "Failed requests:", c->failed);
+    const char *sep = "  (";
+    for (int k = 1; k < BS_E_COUNT; k++)
+        if (c->by_kind[k]) {
+            printf("%s%s %zu", sep, BS_ERR_NAMES[k], c->by_kind[k]);
+            sep = ", ";
+        }
+    printf("%s\n", c->failed ? ")" : "");
     if (c->first_error)
         printf("%-36s request %d: %s\n", "First error:", c->first_error_id, c->first_error);
     if (c->no_tokens) printf("%-36s %zu\n", "Completed without tokens:", c->no_tokens);
