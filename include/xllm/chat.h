@@ -39,7 +39,7 @@ void xllm_chat_template_free(xllm_chat_template *t); /* accepts NULL */
  * "messages" (required), "tools" (optional; none when absent), "documents" (optional),
  * "add_generation_prompt" (optional, default true) and "chat_template_kwargs" (optional object
  * whose entries become template variables, e.g. enable_thinking, date_string). bos_token and
- * eos_token (may be NULL = "") are passed as the variables of those names.
+ * eos_token are passed as the variables of those names; NULL leaves one undefined.
  * On success *out is a malloc'd NUL-terminated string of *out_len bytes (the caller frees it;
  * out_len may be NULL). On error (bad JSON, template error, raise_exception, a limit) returns
  * a status with *out = NULL and a message in err; XLLM_ERR_FORMAT when the template raised or

@@ -441,7 +441,9 @@ static tv case_map(tp_rt *rt, tv s, int mode) {
         first = false;
         put_cp(rt, &sc.b, o);
     }
-    return sc_end(rt, &sc);
+    tv r = sc_end(rt, &sc);
+    r.flag = s.flag;
+    return r;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -479,7 +481,9 @@ static tv strip(tp_rt *rt, tv s, const tv *chars, bool left, bool right) {
             if (!in_chars(c, chars)) break;
             b = st;
         }
-    return tv_str(p + a, b - a);
+    tv r = tv_str(p + a, b - a);
+    r.flag = s.flag;
+    return r;
 }
 
 static const char *find_bytes(const char *h, size_t hn, const char *n, size_t nn) {
@@ -719,6 +723,11 @@ const tv_list *xllm_template_iter(tp_rt *rt, tv v) {
     }
 }
 
+static tv gen_of(tv l) {
+    l.u.l->gen = true;
+    return l;
+}
+
 static tv dict_items(tp_rt *rt, const tv_dict *d) {
     tv l = xllm_template_new_list(rt, d->n, false);
     for (size_t i = 0; i < d->n; i++) {
@@ -736,7 +745,7 @@ static tv unsafe(const char *name, size_t n, tp_rt *rt) {
     memcpy(s, name, n);
     u.u.s.p = s;
     u.u.s.n = n;
-    u.bad = 1;
+    u.flag = 1;
     return u;
 }
 
@@ -770,6 +779,7 @@ tv xllm_template_getattr(tp_rt *rt, tv obj, const char *name, size_t n) {
                               &found);
             return found ? mkfunc(rt, id, &obj) : undef_named(rt, name, n);
         case TV_LIST:
+            if (obj.u.l->gen) return undef_named(rt, name, n);
             id = lookup_named(LIST_METHODS, sizeof(LIST_METHODS) / sizeof(LIST_METHODS[0]), name, n,
                               &found);
             if (found) return id < 0 ? unsafe(name, n, rt) : mkfunc(rt, id, &obj);
@@ -806,6 +816,7 @@ tv xllm_template_getitem(tp_rt *rt, tv obj, tv key) {
             break;
         }
         case TV_LIST:
+            if (obj.u.l->gen) return tv_undef(NULL);
             if (key.t == TV_INT || key.t == TV_BOOL) {
                 int64_t i = key.t == TV_INT ? key.u.i : key.u.b, n = (int64_t)obj.u.l->n;
                 if (i < 0) i += n;
@@ -913,6 +924,7 @@ static int64_t length_of(tp_rt *rt, tv v) {
         case TV_STR:
             return (int64_t)xllm_template_utf8_len(v.u.s.p, v.u.s.n);
         case TV_LIST:
+            if (v.u.l->gen) xllm_template_fail(rt, "object of type 'generator' has no len()");
             return (int64_t)v.u.l->n;
         case TV_DICT:
             return (int64_t)v.u.d->n;
@@ -1170,7 +1182,9 @@ static tv to_float(tp_rt *rt, tv v, const tp_args *a) {
     }
 }
 
-static tv html_escape(tp_rt *rt, tv s) {
+tv xllm_template_escape(tp_rt *rt, tv v) {
+    if (v.t == TV_STR && v.flag) return v;
+    tv s = xllm_template_to_str(rt, v);
     scratch sc;
     sc_begin(rt, &sc);
     for (size_t i = 0; i < s.u.s.n; i++) {
@@ -1186,7 +1200,9 @@ static tv html_escape(tp_rt *rt, tv s) {
         else
             xllm_template_buf_putc(rt, &sc.b, c);
     }
-    return sc_end(rt, &sc);
+    tv r = sc_end(rt, &sc);
+    r.flag = 1;
+    return r;
 }
 
 tv xllm_template_filter(tp_rt *rt, int id, tv v, const tp_args *a) {
@@ -1239,13 +1255,14 @@ tv xllm_template_filter(tp_rt *rt, int id, tv v, const tp_args *a) {
         }
         case FL_E:
         case FL_ESCAPE:
-            return html_escape(rt, xllm_template_to_str(rt, v));
+            return xllm_template_escape(rt, v);
         case FL_FIRST: {
             const tv_list *l = xllm_template_iter(rt, v);
             return l->n ? l->v[0] : tv_undef(NULL);
         }
         case FL_LAST: {
-            if (v.t != TV_LIST && v.t != TV_STR && v.t != TV_DICT && v.t != TV_UNDEF)
+            if ((v.t != TV_LIST && v.t != TV_STR && v.t != TV_DICT && v.t != TV_UNDEF) ||
+                (v.t == TV_LIST && v.u.l->gen))
                 xllm_template_fail(rt, "'%s' object is not reversible", xllm_template_type_name(v));
             const tv_list *l = xllm_template_iter(rt, v);
             return l->n ? l->v[l->n - 1] : tv_undef(NULL);
@@ -1262,10 +1279,11 @@ tv xllm_template_filter(tp_rt *rt, int id, tv v, const tp_args *a) {
         }
         case FL_INDENT:
             return do_indent(rt, xllm_template_to_str(rt, v), a);
-        case FL_ITEMS:
-            if (v.t == TV_UNDEF) return xllm_template_new_list(rt, 0, false);
+        case FL_ITEMS: {
+            if (v.t == TV_UNDEF) return gen_of(xllm_template_new_list(rt, 0, false));
             if (v.t != TV_DICT) xllm_template_fail(rt, "Can only get item pairs from a mapping.");
-            return dict_items(rt, v.u.d);
+            return gen_of(dict_items(rt, v.u.d));
+        }
         case FL_JOIN: {
             const tv *d = arg(a, 0, "d");
             const tv *at = arg(a, 1, "attribute");
@@ -1290,20 +1308,20 @@ tv xllm_template_filter(tp_rt *rt, int id, tv v, const tp_args *a) {
             return case_map(rt, xllm_template_to_str(rt, v), CASE_UPPER);
         case FL_TITLE:
             return case_map(rt, xllm_template_to_str(rt, v), CASE_JTITLE);
-        case FL_MAP:
-            return do_map(rt, v, a);
+        case FL_MAP: /* generators; a false value gives an empty one without iterating */
+            return gen_of(xllm_template_truthy(v) ? do_map(rt, v, a)
+                                                  : xllm_template_new_list(rt, 0, false));
         case FL_MAX:
             return minmax(rt, v, a, true);
         case FL_MIN:
             return minmax(rt, v, a, false);
         case FL_SELECT:
-            return select_items(rt, v, a, false, true);
         case FL_REJECT:
-            return select_items(rt, v, a, false, false);
         case FL_SELECTATTR:
-            return select_items(rt, v, a, true, true);
         case FL_REJECTATTR:
-            return select_items(rt, v, a, true, false);
+            if (!xllm_template_truthy(v)) return gen_of(xllm_template_new_list(rt, 0, false));
+            return gen_of(select_items(rt, v, a, id == FL_SELECTATTR || id == FL_REJECTATTR,
+                                       id == FL_SELECT || id == FL_SELECTATTR));
         case FL_REPLACE: {
             tv s = xllm_template_to_str(rt, v);
             const tv *o = arg(a, 0, "old"), *n = arg(a, 1, "new"), *c = arg(a, 2, "count");
@@ -1324,6 +1342,8 @@ tv xllm_template_filter(tp_rt *rt, int id, tv v, const tp_args *a) {
             const tv_list *l = xllm_template_iter(rt, v);
             tv out = xllm_template_new_list(rt, l->n, false);
             for (size_t i = l->n; i-- > 0;) xllm_template_list_push(rt, out.u.l, l->v[i]);
+            /* reversed(list) is an iterator; a generator is copied into a list */
+            if ((v.t == TV_LIST && !v.u.l->gen) || v.t == TV_DICT) out.u.l->gen = true;
             return out;
         }
         case FL_ROUND: {
@@ -1349,8 +1369,11 @@ tv xllm_template_filter(tp_rt *rt, int id, tv v, const tp_args *a) {
             double r = method[0] == 'f' ? floor(y) : method[1] == 'e' ? ceil(y) : nearbyint(y);
             return tv_float(r / scale);
         }
-        case FL_SAFE:
-            return v;
+        case FL_SAFE: {
+            tv s = xllm_template_to_str(rt, v);
+            s.flag = 1;
+            return s;
+        }
         case FL_SORT: {
             bool rev = arg_bool(a, 0, "reverse", false),
                  cs = arg_bool(a, 1, "case_sensitive", false);
@@ -1411,7 +1434,7 @@ tv xllm_template_filter(tp_rt *rt, int id, tv v, const tp_args *a) {
                 xllm_template_list_push(rt, seen.u.l, k);
                 xllm_template_list_push(rt, out.u.l, l->v[i]);
             }
-            return out;
+            return gen_of(out);
         }
         case FL_WORDCOUNT: {
             tv parts = split(rt, xllm_template_to_str(rt, v), NULL, NULL, false);
@@ -1509,8 +1532,10 @@ bool xllm_template_test(tp_rt *rt, int id, tv v, const tp_args *a) {
         case TS_NONE:
             return v.t == TV_NONE;
         case TS_ITERABLE:
-        case TS_SEQUENCE:
             return v.t == TV_STR || v.t == TV_LIST || v.t == TV_DICT || v.t == TV_UNDEF;
+        case TS_SEQUENCE:
+            return v.t == TV_STR || (v.t == TV_LIST && !v.u.l->gen) || v.t == TV_DICT ||
+                   v.t == TV_UNDEF;
         case TS_IN: {
             if (!x) xllm_template_fail(rt, "in needs an argument");
             tp_args none = {0};

@@ -89,8 +89,9 @@ xllm_status xllm_chat_template_render(const xllm_chat_template *t, const char *r
     json_t *docs = json_object_get(req, "documents");
     json_object_set_new(vars, "documents", docs ? json_incref(docs) : json_null());
     json_object_set_new(vars, "add_generation_prompt", json_boolean(agp ? json_is_true(agp) : 1));
-    json_object_set_new(vars, "bos_token", json_string(bos_token ? bos_token : ""));
-    json_object_set_new(vars, "eos_token", json_string(eos_token ? eos_token : ""));
+    /* a tokenizer without the token leaves the variable undefined, as transformers does */
+    if (bos_token) json_object_set_new(vars, "bos_token", json_string(bos_token));
+    if (eos_token) json_object_set_new(vars, "eos_token", json_string(eos_token));
     if (json_is_object(kwargs)) json_object_update(vars, kwargs);
     st = xllm_template_render(t->t, vars, t->now, out, out_len, err, err_size);
 done:

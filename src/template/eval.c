@@ -75,7 +75,8 @@ static void enter(tp_rt *rt, const tp_node *nd) {
 }
 
 static _Noreturn void fail_undefined(tp_rt *rt, tv v) {
-    if (v.bad) xllm_template_fail(rt, "access to attribute '%s' is unsafe", v.u.s.p ? v.u.s.p : "");
+    if (v.flag)
+        xllm_template_fail(rt, "access to attribute '%s' is unsafe", v.u.s.p ? v.u.s.p : "");
     if (v.u.s.p) xllm_template_fail(rt, "'%.*s' is undefined", (int)v.u.s.n, v.u.s.p);
     xllm_template_fail(rt, "undefined value");
 }
@@ -109,13 +110,17 @@ static _Noreturn void bad_operands(tp_rt *rt, const char *op, tv a, tv b) {
 
 static tv repeat(tp_rt *rt, tv seq, int64_t k) {
     if (k < 0) k = 0;
+    if (seq.t == TV_LIST && seq.u.l->gen)
+        xllm_template_fail(rt, "unsupported operand type(s) for *: 'generator' and 'int'");
     if (seq.t == TV_STR) {
         size_t n = seq.u.s.n;
         if (n && (uint64_t)k > rt->limits.max_memory / n)
             xllm_template_fail(rt, "memory limit exceeded");
         char *p = xllm_template_alloc(rt->arena, n * (size_t)k + 1);
         for (int64_t i = 0; i < k; i++) memcpy(p + (size_t)i * n, seq.u.s.p, n);
-        return tv_str(p, n * (size_t)k);
+        tv r = tv_str(p, n * (size_t)k);
+        r.flag = seq.flag;
+        return r;
     }
     size_t n = seq.u.l->n;
     if (n && (uint64_t)k > rt->limits.max_memory / (n * sizeof(tv)))
@@ -192,8 +197,15 @@ static tv binop(tp_rt *rt, int op, tv a, tv b) {
                 return tv_int(r);
             }
             if (is_num(a) && is_num(b)) return tv_float(as_f(a) + as_f(b));
-            if (a.t == TV_STR && b.t == TV_STR) return concat_seq(rt, a, b);
-            if (a.t == TV_LIST && b.t == TV_LIST && a.u.l->tuple == b.u.l->tuple)
+            if (a.t == TV_STR && b.t == TV_STR) {
+                if (!a.flag && !b.flag) return concat_seq(rt, a, b);
+                /* Markup + str escapes the plain operand (markupsafe) */
+                tv r = concat_seq(rt, xllm_template_escape(rt, a), xllm_template_escape(rt, b));
+                r.flag = 1;
+                return r;
+            }
+            if (a.t == TV_LIST && b.t == TV_LIST && a.u.l->tuple == b.u.l->tuple && !a.u.l->gen &&
+                !b.u.l->gen)
                 return concat_seq(rt, a, b);
             if (a.t == TV_STR && b.t != TV_UNDEF)
                 xllm_template_fail(rt, "can only concatenate str (not \"%s\") to str",
@@ -293,7 +305,8 @@ static int order(tp_rt *rt, tv a, tv b, const char *op) {
         if (c) return c < 0 ? -1 : 1;
         return a.u.s.n < b.u.s.n ? -1 : a.u.s.n > b.u.s.n;
     }
-    if (a.t == TV_LIST && b.t == TV_LIST && a.u.l->tuple == b.u.l->tuple) {
+    if (a.t == TV_LIST && b.t == TV_LIST && a.u.l->tuple == b.u.l->tuple && !a.u.l->gen &&
+        !b.u.l->gen) {
         size_t n = a.u.l->n < b.u.l->n ? a.u.l->n : b.u.l->n;
         for (size_t i = 0; i < n; i++) {
             if (xllm_template_equal(a.u.l->v[i], b.u.l->v[i])) continue;
@@ -371,7 +384,7 @@ static tv do_slice(tp_rt *rt, tv obj, tv vs, tv ve, tv vstep) {
     if (slice_bound(rt, vstep, &step) && step == 0)
         xllm_template_fail(rt, "slice step cannot be zero");
     bool is_str = obj.t == TV_STR;
-    if (!is_str && obj.t != TV_LIST) return tv_undef(NULL);
+    if (!is_str && (obj.t != TV_LIST || obj.u.l->gen)) return tv_undef(NULL);
     int64_t len =
         is_str ? (int64_t)xllm_template_utf8_len(obj.u.s.p, obj.u.s.n) : (int64_t)obj.u.l->n;
     bool has_s = slice_bound(rt, vs, &start), has_e = slice_bound(rt, ve, &stop);

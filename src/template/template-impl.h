@@ -56,9 +56,9 @@ typedef struct tp_macro tp_macro;
 typedef struct tp_loop tp_loop;
 
 typedef struct tv {
-    uint8_t t;   /* tv_type */
-    uint8_t bad; /* TV_UNDEF: 1 = access was blocked by the sandbox (calling it fails) */
-    uint16_t fn; /* TV_FUNC: builtin id */
+    uint8_t t;    /* tv_type */
+    uint8_t flag; /* TV_UNDEF: 1 = access blocked by the sandbox; TV_STR: 1 = Markup (|safe) */
+    uint16_t fn;  /* TV_FUNC: builtin id */
     union {
         bool b;
         int64_t i;
@@ -79,6 +79,9 @@ struct tv_list {
     size_t n, cap;
     tv *v;
     bool tuple;
+    /* a Python iterator (what jinja2's map/select/items/unique/reverse return): iterable, but
+     * always true, without len(), not subscriptable, not JSON serializable */
+    bool gen;
 };
 
 struct tv_dict {
@@ -300,6 +303,8 @@ void xllm_template_json(tp_rt *rt, tp_buf *b, tv v, const tp_json_opts *o, int d
 
 /* Python ordering of two values (-1, 0, 1); fails for types Python cannot order. */
 int xllm_template_order(tp_rt *rt, tv a, tv b);
+/* HTML-escapes str(v) into a Markup string (unchanged when v is Markup already). */
+tv xllm_template_escape(tp_rt *rt, tv v);
 /* "fmt % args" (printf-style, %s %r %d %i %f %%). */
 tv xllm_template_percent(tp_rt *rt, tv fmt, tv args);
 

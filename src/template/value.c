@@ -152,7 +152,7 @@ bool xllm_template_truthy(tv v) {
         case TV_STR:
             return v.u.s.n != 0;
         case TV_LIST:
-            return v.u.l->n != 0;
+            return v.u.l->gen || v.u.l->n != 0;
         case TV_DICT:
             return v.u.d->n != 0;
         default:
@@ -184,6 +184,7 @@ bool xllm_template_equal(tv a, tv b) {
         case TV_STR:
             return a.u.s.n == b.u.s.n && !memcmp(a.u.s.p, b.u.s.p, a.u.s.n);
         case TV_LIST:
+            if (a.u.l->gen || b.u.l->gen) return a.u.l == b.u.l;
             if (a.u.l->tuple != b.u.l->tuple || a.u.l->n != b.u.l->n) return false;
             for (size_t i = 0; i < a.u.l->n; i++)
                 if (!xllm_template_equal(a.u.l->v[i], b.u.l->v[i])) return false;
@@ -223,7 +224,7 @@ const char *xllm_template_type_name(tv v) {
         case TV_STR:
             return "str";
         case TV_LIST:
-            return v.u.l->tuple ? "tuple" : "list";
+            return v.u.l->gen ? "generator" : v.u.l->tuple ? "tuple" : "list";
         case TV_DICT:
             return "dict";
         case TV_NS:
@@ -470,6 +471,10 @@ static void repr_depth(tp_rt *rt, tp_buf *b, tv v, int depth) {
             return;
         case TV_LIST: {
             const tv_list *l = v.u.l;
+            if (l->gen) {
+                xllm_template_buf_put(rt, b, "<generator object>", 18);
+                return;
+            }
             xllm_template_buf_putc(rt, b, l->tuple ? '(' : '[');
             for (size_t i = 0; i < l->n; i++) {
                 if (i) xllm_template_buf_put(rt, b, ", ", 2);
@@ -641,7 +646,7 @@ void xllm_template_json(tp_rt *rt, tp_buf *b, tv v, const tp_json_opts *o, int d
     size_t item_sep_n = o->item_sep ? o->item_sep_n : strlen(item_sep);
     const char *key_sep = o->key_sep ? o->key_sep : ": ";
     size_t key_sep_n = o->key_sep ? o->key_sep_n : 2;
-    if (v.t == TV_LIST) {
+    if (v.t == TV_LIST && !v.u.l->gen) {
         const tv_list *l = v.u.l;
         if (l->n == 0) {
             xllm_template_buf_put(rt, b, "[]", 2);
