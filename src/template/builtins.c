@@ -811,7 +811,7 @@ tv xllm_template_getattr(tp_rt *rt, tv obj, const char *name, size_t n) {
 tv xllm_template_getitem(tp_rt *rt, tv obj, tv key) {
     switch (obj.t) {
         case TV_DICT: {
-            tv *v = xllm_template_dict_get(obj.u.d, key);
+            tv *v = xllm_template_dict_get(rt, obj.u.d, key);
             if (v) return *v;
             break;
         }
@@ -881,6 +881,7 @@ static void msort(tp_rt *rt, tv *items, tv *keys, size_t n, tv *ti, tv *tk, bool
     msort(rt, items + h, keys + h, n - h, ti, tk, reverse);
     size_t i = 0, j = h, o = 0;
     while (i < h && j < n) {
+        xllm_template_step(rt);
         int c = xllm_template_order(rt, keys[j], keys[i]);
         bool take_right = reverse ? c > 0 : c < 0;
         if (take_right) {
@@ -1428,7 +1429,7 @@ tv xllm_template_filter(tp_rt *rt, int id, tv v, const tp_args *a) {
                 bool dup = false;
                 for (size_t j = 0; j < seen.u.l->n && !dup; j++) {
                     xllm_template_step(rt);
-                    dup = xllm_template_equal(seen.u.l->v[j], k);
+                    dup = xllm_template_equal(rt, seen.u.l->v[j], k);
                 }
                 if (dup) continue;
                 xllm_template_list_push(rt, seen.u.l, k);
@@ -1483,11 +1484,11 @@ bool xllm_template_test(tp_rt *rt, int id, tv v, const tp_args *a) {
         case TS_EQ2:
         case TS_EQUALTO:
             if (!x) xllm_template_fail(rt, "test needs an argument");
-            return xllm_template_equal(v, *x);
+            return xllm_template_equal(rt, v, *x);
         case TS_NE:
         case TS_NE2:
             if (!x) xllm_template_fail(rt, "test needs an argument");
-            return !xllm_template_equal(v, *x);
+            return !xllm_template_equal(rt, v, *x);
         case TS_GE:
         case TS_GE2:
             if (!x) xllm_template_fail(rt, "test needs an argument");
@@ -1546,10 +1547,10 @@ bool xllm_template_test(tp_rt *rt, int id, tv v, const tp_args *a) {
                     return find_bytes(x->u.s.p, x->u.s.n, v.u.s.p, v.u.s.n) != NULL;
                 case TV_LIST:
                     for (size_t i = 0; i < x->u.l->n; i++)
-                        if (xllm_template_equal(x->u.l->v[i], v)) return true;
+                        if (xllm_template_equal(rt, x->u.l->v[i], v)) return true;
                     return false;
                 case TV_DICT:
-                    return xllm_template_dict_get(x->u.d, v) != NULL;
+                    return xllm_template_dict_get(rt, x->u.d, v) != NULL;
                 case TV_UNDEF:
                     return false;
                 default:
@@ -1576,7 +1577,7 @@ bool xllm_template_test(tp_rt *rt, int id, tv v, const tp_args *a) {
             if (v.t == TV_BOOL) return v.u.b == x->u.b;
             if (v.t == TV_LIST) return v.u.l == x->u.l;
             if (v.t == TV_DICT || v.t == TV_NS) return v.u.d == x->u.d;
-            return xllm_template_equal(v, *x);
+            return xllm_template_equal(rt, v, *x);
         default:
             xllm_template_fail(rt, "unknown test");
     }
@@ -1786,7 +1787,7 @@ tv xllm_template_call_builtin(tp_rt *rt, tv fn, const tp_args *a) {
             xllm_template_fail(rt, "this string method is not supported");
         case M_GET: {
             if (!x) xllm_template_fail(rt, "get expected at least 1 argument");
-            tv *v = xllm_template_dict_get(s.u.d, *x);
+            tv *v = xllm_template_dict_get(rt, s.u.d, *x);
             if (v) return *v;
             const tv *d = arg(a, 1, "default");
             return d ? *d : tv_none();
@@ -1809,13 +1810,13 @@ tv xllm_template_call_builtin(tp_rt *rt, tv fn, const tp_args *a) {
         case M_LCOUNT: {
             if (!x) xllm_template_fail(rt, "count needs an argument");
             int64_t k = 0;
-            for (size_t i = 0; i < s.u.l->n; i++) k += xllm_template_equal(s.u.l->v[i], *x);
+            for (size_t i = 0; i < s.u.l->n; i++) k += xllm_template_equal(rt, s.u.l->v[i], *x);
             return tv_int(k);
         }
         case M_LINDEX: {
             if (!x) xllm_template_fail(rt, "index needs an argument");
             for (size_t i = 0; i < s.u.l->n; i++)
-                if (xllm_template_equal(s.u.l->v[i], *x)) return tv_int((int64_t)i);
+                if (xllm_template_equal(rt, s.u.l->v[i], *x)) return tv_int((int64_t)i);
             xllm_template_fail(rt, "value is not in list");
         }
         case M_LCOPY: {

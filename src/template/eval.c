@@ -309,7 +309,7 @@ static int order(tp_rt *rt, tv a, tv b, const char *op) {
         !b.u.l->gen) {
         size_t n = a.u.l->n < b.u.l->n ? a.u.l->n : b.u.l->n;
         for (size_t i = 0; i < n; i++) {
-            if (xllm_template_equal(a.u.l->v[i], b.u.l->v[i])) continue;
+            if (xllm_template_equal(rt, a.u.l->v[i], b.u.l->v[i])) continue;
             return order(rt, a.u.l->v[i], b.u.l->v[i], op);
         }
         return a.u.l->n < b.u.l->n ? -1 : a.u.l->n > b.u.l->n;
@@ -333,10 +333,10 @@ static bool contains(tp_rt *rt, tv hay, tv needle) {
             return memmem(hay.u.s.p, hay.u.s.n, needle.u.s.p, needle.u.s.n) != NULL;
         case TV_LIST:
             for (size_t i = 0; i < hay.u.l->n; i++)
-                if (xllm_template_equal(hay.u.l->v[i], needle)) return true;
+                if (xllm_template_equal(rt, hay.u.l->v[i], needle)) return true;
             return false;
         case TV_DICT:
-            return xllm_template_dict_get(hay.u.d, needle) != NULL;
+            return xllm_template_dict_get(rt, hay.u.d, needle) != NULL;
         case TV_UNDEF:
             return false;
         default:
@@ -348,9 +348,9 @@ static bool contains(tp_rt *rt, tv hay, tv needle) {
 static bool compare(tp_rt *rt, int op, tv a, tv b) {
     switch (op) {
         case OP_EQ:
-            return xllm_template_equal(a, b);
+            return xllm_template_equal(rt, a, b);
         case OP_NE:
-            return !xllm_template_equal(a, b);
+            return !xllm_template_equal(rt, a, b);
         case OP_LT:
             return order(rt, a, b, "<") < 0;
         case OP_LE:

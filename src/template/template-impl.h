@@ -78,6 +78,7 @@ typedef struct tv {
 struct tv_list {
     size_t n, cap;
     tv *v;
+    uint32_t depth; /* 1 + the deepest child container: bounds every recursive walk */
     bool tuple;
     /* a Python iterator (what jinja2's map/select/items/unique/reverse return): iterable, but
      * always true, without len(), not subscriptable, not JSON serializable */
@@ -87,6 +88,9 @@ struct tv_list {
 struct tv_dict {
     size_t n, cap;
     tv *k, *v; /* insertion order */
+    uint32_t depth;
+    uint32_t *idx; /* hash index (slot = entry + 1, 0 = empty) once the dict is not small */
+    size_t idx_cap;
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -267,12 +271,12 @@ tv xllm_template_new_dict(tp_rt *rt, size_t cap);
 /* Sets key to v: replaces in place when the key exists, else appends. */
 void xllm_template_dict_set(tp_rt *rt, tv_dict *d, tv key, tv v);
 /* Value of key, or NULL. */
-tv *xllm_template_dict_get(const tv_dict *d, tv key);
+tv *xllm_template_dict_get(tp_rt *rt, const tv_dict *d, tv key);
 tv *xllm_template_dict_get_str(const tv_dict *d, const char *key, size_t n);
 
 bool xllm_template_truthy(tv v);
-bool xllm_template_equal(tv a, tv b);
-const char *xllm_template_type_name(tv v); /* Python's name: "str", "list", "NoneType", ... */
+bool xllm_template_equal(tp_rt *rt, tv a, tv b); /* Python ==; counts steps */
+const char *xllm_template_type_name(tv v);       /* Python's name: "str", "list", "NoneType", ... */
 
 /* Output buffers in the arena. */
 void xllm_template_buf_put(tp_rt *rt, tp_buf *b, const char *p, size_t n);

@@ -67,12 +67,15 @@ tv xllm_template_new_list(tp_rt *rt, size_t cap, bool tuple) {
     tv_list *l = xllm_template_alloc(rt->arena, sizeof(tv_list));
     l->cap = cap;
     l->tuple = tuple;
+    l->depth = 1;
     if (cap) l->v = xllm_template_alloc(rt->arena, cap * sizeof(tv));
     tv v = {0};
     v.t = TV_LIST;
     v.u.l = l;
     return v;
 }
+
+static void note_child(tp_rt *rt, uint32_t *depth, tv v);
 
 void xllm_template_list_push(tp_rt *rt, tv_list *l, tv v) {
     if (l->n == l->cap) {
@@ -82,12 +85,15 @@ void xllm_template_list_push(tp_rt *rt, tv_list *l, tv v) {
         l->v = nv;
         l->cap = cap;
     }
+    xllm_template_step(rt);
+    note_child(rt, &l->depth, v);
     l->v[l->n++] = v;
 }
 
 tv xllm_template_new_dict(tp_rt *rt, size_t cap) {
     tv_dict *d = xllm_template_alloc(rt->arena, sizeof(tv_dict));
     d->cap = cap;
+    d->depth = 1;
     if (cap) {
         d->k = xllm_template_alloc(rt->arena, cap * sizeof(tv));
         d->v = xllm_template_alloc(rt->arena, cap * sizeof(tv));
@@ -98,13 +104,108 @@ tv xllm_template_new_dict(tp_rt *rt, size_t cap) {
     return v;
 }
 
-tv *xllm_template_dict_get(const tv_dict *d, tv key) {
+/* Deepest nesting of containers a value may have (JSON input, built lists). */
+#define TP_MAX_NESTING 512
+
+static uint32_t child_depth(tv v) {
+    if (v.t == TV_LIST) return v.u.l->depth;
+    if (v.t == TV_DICT) return v.u.d->depth;
+    return 0; /* namespaces compare by identity and are never walked */
+}
+
+static void note_child(tp_rt *rt, uint32_t *depth, tv v) {
+    uint32_t d = child_depth(v) + 1;
+    if (d > *depth) *depth = d;
+    if (*depth > TP_MAX_NESTING) xllm_template_fail(rt, "value nested too deeply");
+}
+
+static uint64_t mix(uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    return x;
+}
+
+/* Consistent with xllm_template_equal: equal values hash equal (1 == 1.0 == True). */
+static uint64_t hash_tv(tv v) {
+    switch (v.t) {
+        case TV_STR: {
+            uint64_t h = 1469598103934665603ULL;
+            for (size_t i = 0; i < v.u.s.n; i++)
+                h = (h ^ (unsigned char)v.u.s.p[i]) * 1099511628211ULL;
+            return h;
+        }
+        case TV_INT:
+            return mix((uint64_t)v.u.i);
+        case TV_BOOL:
+            return mix((uint64_t)v.u.b);
+        case TV_FLOAT:
+            if (v.u.f >= -9.2e18 && v.u.f <= 9.2e18 && v.u.f == (double)(int64_t)v.u.f)
+                return mix((uint64_t)(int64_t)v.u.f);
+            {
+                uint64_t bits;
+                memcpy(&bits, &v.u.f, sizeof(bits));
+                return mix(bits);
+            }
+        case TV_LIST:
+            if (v.u.l->gen) return mix((uint64_t)(uintptr_t)v.u.l);
+            {
+                uint64_t h = 7 + v.u.l->n;
+                for (size_t i = 0; i < v.u.l->n; i++) h = mix(h * 31 + hash_tv(v.u.l->v[i]));
+                return h;
+            }
+        case TV_DICT:
+            return mix(v.u.d->n + 11);
+        case TV_NS:
+            return mix((uint64_t)(uintptr_t)v.u.d);
+        case TV_MACRO:
+            return mix((uint64_t)(uintptr_t)v.u.m);
+        case TV_LOOP:
+            return mix((uint64_t)(uintptr_t)v.u.loop);
+        case TV_FUNC:
+            return mix(v.fn * 131u + (uint64_t)(uintptr_t)v.u.self);
+        default:
+            return (uint64_t)v.t;
+    }
+}
+
+static void idx_insert(tv_dict *d, size_t entry) {
+    size_t mask = d->idx_cap - 1, i = (size_t)hash_tv(d->k[entry]) & mask;
+    while (d->idx[i]) i = (i + 1) & mask;
+    d->idx[i] = (uint32_t)(entry + 1);
+}
+
+static void idx_rebuild(tp_rt *rt, tv_dict *d) {
+    size_t cap = 64;
+    while (cap < d->n * 2 + 2) cap *= 2;
+    d->idx = xllm_template_alloc(rt->arena, cap * sizeof(uint32_t));
+    d->idx_cap = cap;
+    for (size_t i = 0; i < d->n; i++) idx_insert(d, i);
+}
+
+tv *xllm_template_dict_get(tp_rt *rt, const tv_dict *d, tv key) {
+    if (d->idx) {
+        size_t mask = d->idx_cap - 1, i = (size_t)hash_tv(key) & mask;
+        for (; d->idx[i]; i = (i + 1) & mask)
+            if (xllm_template_equal(rt, d->k[d->idx[i] - 1], key)) return &d->v[d->idx[i] - 1];
+        return NULL;
+    }
     for (size_t i = 0; i < d->n; i++)
-        if (xllm_template_equal(d->k[i], key)) return &d->v[i];
+        if (xllm_template_equal(rt, d->k[i], key)) return &d->v[i];
     return NULL;
 }
 
 tv *xllm_template_dict_get_str(const tv_dict *d, const char *key, size_t n) {
+    if (d->idx) {
+        tv k = tv_str(key, n);
+        size_t mask = d->idx_cap - 1, i = (size_t)hash_tv(k) & mask;
+        for (; d->idx[i]; i = (i + 1) & mask) {
+            const tv *e = &d->k[d->idx[i] - 1];
+            if (e->t == TV_STR && e->u.s.n == n && !memcmp(e->u.s.p, key, n))
+                return &d->v[d->idx[i] - 1];
+        }
+        return NULL;
+    }
     for (size_t i = 0; i < d->n; i++)
         if (d->k[i].t == TV_STR && d->k[i].u.s.n == n && !memcmp(d->k[i].u.s.p, key, n))
             return &d->v[i];
@@ -112,7 +213,10 @@ tv *xllm_template_dict_get_str(const tv_dict *d, const char *key, size_t n) {
 }
 
 void xllm_template_dict_set(tp_rt *rt, tv_dict *d, tv key, tv v) {
-    tv *old = xllm_template_dict_get(d, key);
+    xllm_template_step(rt);
+    note_child(rt, &d->depth, v);
+    note_child(rt, &d->depth, key);
+    tv *old = xllm_template_dict_get(rt, d, key);
     if (old) {
         *old = v;
         return;
@@ -129,9 +233,14 @@ void xllm_template_dict_set(tp_rt *rt, tv_dict *d, tv key, tv v) {
         d->v = nv;
         d->cap = cap;
     }
+    if (d->n >= UINT32_MAX - 1) xllm_template_fail(rt, "dict too large");
     d->k[d->n] = key;
     d->v[d->n] = v;
     d->n++;
+    if (d->idx && d->n * 2 + 2 <= d->idx_cap)
+        idx_insert(d, d->n - 1);
+    else if (d->n >= 16)
+        idx_rebuild(rt, d);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -168,7 +277,7 @@ static double num_f(tv v) {
     return v.t == TV_FLOAT ? v.u.f : v.t == TV_INT ? (double)v.u.i : (double)v.u.b;
 }
 
-bool xllm_template_equal(tv a, tv b) {
+bool xllm_template_equal(tp_rt *rt, tv a, tv b) {
     if (is_num(a) && is_num(b)) {
         if (a.t != TV_FLOAT && b.t != TV_FLOAT) {
             int64_t x = a.t == TV_INT ? a.u.i : a.u.b, y = b.t == TV_INT ? b.u.i : b.u.b;
@@ -177,6 +286,7 @@ bool xllm_template_equal(tv a, tv b) {
         return num_f(a) == num_f(b);
     }
     if (a.t != b.t) return false;
+    if (a.t == TV_LIST || a.t == TV_DICT) xllm_template_step(rt);
     switch (a.t) {
         case TV_UNDEF:
         case TV_NONE:
@@ -187,13 +297,13 @@ bool xllm_template_equal(tv a, tv b) {
             if (a.u.l->gen || b.u.l->gen) return a.u.l == b.u.l;
             if (a.u.l->tuple != b.u.l->tuple || a.u.l->n != b.u.l->n) return false;
             for (size_t i = 0; i < a.u.l->n; i++)
-                if (!xllm_template_equal(a.u.l->v[i], b.u.l->v[i])) return false;
+                if (!xllm_template_equal(rt, a.u.l->v[i], b.u.l->v[i])) return false;
             return true;
         case TV_DICT:
             if (a.u.d->n != b.u.d->n) return false;
             for (size_t i = 0; i < a.u.d->n; i++) {
-                tv *o = xllm_template_dict_get(b.u.d, a.u.d->k[i]);
-                if (!o || !xllm_template_equal(a.u.d->v[i], *o)) return false;
+                tv *o = xllm_template_dict_get(rt, b.u.d, a.u.d->k[i]);
+                if (!o || !xllm_template_equal(rt, a.u.d->v[i], *o)) return false;
             }
             return true;
         case TV_NS:
@@ -244,6 +354,7 @@ const char *xllm_template_type_name(tv v) {
 
 void xllm_template_buf_put(tp_rt *rt, tp_buf *b, const char *p, size_t n) {
     if (n == 0) return;
+    xllm_template_step(rt);
     if (n > rt->limits.max_output || rt->out_total > rt->limits.max_output - n)
         xllm_template_fail(rt, "output limit exceeded (%zu bytes)", rt->limits.max_output);
     rt->out_total += n;

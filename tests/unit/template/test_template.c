@@ -431,6 +431,34 @@ static void test_limits(void **state) {
     for (int i = 0; i < 1000; i++) deep[k++] = ')';
     snprintf(deep + k, sizeof(deep) - k, " }}");
     expect_limit(deep, &p);
+    /* nesting built at run time (would overflow the stack when compared or printed) */
+    expect_limit("{% set ns = namespace(x=[]) %}{% for i in range(100000) %}"
+                 "{% set ns.x = [ns.x] %}{% endfor %}{{ ns.x == ns.x }}",
+                 &p);
+    /* sorting or comparing big values costs steps */
+    expect_limit("{% set l = range(50000)|list %}{% for i in range(100) %}{{ (l|sort)[0] }}"
+                 "{% endfor %}",
+                 &p);
+
+    /* a large request object stays fast (hash index) */
+    size_t cap = 64 << 20, n = 0;
+    char *json = malloc(cap);
+    n += (size_t)snprintf(json + n, cap - n, "{\"d\": {");
+    for (int i = 0; i < 100000; i++)
+        n += (size_t)snprintf(json + n, cap - n, "%s\"k%d\": \"v%d\"", i ? ", " : "", i, i);
+    snprintf(json + n, cap - n, "}}");
+    const char *src = "{{ d['k99999'] }} {{ d.k5 }} {{ d|length }} {{ 'k77' in d }}";
+    xllm_chat_template *t = NULL;
+    char err[256];
+    assert_int_equal(xllm_chat_template_new(src, strlen(src), NULL, &t, err, sizeof(err)), XLLM_OK);
+    char *out = NULL;
+    assert_int_equal(
+        xllm_chat_template_render_vars(t, json, strlen(json), &out, NULL, err, sizeof(err)),
+        XLLM_OK);
+    assert_string_equal(out, "v99999 v5 100000 True");
+    free(out);
+    free(json);
+    xllm_chat_template_free(t);
 }
 
 int main(void) {
