@@ -123,19 +123,12 @@ static void test_tiny_refs(void **state) {
 
 /* ---- llama.cpp vocab test vectors -------------------------------------------------------- */
 
-/* Checks one vocab's .inp/.out pairs; returns the number of strings, or -1 when the vocab is not a
- * SentencePiece one (or is absent). */
-static int check_vocab(const char *base, bool require_all, int *n_ok) {
-    char rel[512];
-    snprintf(rel, sizeof(rel), "models/vocab/%s.gguf", base);
-    loaded l;
-    if (!load(rel, &l)) return -1;
-    if (strcmp(xllm_tokenizer_type(l.tok), "llama") != 0) {
-        xllm_tokenizer_free(l.tok);
-        return -1;
-    }
+/* Checks the .inp/.out pairs models/vocab/BASE.gguf.{inp,out} against tok; returns the number of
+ * strings (-1 when the files are absent) and the number that match exactly (and round-trip). */
+static int check_pairs(const xllm_tokenizer *tok, const char *base, bool require_all, int *n_ok) {
     size_t inp_size, out_size;
-    char path[4200];
+    char rel[512], path[4200];
+    snprintf(rel, sizeof(rel), "models/vocab/%s.gguf", base);
     snprintf(path, sizeof(path), "%s.inp", xllm_test_shared(rel));
     char *inp = xllm_test_read_file(path, &inp_size);
     snprintf(path, sizeof(path), "%s.out", xllm_test_shared(rel));
@@ -143,7 +136,6 @@ static int check_vocab(const char *base, bool require_all, int *n_ok) {
     if (!inp || !outf) {
         free(inp);
         free(outf);
-        xllm_tokenizer_free(l.tok);
         return -1;
     }
     int count = 0;
@@ -167,18 +159,24 @@ static int check_vocab(const char *base, bool require_all, int *n_ok) {
             p = q;
         }
         int32_t n;
-        int32_t *ids = tokenize(l.tok, s, len, false, false, &n);
+        int32_t *ids = tokenize(tok, s, len, false, false, &n);
         bool ok = n == nw && memcmp(ids, want, sizeof(int32_t) * (size_t)n) == 0;
-        if (!ok) print_message("%s: string %d (%.*s) differs\n", base, count, (int)len, s);
+        if (!ok) {
+            print_message("%s: string %d (%.*s) differs:\n  want", base, count, (int)len, s);
+            for (int32_t i = 0; i < nw; i++) print_message(" %d", want[i]);
+            print_message("\n  got ");
+            for (int32_t i = 0; i < n; i++) print_message(" %d", ids[i]);
+            print_message("\n");
+        }
         if (require_all) {
             assert_int_equal(n, nw);
             for (int32_t i = 0; i < n; i++) assert_int_equal(ids[i], want[i]);
         }
         /* round trip: one leading space comes from the space prefix */
         size_t dl;
-        char *text = detokenize(l.tok, ids, n, false, &dl);
+        char *text = detokenize(tok, ids, n, false, &dl);
         const char *t = text;
-        if (xllm_tokenizer_add_space_prefix(l.tok) && dl > 0 && t[0] == ' ') {
+        if (xllm_tokenizer_add_space_prefix(tok) && dl > 0 && t[0] == ' ') {
             t++;
             dl--;
         }
@@ -194,8 +192,18 @@ static int check_vocab(const char *base, bool require_all, int *n_ok) {
     }
     free(inp);
     free(outf);
-    xllm_tokenizer_free(l.tok);
     return count;
+}
+
+/* Checks one GGUF vocab's pairs; -1 when the vocab does not load or has no pairs. */
+static int check_vocab(const char *base, bool require_all, int *n_ok) {
+    char rel[512];
+    snprintf(rel, sizeof(rel), "models/vocab/%s.gguf", base);
+    loaded l;
+    if (!load(rel, &l)) return -1;
+    int n = check_pairs(l.tok, base, require_all, n_ok);
+    xllm_tokenizer_free(l.tok);
+    return n;
 }
 
 static void test_vocab_llama_spm(void **state) {
@@ -206,28 +214,37 @@ static void test_vocab_llama_spm(void **state) {
     assert_int_equal(ok, 46);
 }
 
-/* Every other SentencePiece vocab that has test vectors. */
-static void test_vocab_other_spm(void **state) {
+/* Every other vocab GGUF (SentencePiece and byte-level BPE) that has test vectors: all exact. */
+static void test_vocab_gguf_all(void **state) {
     (void)state;
     DIR *d = opendir(xllm_test_shared("models/vocab"));
     assert_non_null(d);
     struct dirent *de;
-    int n_vocabs = 0;
+    int n_vocabs = 0, n_bpe = 0;
     while ((de = readdir(d)) != NULL) {
         size_t nl = strlen(de->d_name);
         if (nl < 6 || strcmp(de->d_name + nl - 5, ".gguf") != 0) continue;
         if (strcmp(de->d_name, "ggml-vocab-llama-spm.gguf") == 0) continue;
-        char base[256];
+        if (strcmp(de->d_name, "ggml-vocab-bert-bge.gguf") == 0) continue; /* WordPiece */
+        char base[256], rel[512];
         snprintf(base, sizeof(base), "%.*s", (int)(nl - 5), de->d_name);
+        snprintf(rel, sizeof(rel), "models/vocab/%s", de->d_name);
+        loaded l;
+        assert_true(load(rel, &l));
+        bool bpe = strcmp(xllm_tokenizer_type(l.tok), "gpt2") == 0;
         int ok;
-        int n = check_vocab(base, true, &ok);
+        int n = check_pairs(l.tok, base, true, &ok);
+        xllm_tokenizer_free(l.tok);
         if (n < 0) continue;
         print_message("%s: %d/%d\n", base, ok, n);
         assert_int_equal(ok, n);
         n_vocabs++;
+        n_bpe += bpe;
     }
     closedir(d);
-    assert_true(n_vocabs >= 1); /* phi-3 */
+    /* phi-3; deepseek-coder, deepseek-llm, falcon, gpt-2, mpt, refact, starcoder */
+    assert_true(n_bpe >= 7);
+    assert_true(n_vocabs >= 8);
 }
 
 /* Every GGUF vocab loads (or is refused as unsupported), never a crash. */
@@ -432,7 +449,7 @@ static void test_bad_metadata(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiny_refs),          cmocka_unit_test(test_vocab_llama_spm),
-        cmocka_unit_test(test_vocab_other_spm),    cmocka_unit_test(test_vocab_all_load),
+        cmocka_unit_test(test_vocab_gguf_all),     cmocka_unit_test(test_vocab_all_load),
         cmocka_unit_test(test_llama2_tiny_random), cmocka_unit_test(test_qwentok),
         cmocka_unit_test(test_qwentok_vectors),    cmocka_unit_test(test_bad_metadata),
     };
