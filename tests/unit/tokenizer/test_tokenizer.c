@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <stdbool.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <jansson.h>
 
@@ -84,7 +85,6 @@ static void test_tiny_refs(void **state) {
         const char *name = de->d_name;
         size_t nl = strlen(name);
         if (nl < 9 || strcmp(name + nl - 5, ".json") != 0) continue;
-        if (strncmp(name, "qwen3-qwentok", 13) == 0) continue; /* BPE: test_qwentok */
         char model[512], path[4400];
         const char *dot = strstr(name, ".p");
         assert_non_null(dot);
@@ -99,26 +99,31 @@ static void test_tiny_refs(void **state) {
         assert_true(json_is_array(want));
         loaded l;
         assert_true(load(model, &l));
-        assert_string_equal(xllm_tokenizer_type(l.tok), "llama");
-        assert_true(xllm_tokenizer_add_bos(l.tok));
+        bool spm = strcmp(xllm_tokenizer_type(l.tok), "llama") == 0;
+        assert_true(xllm_tokenizer_add_bos(l.tok) == spm); /* stories260K's vocab; Qwen's */
         int32_t n;
         int32_t *ids = tokenize(l.tok, prompt, strlen(prompt), true, true, &n);
         assert_int_equal(n, (int32_t)json_array_size(want));
         for (int32_t i = 0; i < n; i++)
             assert_int_equal(ids[i], json_integer_value(json_array_get(want, (size_t)i)));
-        /* Detokenize (skipping BOS; the leading space comes from the space prefix). */
         size_t len;
-        char *text = detokenize(l.tok, ids + 1, n - 1, false, &len);
-        assert_string_equal(text + 1, prompt);
-        assert_int_equal(text[0], ' ');
-        free(text);
+        if (spm) { /* skipping BOS; the leading space comes from the space prefix */
+            char *text = detokenize(l.tok, ids + 1, n - 1, false, &len);
+            assert_string_equal(text + 1, prompt);
+            assert_int_equal(text[0], ' ');
+            free(text);
+        } else { /* the special tokens' text too */
+            char *text = detokenize(l.tok, ids, n, true, &len);
+            assert_string_equal(text, prompt);
+            free(text);
+        }
         free(ids);
         xllm_tokenizer_free(l.tok);
         json_decref(j);
         checked++;
     }
     closedir(d);
-    assert_true(checked >= 6);
+    assert_true(checked >= 40); /* 43 reference files at the time of writing */
 }
 
 /* ---- llama.cpp vocab test vectors -------------------------------------------------------- */
@@ -426,6 +431,131 @@ static void test_qwentok_vectors(void **state) {
     xllm_tokenizer_free(l.tok);
 }
 
+/* ---- Hugging Face model directories ----------------------------------------------------- */
+
+static xllm_tokenizer *load_any(const char *rel) {
+    char err[512] = "";
+    xllm_tokenizer *tok = NULL;
+    xllm_status st = xllm_tokenizer_load(xllm_test_shared(rel), &tok, err, sizeof(err));
+    if (st != XLLM_OK) print_message("%s: %s\n", rel, err);
+    assert_int_equal(st, XLLM_OK);
+    return tok;
+}
+
+static void expect_prompt_ids(const xllm_tokenizer *tok, const char *ref_rel) {
+    json_error_t jerr;
+    char path[4200];
+    snprintf(path, sizeof(path), "%s", xllm_test_shared(ref_rel));
+    json_t *j = json_load_file(path, 0, &jerr);
+    assert_non_null(j);
+    const char *prompt = json_string_value(json_object_get(j, "prompt"));
+    json_t *want = json_object_get(j, "prompt_ids");
+    int32_t n;
+    int32_t *ids = tokenize(tok, prompt, strlen(prompt), true, true, &n);
+    assert_int_equal(n, (int32_t)json_array_size(want));
+    for (int32_t i = 0; i < n; i++)
+        assert_int_equal(ids[i], json_integer_value(json_array_get(want, (size_t)i)));
+    free(ids);
+    json_decref(j);
+}
+
+static void test_hf_qwen3(void **state) {
+    (void)state;
+    xllm_tokenizer *tok = load_any("models/tokenizers/qwen3");
+    assert_string_equal(xllm_tokenizer_type(tok), "gpt2");
+    assert_int_equal(xllm_tokenizer_n_vocab(tok), 151669);
+    assert_false(xllm_tokenizer_add_bos(tok));
+    assert_int_equal(xllm_token_eos(tok), 151645); /* <|im_end|> */
+    assert_true(xllm_token_is_eog(tok, 151643));   /* <|endoftext|> */
+    int ok;
+    assert_int_equal(check_pairs(tok, "ggml-vocab-qwen2", true, &ok), 46);
+    assert_int_equal(ok, 46);
+    assert_int_equal(check_pairs(tok, "ggml-vocab-deepseek-r1-qwen", true, &ok), 46);
+    assert_int_equal(ok, 46);
+    /* the Qwen-tokenizer tiny model's prompt (ChatML, special tokens parsed) */
+    expect_prompt_ids(tok, "models/tiny/refs/qwen3-qwentok-f16.p1.json");
+    /* <think> is an added, non-special token: parsed even without parse_special */
+    int32_t ids[16];
+    assert_int_equal(xllm_tokenize(tok, "<think>", 7, ids, 16, false, false), 1);
+    assert_int_equal(ids[0], 151667);
+    /* <|im_start|> is special: text unless parse_special */
+    assert_true(xllm_tokenize(tok, "<|im_start|>", 12, ids, 16, false, false) > 1);
+    assert_int_equal(xllm_tokenize(tok, "<|im_start|>", 12, ids, 16, false, true), 1);
+    assert_int_equal(ids[0], 151644);
+    xllm_tokenizer_free(tok);
+}
+
+static void test_hf_llama3(void **state) {
+    (void)state;
+    xllm_tokenizer *tok = load_any("models/tokenizers/llama3");
+    assert_true(xllm_tokenizer_add_bos(tok));
+    assert_int_equal(xllm_token_bos(tok), 128000);
+    assert_int_equal(xllm_token_eos(tok), 128009); /* <|eot_id|> */
+    int ok;
+    assert_int_equal(check_pairs(tok, "ggml-vocab-llama-bpe", true, &ok), 46);
+    assert_int_equal(ok, 46);
+    int32_t ids[16];
+    int32_t n = xllm_tokenize(tok, "Hello world", 11, ids, 16, true, false);
+    assert_int_equal(n, 3);
+    assert_int_equal(ids[0], 128000);
+    assert_int_equal(ids[1], 9906); /* Hello */
+    assert_int_equal(ids[2], 1917); /* " world" */
+    xllm_tokenizer_free(tok);
+}
+
+/* GPT-2 style files without tokenizer.json: vocab.json + merges.txt + tokenizer_config.json. */
+static void test_hf_vocab_merges(void **state) {
+    (void)state;
+    char dir[4096], src[4200], dst[4200];
+    snprintf(dir, sizeof(dir), "%s/test_tok_hf_XXXXXX", xllm_test_build_dir());
+    assert_non_null(mkdtemp(dir));
+    static const char *const files[] = {"vocab.json", "merges.txt", "tokenizer_config.json"};
+    for (int i = 0; i < 3; i++) {
+        snprintf(src, sizeof(src), "%s", xllm_test_shared("models/tokenizers/qwen3"));
+        snprintf(src + strlen(src), sizeof(src) - strlen(src), "/%s", files[i]);
+        snprintf(dst, sizeof(dst), "%s/%s", dir, files[i]);
+        assert_int_equal(symlink(src, dst), 0);
+    }
+    char err[512] = "";
+    xllm_tokenizer *tok = NULL;
+    assert_int_equal(xllm_tokenizer_load(dir, &tok, err, sizeof(err)), XLLM_OK);
+    int ok;
+    assert_int_equal(check_pairs(tok, "ggml-vocab-qwen2", true, &ok), 46);
+    assert_int_equal(ok, 46);
+    expect_prompt_ids(tok, "models/tiny/refs/qwen3-qwentok-f16.p1.json");
+    xllm_tokenizer_free(tok);
+    for (int i = 0; i < 3; i++) {
+        snprintf(dst, sizeof(dst), "%s/%s", dir, files[i]);
+        unlink(dst);
+    }
+    rmdir(dir);
+}
+
+static void test_load_errors(void **state) {
+    (void)state;
+    char err[512];
+    xllm_tokenizer *tok = (xllm_tokenizer *)1;
+    assert_int_equal(xllm_tokenizer_load("/nonexistent/xyz", &tok, err, sizeof(err)), XLLM_ERR_IO);
+    assert_null(tok);
+    assert_non_null(strstr(err, "/nonexistent/xyz"));
+    /* a directory without tokenizer files */
+    assert_int_not_equal(
+        xllm_tokenizer_load(xllm_test_shared("models/templates"), &tok, err, sizeof(err)), XLLM_OK);
+    assert_null(tok);
+    /* a JSON file that is not a tokenizer: its directory has none */
+    assert_int_not_equal(
+        xllm_tokenizer_load(xllm_test_shared("models/configs/Qwen3-4B/config.json"), &tok, err,
+                            sizeof(err)),
+        XLLM_OK);
+    assert_null(tok);
+    /* WordPiece is out of scope: refused, with the key named */
+    assert_int_equal(xllm_tokenizer_load(xllm_test_shared("models/vocab/ggml-vocab-bert-bge.gguf"),
+                                         &tok, err, sizeof(err)),
+                     XLLM_ERR_UNSUPPORTED);
+    assert_non_null(strstr(err, "tokenizer.ggml.model"));
+    xllm_tokenizer_free(NULL);
+}
+
 /* ---- validation -------------------------------------------------------------------------- */
 
 static void test_bad_metadata(void **state) {
@@ -452,6 +582,8 @@ int main(void) {
         cmocka_unit_test(test_vocab_gguf_all),     cmocka_unit_test(test_vocab_all_load),
         cmocka_unit_test(test_llama2_tiny_random), cmocka_unit_test(test_qwentok),
         cmocka_unit_test(test_qwentok_vectors),    cmocka_unit_test(test_bad_metadata),
+        cmocka_unit_test(test_hf_qwen3),           cmocka_unit_test(test_hf_llama3),
+        cmocka_unit_test(test_hf_vocab_merges),    cmocka_unit_test(test_load_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
