@@ -171,12 +171,22 @@ int32_t xllm_token_to_piece(const xllm_tokenizer *tok, int32_t id, char *buf, in
 
 typedef struct xllm_context xllm_context;
 
+/* How a context lays out its KV memory. */
+typedef enum xllm_kv_layout {
+    XLLM_KV_LAYOUT_XTENSOR = 0, /* per-sequence contiguous virtual regions over a page pool */
+    XLLM_KV_LAYOUT_PAGED = 1,   /* classic block table (baseline); attention reads per block */
+} xllm_kv_layout;
+
 typedef struct xllm_context_params {
     int32_t n_ctx;      /* max tokens per sequence; 0 = the model's training context (max 4096) */
     int32_t n_seq_max;  /* number of sequence slots (ids 0..n_seq_max-1); 0 = 1 */
     int32_t n_batch;    /* max tokens in one xllm_decode call; 0 = 512 */
     int32_t n_threads;  /* compute threads; 0 = number of CPU cores */
     xllm_dtype kv_type; /* XLLM_DTYPE_F32 or XLLM_DTYPE_F16 (default F16) */
+    xllm_kv_layout kv_layout; /* default XLLM_KV_LAYOUT_XTENSOR */
+    size_t kv_memory;         /* KV page pool bytes; 0 = room for n_seq_max full contexts */
+    int32_t kv_block_tokens;  /* tokens per KV page / prefix-cache block; 0 = automatic */
+    bool no_prefix_cache;     /* do not keep full blocks for reuse (default false: keep them) */
 } xllm_context_params;
 
 xllm_context_params xllm_context_default_params(void);
@@ -201,16 +211,44 @@ typedef struct xllm_batch {
 } xllm_batch;
 
 /* Evaluates the batch: appends every row to its sequence's KV state and computes the requested
- * logits. On error nothing is appended. */
+ * logits. On error nothing is appended; XLLM_ERR_KV_FULL when a sequence reaches n_ctx or the
+ * KV memory has no page left (xllm_context_last_error says which). */
 xllm_status xllm_decode(xllm_context *ctx, const xllm_batch *batch);
+/* Details of the last KV failure of xllm_decode ("" when none). */
+const char *xllm_context_last_error(const xllm_context *ctx);
 
 /* Logits (n_vocab floats) of row i of the last batch, or NULL when row i did not ask for them.
  * Valid until the next xllm_decode on this context. */
 const float *xllm_get_logits(const xllm_context *ctx, int32_t i);
 
+/* KV memory accounting of a context. */
+typedef struct xllm_kv_stats {
+    int64_t n_pages;      /* pages in the pool */
+    int64_t free_pages;   /* never used or released */
+    int64_t used_pages;   /* mapped by at least one sequence */
+    int64_t cached_pages; /* idle pages holding a cached block (evictable) */
+    size_t page_bytes;    /* one page: block_tokens rows of K and V for every layer */
+    int32_t block_tokens;
+    int64_t mappings;             /* memory mappings held now (xtensor) */
+    int64_t max_mappings;         /* the budget for them (below vm.max_map_count) */
+    uint64_t prefix_hit_tokens;   /* positions served from the prefix cache */
+    uint64_t prefix_query_tokens; /* positions looked up */
+    uint64_t evictions;
+    uint64_t sync_maps; /* pages the engine thread had to map itself (pre-mapper behind) */
+    uint64_t bg_maps;   /* pages mapped ahead by the background thread */
+} xllm_kv_stats;
+void xllm_context_kv_stats(xllm_context *ctx, xllm_kv_stats *st);
+/* Rows evaluated by xllm_decode on this context since it was created. */
+uint64_t xllm_context_tokens_evaluated(const xllm_context *ctx);
+
+/* Prefix caching: maps the cached KV blocks that match the start of tokens[0..n) into the empty
+ * sequence seq_id and returns how many positions they cover (always < n; 0 when none). The
+ * caller then decodes tokens from that position on. */
+int32_t xllm_seq_reuse_prefix(xllm_context *ctx, int32_t seq_id, const int32_t *tokens, int32_t n);
+
 /* Number of positions stored for a sequence. */
 int32_t xllm_seq_len(const xllm_context *ctx, int32_t seq_id);
-/* Drops positions >= p0 of a sequence (p0 = 0 clears it). */
+/* Drops positions >= p0 of a sequence (p0 = 0 clears it and returns all its KV pages). */
 xllm_status xllm_seq_truncate(xllm_context *ctx, int32_t seq_id, int32_t p0);
 
 /* ------------------------------------------------------------------------------------------ */

@@ -42,24 +42,66 @@ typedef struct attn_task {
     int il;
 } attn_task;
 
+static inline const float *kv_row_f32(const uint8_t *row, xllm_dtype type, int64_t off, int n,
+                                      float *tmp) {
+    if (type == XLLM_DTYPE_F32) return (const float *)row + off;
+    const uint16_t *h = (const uint16_t *)row + off;
+    for (int i = 0; i < n; i++) tmp[i] = xllm_fp16_to_fp32(h[i]);
+    return tmp;
+}
+
+/* Attention of one query head over KV runs (the paged layout gives one run per block): scores
+ * of every position, softmax, weighted sum of V. scores: n_pos floats; tmp: head_dim floats. */
+static void attention_spans(const float *q, const xllm_kv_span *sp, int32_t n_spans,
+                            xllm_dtype type, size_t row_bytes, int64_t off, int D, int32_t n_pos,
+                            float scale, float *scores, float *tmp, float *out) {
+    for (int32_t r = 0; r < n_spans; r++)
+        for (int32_t i = 0; i < sp[r].n; i++) {
+            const uint8_t *row = (const uint8_t *)sp[r].k + (size_t)i * row_bytes;
+            scores[sp[r].pos0 + i] =
+                xllm_op_dot_f32(q, kv_row_f32(row, type, off, D, tmp), D) * scale;
+        }
+    xllm_op_softmax(scores, n_pos);
+    memset(out, 0, (size_t)D * sizeof(float));
+    for (int32_t r = 0; r < n_spans; r++)
+        for (int32_t i = 0; i < sp[r].n; i++) {
+            const uint8_t *row = (const uint8_t *)sp[r].v + (size_t)i * row_bytes;
+            const float *v = kv_row_f32(row, type, off, D, tmp);
+            const float w = scores[sp[r].pos0 + i];
+            for (int d = 0; d < D; d++) out[d] += w * v[d];
+        }
+}
+
 static void attn_worker(void *arg, int ith, int nth) {
     const attn_task *a = arg;
     xllm_context *ctx = a->ctx;
     const xllm_hparams *hp = &ctx->model->hp;
     const int H = hp->n_head, D = hp->head_dim, group = hp->n_head / hp->n_head_kv;
     const float scale = 1.0f / sqrtf((float)D);
+    const xllm_dtype type = xllm_kv_type(ctx->kv);
+    const size_t rb = xllm_kv_row_bytes(ctx->kv);
     float *scores = ctx->ws.att_scratch + (size_t)ith * (size_t)(ctx->params.n_ctx + D);
+    xllm_kv_span *spans = ctx->ws.spans + (size_t)ith * (size_t)ctx->max_spans;
     int64_t lo, hi;
     xllm_split_range((int64_t)a->b->n_tokens * H, ith, nth, &lo, &hi);
+    int32_t cur_seq = -1, cur_pos = -1, n_spans = 0;
     for (int64_t idx = lo; idx < hi; idx++) {
         const int t = (int)(idx / H), h = (int)(idx % H);
-        const int32_t s = a->b->seq_id[t];
-        const void *k = xllm_kv_k(ctx->kv, a->il, s);
-        const void *v = xllm_kv_v(ctx->kv, a->il, s);
-        xllm_op_attention_head(ctx->ws.q + ((size_t)t * H + h) * D, k, v, xllm_kv_type(ctx->kv),
-                               xllm_kv_row_bytes(ctx->kv), (int64_t)(h / group) * D, D,
-                               a->b->pos[t] + 1, scale, scores,
-                               ctx->ws.att + ((size_t)t * H + h) * D);
+        const int32_t s = a->b->seq_id[t], n_pos = a->b->pos[t] + 1;
+        if (s != cur_seq || n_pos != cur_pos) {
+            n_spans = xllm_kv_spans(ctx->kv, a->il, s, n_pos, spans, ctx->max_spans);
+            cur_seq = s;
+            cur_pos = n_pos;
+        }
+        const float *q = ctx->ws.q + ((size_t)t * H + h) * D;
+        float *out = ctx->ws.att + ((size_t)t * H + h) * D;
+        const int64_t off = (int64_t)(h / group) * D;
+        if (n_spans == 1)
+            xllm_op_attention_head(q, spans[0].k, spans[0].v, type, rb, off, D, n_pos, scale,
+                                   scores, out);
+        else
+            attention_spans(q, spans, n_spans, type, rb, off, D, n_pos, scale, scores,
+                            scores + ctx->params.n_ctx, out);
     }
 }
 
@@ -67,11 +109,10 @@ static void attn_worker(void *arg, int ith, int nth) {
 static void store_kv(xllm_context *ctx, const xllm_batch *b, int il) {
     const xllm_hparams *hp = &ctx->model->hp;
     const int64_t n = (int64_t)hp->n_head_kv * hp->head_dim;
-    const size_t rb = xllm_kv_row_bytes(ctx->kv);
     const bool f32 = xllm_kv_type(ctx->kv) == XLLM_DTYPE_F32;
     for (int32_t t = 0; t < b->n_tokens; t++) {
-        uint8_t *kd = (uint8_t *)xllm_kv_k(ctx->kv, il, b->seq_id[t]) + (size_t)b->pos[t] * rb;
-        uint8_t *vd = (uint8_t *)xllm_kv_v(ctx->kv, il, b->seq_id[t]) + (size_t)b->pos[t] * rb;
+        uint8_t *kd = xllm_kv_row_k(ctx->kv, il, b->seq_id[t], b->pos[t]);
+        uint8_t *vd = xllm_kv_row_v(ctx->kv, il, b->seq_id[t], b->pos[t]);
         const float *ks = ctx->ws.k + t * n, *vs = ctx->ws.v + t * n;
         if (f32) {
             memcpy(kd, ks, (size_t)n * sizeof(float));
