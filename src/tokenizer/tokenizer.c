@@ -845,9 +845,28 @@ static void nfc_into(const char *s, size_t n, bbuf *b) {
     }
 }
 
-static bool has_non_ascii(const char *s, size_t n) {
-    for (size_t i = 0; i < n; i++)
-        if ((uint8_t)s[i] >= 0x80) return true;
+/* Whether NFC might change s[0..n): false when every character is below U+0300 (all of
+ * those are NFC-stable and combine with nothing on their own) or is one that NFC leaves alone
+ * whatever surrounds it: no decomposition, combining class 0, no part in any composition (Hangul
+ * jamo compose algorithmically, so they count as unsafe). Invalid bytes are skipped: they are
+ * kept as they are anyway. */
+static bool nfc_may_change(const char *s, size_t n) {
+    for (size_t i = 0; i < n;) {
+        if ((uint8_t)s[i] < 0xCC) { /* U+0000..U+02FF (and invalid lead bytes) */
+            i++;
+            continue;
+        }
+        int l;
+        bool valid;
+        uint32_t cp = utf8_decode((const uint8_t *)s + i, n - i, &l, &valid);
+        i += (size_t)l;
+        if (!valid) continue;
+        if (cp >= 0x1100 && cp <= 0x11FF) return true;
+        const utf8proc_property_t *p = utf8proc_get_property((utf8proc_int32_t)cp);
+        if (p->combining_class != 0 || p->decomp_seqindex != UINT16_MAX ||
+            p->comb_index != UINT16_MAX || p->comp_exclusion)
+            return true;
+    }
     return false;
 }
 
@@ -884,7 +903,7 @@ int32_t xllm_tokenize(const xllm_tokenizer *tok, const char *text, size_t len, i
             }
             spm_encode(&ss, buf.p, buf.n, &out);
         } else {
-            if (tok->nfc && has_non_ascii(s, n)) {
+            if (tok->nfc && nfc_may_change(s, n)) {
                 nfc_into(s, n, &buf);
                 s = buf.p;
                 n = buf.n;
