@@ -41,6 +41,7 @@ static void bbuf_reserve(bbuf *b, size_t n) {
 }
 
 static void bbuf_put(bbuf *b, const void *src, size_t n) {
+    if (n == 0) return;
     bbuf_reserve(b, n);
     memcpy(b->p + b->n, src, n);
     b->n += n;
@@ -812,28 +813,24 @@ static void partition(const xllm_tokenizer *t, const char *text, size_t len, boo
     if (start < len) fvec_push(frags, -1, start, len - start);
 }
 
-/* NFC of s[0..n) into b (b->n reset); maximal runs of valid UTF-8 are normalized, invalid bytes
- * kept as they are. */
-static void nfc_into(const char *s, size_t n, bbuf *b) {
-    b->n = 0;
+/* Appends the NFC of s[0..n) to b: maximal runs of valid UTF-8 are normalized, invalid bytes kept
+ * as they are. */
+static void nfc_segment(const char *s, size_t n, bbuf *b) {
     size_t i = 0;
     while (i < n) {
         size_t j = i;
-        bool ascii = true;
         while (j < n) {
             int l;
             bool valid;
             utf8_decode((const uint8_t *)s + j, n - j, &l, &valid);
             if (!valid) break;
-            if (l > 1) ascii = false;
             j += (size_t)l;
         }
         if (j > i) {
             utf8proc_uint8_t *dst = NULL;
-            utf8proc_ssize_t r = -1;
-            if (!ascii)
-                r = utf8proc_map((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(j - i), &dst,
-                                 UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+            utf8proc_ssize_t r =
+                utf8proc_map((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(j - i), &dst,
+                             UTF8PROC_STABLE | UTF8PROC_COMPOSE);
             if (r >= 0)
                 bbuf_put(b, dst, (size_t)r);
             else
@@ -845,29 +842,59 @@ static void nfc_into(const char *s, size_t n, bbuf *b) {
     }
 }
 
-/* Whether NFC might change s[0..n): false when every character is below U+0300 (all of
- * those are NFC-stable and combine with nothing on their own) or is one that NFC leaves alone
- * whatever surrounds it: no decomposition, combining class 0, no part in any composition (Hangul
- * jamo compose algorithmically, so they count as unsafe). Invalid bytes are skipped: they are
- * kept as they are anyway. */
-static bool nfc_may_change(const char *s, size_t n) {
+/* NFC class of a code point: 0 = NFC-stable, but may start a composition (below U+0300, Hangul
+ * syllables),
+ * 1 = a barrier (NFC leaves it alone whatever surrounds it, and nothing composes or reorders
+ * across it: combining class 0, no canonical decomposition, no part in any composition), 2 = may
+ * change or combine (Hangul jamo compose algorithmically, so they are 2). */
+static int nfc_class(uint32_t cp) {
+    if (cp < 0x300) return 0;
+    if (cp >= 0x1100 && cp <= 0x11FF) return 2;
+    if (cp >= 0xAC00 && cp <= 0xD7A3) return 0; /* a Hangul syllable may take a trailing jamo */
+    const utf8proc_property_t *p = utf8proc_get_property((utf8proc_int32_t)cp);
+    if (p->combining_class != 0 || (p->decomp_seqindex != UINT16_MAX && p->decomp_type == 0) ||
+        p->comb_index != UINT16_MAX || p->comp_exclusion)
+        return 2;
+    return 1;
+}
+
+/* NFC of s[0..n) into b (reset) when it may differ from s; returns false (b untouched) when s is
+ * certainly NFC already. Only the stretches between barriers that hold a class-2 character are
+ * normalized. */
+static bool nfc_apply(const char *s, size_t n, bbuf *b) {
+    size_t seg = 0, copied = 0;
+    bool dirty = false, any = false;
     for (size_t i = 0; i < n;) {
-        if ((uint8_t)s[i] < 0xCC) { /* U+0000..U+02FF (and invalid lead bytes) */
+        if ((uint8_t)s[i] < 0xCC) { /* U+0000..U+02FF, or an invalid lead byte */
             i++;
             continue;
         }
         int l;
         bool valid;
         uint32_t cp = utf8_decode((const uint8_t *)s + i, n - i, &l, &valid);
+        int c = valid ? nfc_class(cp) : 0;
+        if (c == 2) {
+            if (!any) b->n = 0;
+            dirty = any = true;
+        } else if (c == 1) {
+            if (dirty) {
+                bbuf_put(b, s + copied, seg - copied);
+                nfc_segment(s + seg, i - seg, b);
+                copied = i;
+                dirty = false;
+            }
+            seg = i + (size_t)l;
+        }
         i += (size_t)l;
-        if (!valid) continue;
-        if (cp >= 0x1100 && cp <= 0x11FF) return true;
-        const utf8proc_property_t *p = utf8proc_get_property((utf8proc_int32_t)cp);
-        if (p->combining_class != 0 || p->decomp_seqindex != UINT16_MAX ||
-            p->comb_index != UINT16_MAX || p->comp_exclusion)
-            return true;
     }
-    return false;
+    if (!any) return false;
+    if (dirty) {
+        bbuf_put(b, s + copied, seg - copied);
+        nfc_segment(s + seg, n - seg, b);
+    } else {
+        bbuf_put(b, s + copied, n - copied);
+    }
+    return true;
 }
 
 int32_t xllm_tokenize(const xllm_tokenizer *tok, const char *text, size_t len, int32_t *ids,
@@ -903,8 +930,7 @@ int32_t xllm_tokenize(const xllm_tokenizer *tok, const char *text, size_t len, i
             }
             spm_encode(&ss, buf.p, buf.n, &out);
         } else {
-            if (tok->nfc && nfc_may_change(s, n)) {
-                nfc_into(s, n, &buf);
+            if (tok->nfc && nfc_apply(s, n, &buf)) {
                 s = buf.p;
                 n = buf.n;
             }

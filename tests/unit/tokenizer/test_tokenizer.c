@@ -474,6 +474,29 @@ static void test_hf_qwen3(void **state) {
     assert_int_equal(ok, 46);
     /* the Qwen-tokenizer tiny model's prompt (ChatML, special tokens parsed) */
     expect_prompt_ids(tok, "models/tiny/refs/qwen3-qwentok-f16.p1.json");
+    /* NFC (Qwen's normalizer): decomposed and precomposed text tokenize alike, also between
+     * characters NFC never touches and next to invalid bytes */
+    static const char *const nfc_pairs[][2] = {
+        {"e\xCC\x81", "\xC3\xA9"},                    /* e + U+0301 = é */
+        {"\xE3\x81\x8B\xE3\x82\x99", "\xE3\x81\x8C"}, /* か + U+3099 = が */
+        {"\xEA\xB0\x80\xE1\x86\xA8", "\xEA\xB0\x81"}, /* 가 + U+11A8 = 각 */
+        {"\xE4\xB8\xAD"
+         "e\xCC\x81\xE6\x96\x87",
+         "\xE4\xB8\xAD\xC3\xA9\xE6\x96\x87"}, /* 中é文 */
+        {"\xFF"
+         "e\xCC\x81\xFE",
+         "\xFF\xC3\xA9\xFE"},
+        {"\xE2\x84\xAB", "\xC3\x85"}, /* U+212B ANGSTROM SIGN = Å */
+    };
+    for (size_t k = 0; k < sizeof(nfc_pairs) / sizeof(nfc_pairs[0]); k++) {
+        int32_t na, nb;
+        int32_t *a = tokenize(tok, nfc_pairs[k][0], strlen(nfc_pairs[k][0]), false, false, &na);
+        int32_t *b = tokenize(tok, nfc_pairs[k][1], strlen(nfc_pairs[k][1]), false, false, &nb);
+        assert_int_equal(na, nb);
+        assert_memory_equal(a, b, sizeof(int32_t) * (size_t)na);
+        free(a);
+        free(b);
+    }
     /* <think> is an added, non-special token: parsed even without parse_special */
     int32_t ids[16];
     assert_int_equal(xllm_tokenize(tok, "<think>", 7, ids, 16, false, false), 1);
