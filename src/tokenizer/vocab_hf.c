@@ -346,8 +346,15 @@ xllm_status xllm_tokenizer_from_hf_dir(const char *dir, xllm_tokenizer **out, ch
         read_post(json_object_get(tj, "post_processor"), &post_bos, &post_eos);
     } else {
         /* vocab.json + merges.txt (GPT-2 style files) */
-        vj = load_json(dir, "vocab.json", true, &st, err, err_size);
-        if (!vj) goto done;
+        vj = load_json(dir, "vocab.json", false, &st, err, err_size);
+        if (!vj) {
+            if (st == XLLM_OK) {
+                xllm_set_err(err, err_size,
+                             "%s: no tokenizer.json, nor vocab.json and merges.txt", dir);
+                st = XLLM_ERR_IO;
+            }
+            goto done;
+        }
         snprintf(path, sizeof(path), "%s/merges.txt", dir);
         size_t msize = 0;
         merges_txt = read_text(path, &msize);
