@@ -1,6 +1,7 @@
 /* Unit tests of the tokenizer: reference tokenizations of the tiny models' prompts, llama.cpp's
  * vocab test vectors for SentencePiece vocabularies, round trips, and the byte-level BPE vocab. */
 #include <dirent.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <string.h>
 #include <unistd.h>
@@ -380,8 +381,8 @@ static void test_qwentok(void **state) {
     xllm_tokenizer_free(l.tok);
 }
 
-/* The interim BPE pre-tokenizer on llama.cpp's qwen2 vectors (the Qwen vocab is the same):
- * all 46 must match. */
+/* llama.cpp's qwen2 vectors with the tiny model's GGUF vocab (the Qwen vocab is the same): all
+ * 46 must match. */
 static void test_qwentok_vectors(void **state) {
     (void)state;
     loaded l;
@@ -421,7 +422,7 @@ static void test_qwentok_vectors(void **state) {
         s = sep + strlen(SEP);
         line = *eol ? eol + 1 : eol;
     }
-    print_message("qwen2 vectors with the interim BPE: %d/%d exact, %d/%d round trips\n", ok, count,
+    print_message("qwen2 vectors from the GGUF vocab: %d/%d exact, %d/%d round trips\n", ok, count,
                   rt_ok, count);
     assert_int_equal(count, 46);
     assert_int_equal(rt_ok, count); /* byte-level BPE always round-trips */
@@ -579,6 +580,59 @@ static void test_load_errors(void **state) {
     xllm_tokenizer_free(NULL);
 }
 
+/* ---- threads ------------------------------------------------------------------------------ */
+
+typedef struct thread_job {
+    const xllm_tokenizer *tok;
+    json_t *prompts;
+    size_t start;
+    uint64_t hash; /* of all ids, in order */
+} thread_job;
+
+static void *tokenize_all(void *arg) {
+    thread_job *j = arg;
+    size_t n = json_array_size(j->prompts);
+    uint64_t h = 1469598103934665603ull;
+    for (size_t k = 0; k < n; k++) {
+        /* threads walk the prompts in different orders, so they race on the same words */
+        json_t *p = json_object_get(json_array_get(j->prompts, (k + j->start) % n), "prompt");
+        const char *s = json_string_value(p);
+        int32_t cnt = xllm_tokenize(j->tok, s, strlen(s), NULL, 0, false, false);
+        int32_t *ids = malloc(sizeof(int32_t) * (size_t)(-cnt + 1));
+        cnt = xllm_tokenize(j->tok, s, strlen(s), ids, -cnt, false, false);
+        uint64_t hk = 1469598103934665603ull;
+        for (int32_t i = 0; i < cnt; i++) hk = (hk ^ (uint32_t)ids[i]) * 1099511628211ull;
+        h += hk * ((k + j->start) % n + 1); /* order-independent sum of per-prompt hashes */
+        free(ids);
+    }
+    j->hash = h;
+    return NULL;
+}
+
+/* One tokenizer, several threads at once: the same ids as one thread alone. */
+static void test_threads(void **state) {
+    (void)state;
+    xllm_tokenizer *tok = load_any("models/tokenizers/qwen3");
+    json_error_t jerr;
+    char path[4200];
+    snprintf(path, sizeof(path), "%s",
+             xllm_test_shared("data/sharegpt/sharegpt_sample_50_prompt_response.json"));
+    json_t *prompts = json_load_file(path, 0, &jerr);
+    assert_true(json_array_size(prompts) >= 10);
+    thread_job jobs[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        jobs[i] = (thread_job){tok, prompts, (size_t)i * 7, 0};
+        assert_int_equal(pthread_create(&th[i], NULL, tokenize_all, &jobs[i]), 0);
+    }
+    for (int i = 0; i < 4; i++) pthread_join(th[i], NULL);
+    thread_job alone = {tok, prompts, 0, 0};
+    tokenize_all(&alone);
+    for (int i = 0; i < 4; i++) assert_true(jobs[i].hash == alone.hash);
+    json_decref(prompts);
+    xllm_tokenizer_free(tok);
+}
+
 /* ---- validation -------------------------------------------------------------------------- */
 
 static void test_bad_metadata(void **state) {
@@ -601,12 +655,19 @@ static void test_bad_metadata(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_tiny_refs),          cmocka_unit_test(test_vocab_llama_spm),
-        cmocka_unit_test(test_vocab_gguf_all),     cmocka_unit_test(test_vocab_all_load),
-        cmocka_unit_test(test_llama2_tiny_random), cmocka_unit_test(test_qwentok),
-        cmocka_unit_test(test_qwentok_vectors),    cmocka_unit_test(test_bad_metadata),
-        cmocka_unit_test(test_hf_qwen3),           cmocka_unit_test(test_hf_llama3),
-        cmocka_unit_test(test_hf_vocab_merges),    cmocka_unit_test(test_load_errors),
+        cmocka_unit_test(test_tiny_refs),
+        cmocka_unit_test(test_vocab_llama_spm),
+        cmocka_unit_test(test_vocab_gguf_all),
+        cmocka_unit_test(test_vocab_all_load),
+        cmocka_unit_test(test_llama2_tiny_random),
+        cmocka_unit_test(test_qwentok),
+        cmocka_unit_test(test_qwentok_vectors),
+        cmocka_unit_test(test_bad_metadata),
+        cmocka_unit_test(test_hf_qwen3),
+        cmocka_unit_test(test_hf_llama3),
+        cmocka_unit_test(test_hf_vocab_merges),
+        cmocka_unit_test(test_load_errors),
+        cmocka_unit_test(test_threads),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
