@@ -14,6 +14,7 @@ static void usage(FILE *f) {
                "  info     print a model's architecture, shapes, tensors and tokenizer\n"
                "  tokenize print the token ids of stdin (xllm tokenize -m MODEL_OR_DIR)\n"
                "  bench-tokenize  measure tokenizer encoding speed on files\n"
+               "  bench-kv compare the KV memory layouts (xtensor, paged)\n"
                "  version  print the version\n"
                "\n"
                "Run 'xllm <command> --help' for a command's options.\n");
@@ -30,6 +31,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "info")) return xllm_cmd_info(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenize")) return xllm_cmd_tokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench-tokenize")) return xllm_cmd_bench_tokenize(argc - 1, argv + 1);
+    if (!strcmp(cmd, "bench-kv")) return xllm_cmd_bench_kv(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("xllm %s\n", xllm_version());
         return 0;

@@ -105,7 +105,7 @@ void xllm_context_free(xllm_context *ctx) {
                     ws->att,      ws->ffn_a,   ws->ffn_b,   ws->out,         ws->rope_cos,
                     ws->rope_sin, ws->router,  ws->exp_ids, ws->exp_w,       ws->rows,
                     ws->gather,   ws->exp_out, ws->scratch, ws->att_scratch, ws->seq_next,
-                    ws->seq_last};
+                    ws->seq_last, ws->spans};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     free(ctx->logits);
     free(ctx->out_row);
