@@ -29,24 +29,31 @@ for m in "$QWEN_GGUF" "$QWEN_DIR" "$QWEN_DIR/tokenizer.json"; do
   else bad "qwen prompt ids ($(basename "$m"))"; head -3 "$TMP/err.txt"; fi
 done
 
-# 2. llama.cpp's vectors, string by string (no BOS, no special parsing); Llama 3 from HF files
-python3 - "$SHARED/models/vocab/ggml-vocab-llama-bpe.gguf" "$TMP" <<'PY'
+# 2. llama.cpp's vectors, string by string (no BOS, no special parsing): all qwen2 ones with the
+#    GGUF vocab, the first 12 llama-bpe ones with Llama 3's tokenizer.json (the unit tests run all)
+python3 - "$SHARED/models/vocab" "$TMP" <<'PY'
 import sys
-base, tmp = sys.argv[1], sys.argv[2]
-texts = open(base + '.inp', 'rb').read().split(b'\n__ggml_vocab_test__\n')[:-1]
-outs = open(base + '.out').read().split('\n')
-for i, t in enumerate(texts):
-    open(f'{tmp}/v{i:02d}.txt', 'wb').write(t)
-    open(f'{tmp}/v{i:02d}.want', 'w').write(' '.join(outs[i].split()) + '\n')
+vocab, tmp = sys.argv[1], sys.argv[2]
+for name, n in (('qwen2', 1000), ('llama-bpe', 12)):
+    base = f'{vocab}/ggml-vocab-{name}.gguf'
+    texts = open(base + '.inp', 'rb').read().split(b'\n__ggml_vocab_test__\n')[:-1]
+    outs = open(base + '.out').read().split('\n')
+    for i, t in enumerate(texts[:n]):
+        open(f'{tmp}/{name}-{i:02d}.txt', 'wb').write(t)
+        open(f'{tmp}/{name}-{i:02d}.want', 'w').write(' '.join(outs[i].split()) + '\n')
 PY
-nv=0 nok=0
-for f in "$TMP"/v*.txt; do
-  nv=$((nv + 1))
-  "$XLLM" tokenize -m "$LLAMA3_DIR" --no-bos --ids <"$f" >"${f%.txt}.got" 2>/dev/null &&
-    cmp -s "${f%.txt}.got" "${f%.txt}.want" && nok=$((nok + 1))
-done
-if [ $nv -ge 40 ] && [ $nok -eq $nv ]; then ok "llama-bpe vectors via tokenizer.json: $nok/$nv"
-else bad "llama-bpe vectors via tokenizer.json: $nok/$nv"; fi
+check_vectors() { # name, model, minimum count
+  local nv=0 nok=0 f
+  for f in "$TMP/$1"-*.txt; do
+    nv=$((nv + 1))
+    "$XLLM" tokenize -m "$2" --no-bos --ids <"$f" >"${f%.txt}.got" 2>/dev/null &&
+      cmp -s "${f%.txt}.got" "${f%.txt}.want" && nok=$((nok + 1))
+  done
+  if [ $nv -ge "$3" ] && [ $nok -eq $nv ]; then ok "$1 vectors ($(basename "$2")): $nok/$nv"
+  else bad "$1 vectors ($(basename "$2")): $nok/$nv"; fi
+}
+check_vectors qwen2 "$QWEN_GGUF" 40
+check_vectors llama-bpe "$LLAMA3_DIR" 12
 
 # 3. BOS: Llama 3 adds <|begin_of_text|> unless --no-bos; stories260K (SentencePiece) adds <s>
 printf 'Hello world' | "$XLLM" tokenize -m "$LLAMA3_DIR" --ids >"$TMP/o1" 2>/dev/null
