@@ -349,8 +349,8 @@ xllm_status xllm_tokenizer_from_hf_dir(const char *dir, xllm_tokenizer **out, ch
         vj = load_json(dir, "vocab.json", false, &st, err, err_size);
         if (!vj) {
             if (st == XLLM_OK) {
-                xllm_set_err(err, err_size,
-                             "%s: no tokenizer.json, nor vocab.json and merges.txt", dir);
+                xllm_set_err(err, err_size, "%s: no tokenizer.json, nor vocab.json and merges.txt",
+                             dir);
                 st = XLLM_ERR_IO;
             }
             goto done;
