@@ -24,6 +24,7 @@ typedef enum xllm_status {
     XLLM_ERR_NOMEM = -5,       /* a large allocation failed */
     XLLM_ERR_KV_FULL = -6,     /* a sequence or the KV memory has no room for the batch */
     XLLM_ERR_INTERNAL = -7,
+    XLLM_ERR_BUSY = -8, /* a queue is full: try again later */
 } xllm_status;
 
 /* A static, human-readable string for a status. Never NULL. */
