@@ -38,5 +38,27 @@ for i, t in enumerate(texts):
             f.write(bytes([ctl]) + t)
 PY
     ;;
+  fuzz_template)
+    # The real chat templates, alone and followed by a request from the test conversations.
+    shopt -s nullglob
+    for f in "$shared"/models/templates/*.jinja; do
+      cp -f "$f" "$corpus/shared-$(basename "$f")"
+      chmod u+w "$corpus/shared-$(basename "$f")"
+    done
+    python3 - "$shared" "$corpus" "$here/../tests/data/chat" <<'PY'
+import glob, json, os, sys
+shared, corpus, chat = sys.argv[1:4]
+cfg = json.load(open(os.path.join(shared, "models/tokenizers/qwen3/tokenizer_config.json")))
+with open(os.path.join(corpus, "shared-qwen3.jinja"), "w") as f:
+    f.write(cfg["chat_template"])
+reqs = sorted(glob.glob(os.path.join(chat, "*.json")))
+reqs = [r for r in reqs if not r.endswith("templates.json")]
+tmpls = sorted(glob.glob(os.path.join(corpus, "shared-*.jinja")))
+for i, t in enumerate(tmpls):
+    r = reqs[i % len(reqs)]
+    with open(os.path.join(corpus, "pair-" + os.path.basename(t)), "w") as f:
+        f.write(open(t).read() + "\n@@@@\n" + open(r).read())
+PY
+    ;;
   *) ;;
 esac
