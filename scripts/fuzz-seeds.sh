@@ -23,5 +23,46 @@ case "$name" in
     printf ': ping\r\ndata: {"choices":[{"delta":{"content":"hi"}}]}\r\n\r\ndata: a\ndata: b\n\ndata: [DONE]\n\n' \
       >"$corpus/seed-stream"
     ;;
+  fuzz_tokenizer)
+    # The llama.cpp vocab test strings, each behind a control byte (tokenizer index, special
+    # parsing, BOS), plus text with special tokens and invalid UTF-8.
+    python3 - "$shared/models/vocab/ggml-vocab-qwen2.gguf.inp" "$corpus" <<'PY'
+import sys
+inp, out = sys.argv[1], sys.argv[2]
+try:
+    texts = open(inp, 'rb').read().split(b'\n__ggml_vocab_test__\n')
+except OSError:
+    texts = []
+texts += [b'<|im_start|>user\nHi<|im_end|>\n<think>', b'<s>[INST] hi [/INST]</s>',
+          b'\xff\xfe e\xcc\x81 \xe4\xb8\xad\xe6\x96\x87 123456 \r\n\t  x',
+          '日本語のテキスト、한국어 텍스트。'.encode()]
+for i, t in enumerate(texts):
+    for ctl in range(0, 32, 5):
+        with open(f'{out}/seed-{i:02d}-{ctl:02d}', 'wb') as f:
+            f.write(bytes([ctl]) + t)
+PY
+    ;;
+  fuzz_template)
+    # The real chat templates, alone and followed by a request from the test conversations.
+    shopt -s nullglob
+    for f in "$shared"/models/templates/*.jinja; do
+      cp -f "$f" "$corpus/shared-$(basename "$f")"
+      chmod u+w "$corpus/shared-$(basename "$f")"
+    done
+    python3 - "$shared" "$corpus" "$here/../tests/data/chat" <<'PY'
+import glob, json, os, sys
+shared, corpus, chat = sys.argv[1:4]
+cfg = json.load(open(os.path.join(shared, "models/tokenizers/qwen3/tokenizer_config.json")))
+with open(os.path.join(corpus, "shared-qwen3.jinja"), "w") as f:
+    f.write(cfg["chat_template"])
+reqs = sorted(glob.glob(os.path.join(chat, "*.json")))
+reqs = [r for r in reqs if not r.endswith("templates.json")]
+tmpls = sorted(glob.glob(os.path.join(corpus, "shared-*.jinja")))
+for i, t in enumerate(tmpls):
+    r = reqs[i % len(reqs)]
+    with open(os.path.join(corpus, "pair-" + os.path.basename(t)), "w") as f:
+        f.write(open(t).read() + "\n@@@@\n" + open(r).read())
+PY
+    ;;
   *) ;;
 esac

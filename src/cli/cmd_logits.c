@@ -94,8 +94,9 @@ int xllm_cmd_logits(int argc, char **argv) {
     xllm_context *ctx = NULL;
     char err[512];
     int rc = 1;
-    int32_t *pos = malloc(sizeof(int32_t) * (size_t)n), *seq = calloc((size_t)n, sizeof(int32_t));
-    int8_t *want = malloc((size_t)n);
+    const size_t nn = (size_t)(uint32_t)n; /* n >= 1 here */
+    int32_t *pos = malloc(sizeof(int32_t) * nn), *seq = calloc(nn, sizeof(int32_t));
+    int8_t *want = malloc(nn);
     FILE *f = NULL;
     if (xllm_context_new(model, &cp, &ctx, err, sizeof(err)) != XLLM_OK) {
         fprintf(stderr, "xllm logits: %s\n", err);

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -34,7 +35,7 @@ typedef struct page_info {
 
 typedef struct kv_seq {
     int32_t len;      /* committed positions */
-    int32_t n_blocks; /* blocks with a page (mapped, for xtensor) */
+    atomic_int n_blocks; /* blocks with a page (mapped, for xtensor); read without the lock */
     int32_t n_hashed; /* leading full blocks whose chained hash is known */
     int32_t runs;     /* maximal runs of blocks on consecutive pages (mappings per region) */
     int32_t *pages;   /* [max_blocks] */

@@ -148,7 +148,7 @@ static void test_preemption_recompute(void **state) {
     ep.max_batch_tokens = 32;
     ep.n_ctx = 256;
     ep.n_threads = 2;
-    ep.kv_block_tokens = 64;                     /* rows of 4 KV heads x 8 dims in f16: 64 bytes */
+    ep.kv_block_tokens = 64;                    /* rows of 4 KV heads x 8 dims in f16: 64 bytes */
     ep.kv_memory = (size_t)4 * 64 * 64 * 2 * 5; /* 4 pages of 64 tokens x 5 layers x K,V */
     check_concurrent(ep, true);
 }
