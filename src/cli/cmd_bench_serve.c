@@ -632,8 +632,8 @@ static size_t on_mem(char *ptr, size_t size, size_t nmemb, void *user) {
 }
 
 /* GET base/v1/models; returns the first model id (malloc'd) or NULL with a reason in err. */
-static char *discover_model(const bs_opts *o, const char *base, struct curl_slist *headers,
-                            char *err, size_t err_size) {
+static char *discover_model(const char *base, struct curl_slist *headers, char *err,
+                            size_t err_size) {
     char url[2200];
     snprintf(url, sizeof(url), "%s/models", base);
     CURL *e = curl_easy_init();
@@ -668,7 +668,6 @@ static char *discover_model(const bs_opts *o, const char *base, struct curl_slis
         json_decref(root);
     }
     free(m.p);
-    (void)o;
     return id;
 }
 
@@ -747,7 +746,7 @@ static json_t *summary_json(const xllm_bench_summary *s) {
                      "p50", s->p50, "p90", s->p90, "p99", s->p99, "min", s->min, "max", s->max);
 }
 
-static void class_json(json_t *o, const bs_opts *opt, const bs_class *c, double dur) {
+static void class_json(json_t *o, const bs_class *c, double dur) {
     json_object_set_new(o, "requests", json_integer((json_int_t)c->n));
     json_object_set_new(o, "completed", json_integer((json_int_t)c->completed));
     json_object_set_new(o, "failed", json_integer((json_int_t)c->failed));
@@ -771,7 +770,6 @@ static void class_json(json_t *o, const bs_opts *opt, const bs_class *c, double 
     json_object_set_new(o, "tpot_ms", summary_json(&c->tpot));
     json_object_set_new(o, "itl_ms", summary_json(&c->itl));
     json_object_set_new(o, "e2e_ms", summary_json(&c->e2e));
-    (void)opt;
 }
 
 static void print_class(const bs_opts *o, const bs_class *c, double dur) {
@@ -842,11 +840,11 @@ static void report(const bs_run *b, const char *model) {
         json_object_set_new(j, "slo_tpot_ms",
                             o->slo_tpot_ms > 0 ? json_real(o->slo_tpot_ms) : json_null());
         json_object_set_new(j, "duration_s", json_real(dur));
-        class_json(j, o, &all, dur);
+        class_json(j, &all, dur);
         if (o->tidal) {
             json_t *jo = json_object(), *jf = json_object();
-            class_json(jo, o, &on, dur);
-            class_json(jf, o, &off, dur);
+            class_json(jo, &on, dur);
+            class_json(jf, &off, dur);
             json_object_set_new(j, "online", jo);
             json_object_set_new(j, "offline", jf);
         }
@@ -950,7 +948,7 @@ int xllm_cmd_bench_serve(int argc, char **argv) {
 
     char *model = o.model ? xllm_xstrdup(o.model) : NULL;
     if (!model) {
-        model = discover_model(&o, base, b.headers, err, sizeof(err));
+        model = discover_model(base, b.headers, err, sizeof(err));
         if (!model)
             fprintf(stderr, "xllm " CMD ": warning: no model name (%s); sending none\n", err);
     }
