@@ -591,6 +591,12 @@ xllm_status xllm_kv_transfer_import(const xllm_kv_transfer *pub, xllm_context *c
     return XLLM_OK;
 }
 
+const uint8_t *xllm_xfer_transfer_rows(const xllm_kv_transfer *pub, uint32_t il, int kv) {
+    const xfer_rx *t = pub->priv;
+    if (!t->rows || il >= t->r->self.n_layer) return NULL;
+    return t->rows + (((size_t)il * 2 + (kv ? 1 : 0)) * t->n) * t->r->self.row_bytes;
+}
+
 /* ==== I/O thread ================================================================================ */
 
 static void conn_close(xllm_kv_receiver *r, xllm_xfer_conn **link) {

@@ -146,6 +146,9 @@ xllm_status xllm_xfer_conn_feed(xllm_xfer_conn *c, const uint8_t *data, size_t n
 xllm_xfer_buf *xllm_xfer_conn_out(xllm_xfer_conn *c);
 /* Sends ERROR frames for transfers of c cancelled by xllm_kv_receiver_cancel and frees them. */
 void xllm_xfer_conn_flush_cancelled(xllm_xfer_conn *c);
+/* Staged K (kv 0) or V (kv 1) rows of layer il of a complete transfer: (n_tokens, row_bytes).
+ * For tests. */
+const uint8_t *xllm_xfer_transfer_rows(const xllm_kv_transfer *t, uint32_t il, int kv);
 /* The last protocol error of the connection. */
 const char *xllm_xfer_conn_error(const xllm_xfer_conn *c);
 
