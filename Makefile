@@ -4,7 +4,7 @@
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
 TSAN_BUILD ?= build-tsan
-TSAN_TESTS ?= test_kv test_engine
+TSAN_TESTS ?= test_kv test_engine test_kv_transfer
 FUZZ_BUILD ?= build-fuzz
 JOBS       ?= $(shell nproc)
 SHARED     ?= $(abspath ../shared)

@@ -363,13 +363,15 @@ static xllm_status on_abort(xllm_xfer_conn *c, const xllm_xfer_header *h, const 
     xllm_status st = xllm_xfer_get_status(payload, h->len, &s, c->err, sizeof(c->err));
     if (st != XLLM_OK) return conn_fail(c, st, XLLM_XFER_CODE_PROTOCOL);
     xfer_rx **link = NULL;
-    if (conn_transfer(c, h->id, &link)) {
-        char msg[300];
-        snprintf(msg, sizeof(msg), "aborted by the sender%s%s", s.len ? ": " : "", s.msg);
-        pthread_mutex_lock(&c->r->mu);
+    char msg[300];
+    snprintf(msg, sizeof(msg), "aborted by the sender%s%s", s.len ? ": " : "", s.msg);
+    bool known = conn_transfer(c, h->id, &link) != NULL;
+    pthread_mutex_lock(&c->r->mu);
+    if (known)
         fail_in_flight(c->r, link, XLLM_ERR_IO, msg, false);
-        pthread_mutex_unlock(&c->r->mu);
-    }
+    else /* its frames never left the sender: the engine may still wait for the id */
+        push_failure(c->r, h->id, XLLM_ERR_IO, msg);
+    pthread_mutex_unlock(&c->r->mu);
     return XLLM_OK;
 }
 
