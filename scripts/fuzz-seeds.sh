@@ -64,5 +64,40 @@ for i, t in enumerate(tmpls):
         f.write(open(t).read() + "\n@@@@\n" + open(r).read())
 PY
     ;;
+  fuzz_kv_frames)
+    # Valid KV transfer streams for the target's identity (2 layers, 8-byte rows, context 64),
+    # behind the two control bytes (mode: bit 0 = HELLO prepended; cut: piece size - 1).
+    python3 - "$corpus" <<'PY'
+import struct, sys
+out = sys.argv[1]
+def frame(t, fid, payload):
+    return struct.pack('<IHHIIQ', 0x54564B58, 1, t, 0, len(payload), fid) + payload
+hello = frame(1, 0, struct.pack('<QIIIIII', 0x0123456789abcdef, 2, 8, 0, 64, 0, 0) + b'fuzz'.ljust(16, b'\0'))
+def transfer(fid, n, chunk, end=True):
+    s = frame(2, fid, struct.pack('<II', n, 0) + b''.join(struct.pack('<i', 100 + i) for i in range(n)))
+    for il in range(2):
+        for p0 in range(0, n, chunk):
+            m = min(chunk, n - p0)
+            s += frame(3, fid, struct.pack('<III', il, p0, m) + bytes((il * 31 + j) & 255 for j in range(16 * m)))
+    if end:
+        s += frame(4, fid, struct.pack('<if', 7, -0.5))
+    return s
+def abort(fid, msg):
+    return frame(5, fid, struct.pack('<II', 1, len(msg)) + msg)
+seeds = {
+    'hello': (0, hello),
+    'one': (0, hello + transfer(1, 5, 5)),
+    'chunks': (1, transfer(2, 9, 2)),
+    'two': (1, transfer(3, 3, 3, False) + transfer(4, 4, 1) + struct.pack('<B', 0)[:0] + frame(4, 3, struct.pack('<if', 1, 0.0))),
+    'abort': (1, transfer(5, 6, 3, False) + abort(5, b'client left')),
+    'refused': (3, transfer(6, 8, 8) + transfer(7, 8, 8)),
+    'error': (1, frame(7, 0, struct.pack('<II', 2, 3) + b'bye')),
+}
+for name, (mode, body) in seeds.items():
+    for cut in (255, 7):
+        with open(f'{out}/seed-{name}-{cut}', 'wb') as f:
+            f.write(bytes([mode, cut]) + body)
+PY
+    ;;
   *) ;;
 esac

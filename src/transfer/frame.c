@@ -107,19 +107,27 @@ void xllm_xfer_put_ack(xllm_xfer_buf *b, uint64_t id, uint16_t acked_type) {
 
 static const char *type_name(uint32_t t) {
     switch (t) {
-    case XLLM_XFER_HELLO: return "HELLO";
-    case XLLM_XFER_SEQ_BEGIN: return "SEQ_BEGIN";
-    case XLLM_XFER_LAYER: return "LAYER";
-    case XLLM_XFER_SEQ_END: return "SEQ_END";
-    case XLLM_XFER_ABORT: return "ABORT";
-    case XLLM_XFER_ACK: return "ACK";
-    case XLLM_XFER_ERROR: return "ERROR";
-    default: return "?";
+        case XLLM_XFER_HELLO:
+            return "HELLO";
+        case XLLM_XFER_SEQ_BEGIN:
+            return "SEQ_BEGIN";
+        case XLLM_XFER_LAYER:
+            return "LAYER";
+        case XLLM_XFER_SEQ_END:
+            return "SEQ_END";
+        case XLLM_XFER_ABORT:
+            return "ABORT";
+        case XLLM_XFER_ACK:
+            return "ACK";
+        case XLLM_XFER_ERROR:
+            return "ERROR";
+        default:
+            return "?";
     }
 }
 
-xllm_status xllm_xfer_get_header(const uint8_t *p, size_t max_len, xllm_xfer_header *h,
-                                 char *err, size_t err_size) {
+xllm_status xllm_xfer_get_header(const uint8_t *p, size_t max_len, xllm_xfer_header *h, char *err,
+                                 size_t err_size) {
     uint32_t magic = xllm_xfer_r32(p);
     if (magic != XLLM_XFER_MAGIC) {
         xllm_set_err(err, err_size, "kv frame: bad magic 0x%08x (want 0x%08x)", magic,
@@ -164,16 +172,15 @@ xllm_status xllm_xfer_get_header(const uint8_t *p, size_t max_len, xllm_xfer_hea
     return XLLM_OK;
 }
 
-static xllm_status bad_len(const char *what, size_t len, size_t want, char *err,
-                           size_t err_size) {
-    xllm_set_err(err, err_size, "kv frame: %s payload is %zu bytes, expected %zu", what, len,
-                 want);
+static xllm_status bad_len(const char *what, size_t len, size_t want, char *err, size_t err_size) {
+    xllm_set_err(err, err_size, "kv frame: %s payload is %zu bytes, expected %zu", what, len, want);
     return XLLM_ERR_FORMAT;
 }
 
 xllm_status xllm_xfer_get_hello(const uint8_t *p, size_t len, xllm_xfer_hello *h, char *err,
                                 size_t err_size) {
-    if (len != XLLM_XFER_HELLO_BYTES) return bad_len("HELLO", len, XLLM_XFER_HELLO_BYTES, err, err_size);
+    if (len != XLLM_XFER_HELLO_BYTES)
+        return bad_len("HELLO", len, XLLM_XFER_HELLO_BYTES, err, err_size);
     h->model_id = xllm_xfer_r64(p);
     h->n_layer = xllm_xfer_r32(p + 8);
     h->row_bytes = xllm_xfer_r32(p + 12);
@@ -216,7 +223,8 @@ xllm_status xllm_xfer_get_seq_begin(const uint8_t *p, size_t len, uint32_t max_p
         xllm_set_err(err, err_size, "kv frame: SEQ_BEGIN reserved field not zero");
         return XLLM_ERR_FORMAT;
     }
-    if (len != 8 + 4 * (size_t)*n) return bad_len("SEQ_BEGIN", len, 8 + 4 * (size_t)*n, err, err_size);
+    if (len != 8 + 4 * (size_t)*n)
+        return bad_len("SEQ_BEGIN", len, 8 + 4 * (size_t)*n, err, err_size);
     for (uint32_t i = 0; i < *n; i++) {
         if ((int32_t)xllm_xfer_r32(p + 8 + 4 * (size_t)i) < 0) {
             xllm_set_err(err, err_size, "kv frame: SEQ_BEGIN token %u is negative", i);
@@ -257,8 +265,7 @@ xllm_status xllm_xfer_get_seq_end(const uint8_t *p, size_t len, int32_t *first_t
     uint32_t bits = xllm_xfer_r32(p + 4);
     memcpy(logprob, &bits, 4);
     if (*first_token < 0) {
-        xllm_set_err(err, err_size, "kv frame: SEQ_END with negative first token %d",
-                     *first_token);
+        xllm_set_err(err, err_size, "kv frame: SEQ_END with negative first token %d", *first_token);
         return XLLM_ERR_FORMAT;
     }
     if (isnan(*logprob) || *logprob > 0) {
@@ -279,7 +286,8 @@ xllm_status xllm_xfer_get_status(const uint8_t *p, size_t len, xllm_xfer_status 
                      XLLM_XFER_MAX_MSG);
         return XLLM_ERR_FORMAT;
     }
-    if (len != 8 + (size_t)s->len) return bad_len("ABORT/ERROR", len, 8 + (size_t)s->len, err, err_size);
+    if (len != 8 + (size_t)s->len)
+        return bad_len("ABORT/ERROR", len, 8 + (size_t)s->len, err, err_size);
     /* keep printable ASCII only: the text ends up in logs and error messages */
     for (uint32_t i = 0; i < s->len; i++) {
         char c = (char)p[8 + i];
@@ -309,9 +317,9 @@ uint64_t xllm_transfer_model_id(const xllm_model *m) {
     XXH3_64bits_reset(st);
     const char *arch = xllm_model_arch(m);
     XXH3_64bits_update(st, arch, strlen(arch) + 1);
-    int32_t hp[] = {xllm_model_n_vocab(m),   xllm_model_n_embd(m),     xllm_model_n_layer(m),
-                    xllm_model_n_head(m),    xllm_model_n_head_kv(m),  xllm_model_head_dim(m),
-                    xllm_model_n_ff(m),      xllm_model_n_expert(m),   xllm_model_n_expert_used(m)};
+    int32_t hp[] = {xllm_model_n_vocab(m), xllm_model_n_embd(m),    xllm_model_n_layer(m),
+                    xllm_model_n_head(m),  xllm_model_n_head_kv(m), xllm_model_head_dim(m),
+                    xllm_model_n_ff(m),    xllm_model_n_expert(m),  xllm_model_n_expert_used(m)};
     XXH3_64bits_update(st, hp, sizeof(hp));
     float fp[] = {xllm_model_rope_freq_base(m), xllm_model_norm_eps(m)};
     XXH3_64bits_update(st, fp, sizeof(fp));
@@ -339,8 +347,8 @@ void xllm_xfer_hello_from_ctx(const xllm_context *ctx, uint32_t role, xllm_xfer_
     snprintf(h->arch, sizeof(h->arch), "%s", xllm_model_arch(ctx->model));
 }
 
-bool xllm_xfer_hello_compatible(const xllm_xfer_hello *self, const xllm_xfer_hello *peer,
-                                char *err, size_t err_size) {
+bool xllm_xfer_hello_compatible(const xllm_xfer_hello *self, const xllm_xfer_hello *peer, char *err,
+                                size_t err_size) {
     if (self->model_id != peer->model_id) {
         xllm_set_err(err, err_size,
                      "model mismatch: this instance runs %s (id %016llx), the peer %s (id %016llx)",
@@ -356,8 +364,10 @@ bool xllm_xfer_hello_compatible(const xllm_xfer_hello *self, const xllm_xfer_hel
         return false;
     }
     if (self->row_bytes != peer->row_bytes || self->n_layer != peer->n_layer) {
-        xllm_set_err(err, err_size, "KV shape mismatch: %u layers of %u-byte rows here, %u of %u "
-                     "at the peer", self->n_layer, self->row_bytes, peer->n_layer, peer->row_bytes);
+        xllm_set_err(err, err_size,
+                     "KV shape mismatch: %u layers of %u-byte rows here, %u of %u "
+                     "at the peer",
+                     self->n_layer, self->row_bytes, peer->n_layer, peer->row_bytes);
         return false;
     }
     if (self->role == peer->role) {
@@ -369,12 +379,18 @@ bool xllm_xfer_hello_compatible(const xllm_xfer_hello *self, const xllm_xfer_hel
 
 xllm_status xllm_xfer_code_status(uint32_t code) {
     switch (code) {
-    case XLLM_XFER_CODE_BUSY: return XLLM_ERR_BUSY;
-    case XLLM_XFER_CODE_MISMATCH: return XLLM_ERR_UNSUPPORTED;
-    case XLLM_XFER_CODE_TOO_LONG: return XLLM_ERR_KV_FULL;
-    case XLLM_XFER_CODE_PROTOCOL: return XLLM_ERR_FORMAT;
-    case XLLM_XFER_CODE_DUPLICATE:
-    case XLLM_XFER_CODE_UNKNOWN: return XLLM_ERR_INVALID_ARG;
-    default: return XLLM_ERR_IO; /* cancelled, shutdown, or a code from a newer peer */
+        case XLLM_XFER_CODE_BUSY:
+            return XLLM_ERR_BUSY;
+        case XLLM_XFER_CODE_MISMATCH:
+            return XLLM_ERR_UNSUPPORTED;
+        case XLLM_XFER_CODE_TOO_LONG:
+            return XLLM_ERR_KV_FULL;
+        case XLLM_XFER_CODE_PROTOCOL:
+            return XLLM_ERR_FORMAT;
+        case XLLM_XFER_CODE_DUPLICATE:
+        case XLLM_XFER_CODE_UNKNOWN:
+            return XLLM_ERR_INVALID_ARG;
+        default:
+            return XLLM_ERR_IO; /* cancelled, shutdown, or a code from a newer peer */
     }
 }

@@ -54,8 +54,8 @@ struct xllm_kv_receiver {
     int refs;          /* 1 for the receiver + 1 per polled transfer not yet freed */
     xllm_xfer_hello self;
     xllm_kv_receiver_params p;
-    xfer_rx *in_flight;             /* list (modified by the I/O thread, under mu) */
-    xfer_rx *ready, *ready_tail;    /* FIFO of finished transfers */
+    xfer_rx *in_flight;          /* list (modified by the I/O thread, under mu) */
+    xfer_rx *ready, *ready_tail; /* FIFO of finished transfers */
     int32_t n_in_flight, n_ready;
     size_t staged_bytes;
     bool cancel_pending;
@@ -192,8 +192,8 @@ void xllm_xfer_conn_flush_cancelled(xllm_xfer_conn *c) {
     pthread_mutex_lock(&r->mu);
     for (xfer_rx **pp = &r->in_flight; *pp;) {
         if ((*pp)->conn == c && (*pp)->cancelled) {
-            xllm_xfer_put_status(&c->out, XLLM_XFER_ERROR, (*pp)->pub.id,
-                                 XLLM_XFER_CODE_CANCELLED, "cancelled by the decode instance");
+            xllm_xfer_put_status(&c->out, XLLM_XFER_ERROR, (*pp)->pub.id, XLLM_XFER_CODE_CANCELLED,
+                                 "cancelled by the decode instance");
             fail_in_flight(r, pp, XLLM_ERR_IO, "cancelled", true);
         } else {
             pp = &(*pp)->next;
@@ -227,8 +227,8 @@ static xllm_status on_seq_begin(xllm_xfer_conn *c, const xllm_xfer_header *h,
     xllm_kv_receiver *r = c->r;
     uint32_t n;
     const uint8_t *tok;
-    xllm_status st =
-        xllm_xfer_get_seq_begin(payload, h->len, XLLM_XFER_MAX_POS, &n, &tok, c->err, sizeof(c->err));
+    xllm_status st = xllm_xfer_get_seq_begin(payload, h->len, XLLM_XFER_MAX_POS, &n, &tok, c->err,
+                                             sizeof(c->err));
     if (st != XLLM_OK) return conn_fail(c, st, XLLM_XFER_CODE_PROTOCOL);
     char msg[200];
     if (n > r->self.n_ctx) {
@@ -392,21 +392,25 @@ static xllm_status on_frame(xllm_xfer_conn *c, const xllm_xfer_header *h, const 
         return XLLM_OK;
     }
     switch (h->type) {
-    case XLLM_XFER_SEQ_BEGIN: return on_seq_begin(c, h, payload);
-    case XLLM_XFER_LAYER: return on_layer(c, h, payload);
-    case XLLM_XFER_SEQ_END: return on_seq_end(c, h, payload);
-    case XLLM_XFER_ABORT: return on_abort(c, h, payload);
-    case XLLM_XFER_ERROR: {
-        xllm_xfer_status s;
-        if (xllm_xfer_get_status(payload, h->len, &s, c->err, sizeof(c->err)) == XLLM_OK)
-            xllm_set_err(c->err, sizeof(c->err), "the sender reported an error: %s", s.msg);
-        c->closing = true; /* the sender gave up on the connection */
-        return XLLM_ERR_IO;
-    }
-    default:
-        xllm_set_err(c->err, sizeof(c->err), "kv frame: unexpected type %u from a sender",
-                     h->type);
-        return conn_fail(c, XLLM_ERR_FORMAT, XLLM_XFER_CODE_PROTOCOL);
+        case XLLM_XFER_SEQ_BEGIN:
+            return on_seq_begin(c, h, payload);
+        case XLLM_XFER_LAYER:
+            return on_layer(c, h, payload);
+        case XLLM_XFER_SEQ_END:
+            return on_seq_end(c, h, payload);
+        case XLLM_XFER_ABORT:
+            return on_abort(c, h, payload);
+        case XLLM_XFER_ERROR: {
+            xllm_xfer_status s;
+            if (xllm_xfer_get_status(payload, h->len, &s, c->err, sizeof(c->err)) == XLLM_OK)
+                xllm_set_err(c->err, sizeof(c->err), "the sender reported an error: %s", s.msg);
+            c->closing = true; /* the sender gave up on the connection */
+            return XLLM_ERR_IO;
+        }
+        default:
+            xllm_set_err(c->err, sizeof(c->err), "kv frame: unexpected type %u from a sender",
+                         h->type);
+            return conn_fail(c, XLLM_ERR_FORMAT, XLLM_XFER_CODE_PROTOCOL);
     }
 }
 
@@ -435,7 +439,8 @@ xllm_status xllm_xfer_conn_feed(xllm_xfer_conn *c, const uint8_t *data, size_t n
     return st;
 }
 
-/* ==== public API: poll, cancel, import, free =================================================== */
+/* ==== public API: poll, cancel, import, free ===================================================
+ */
 
 int xllm_kv_receiver_port(const xllm_kv_receiver *r) {
     return r->port;
@@ -559,8 +564,9 @@ xllm_status xllm_kv_transfer_import(const xllm_kv_transfer *pub, xllm_context *c
     if (xllm_kv_row_bytes(kv) != self->row_bytes || (uint32_t)xllm_kv_type(kv) != self->kv_type ||
         (uint32_t)xllm_model_n_layer(ctx->model) != self->n_layer ||
         xllm_transfer_model_id(ctx->model) != self->model_id) {
-        xllm_set_err(err, err_size, "kv import: the context does not match the receiver's model "
-                                    "and KV type");
+        xllm_set_err(err, err_size,
+                     "kv import: the context does not match the receiver's model "
+                     "and KV type");
         return XLLM_ERR_INVALID_ARG;
     }
     if (xllm_kv_seq_len(kv, seq) != 0) {
@@ -599,7 +605,8 @@ const uint8_t *xllm_xfer_transfer_rows(const xllm_kv_transfer *pub, uint32_t il,
     return t->rows + (((size_t)il * 2 + (kv ? 1 : 0)) * t->n) * t->r->self.row_bytes;
 }
 
-/* ==== I/O thread ================================================================================ */
+/* ==== I/O thread ================================================================================
+ */
 
 static void conn_close(xllm_kv_receiver *r, xllm_xfer_conn **link) {
     xllm_xfer_conn *c = *link;
@@ -716,7 +723,8 @@ static void *io_main(void *arg) {
     return NULL;
 }
 
-/* ==== creation ================================================================================== */
+/* ==== creation ==================================================================================
+ */
 
 static xllm_kv_receiver *receiver_alloc(const xllm_xfer_hello *self,
                                         const xllm_kv_receiver_params *params) {
@@ -779,8 +787,8 @@ xllm_status xllm_kv_receiver_new(const xllm_context *ctx, const xllm_kv_receiver
     }
     freeaddrinfo(ai);
     if (r->lfd < 0) {
-        xllm_set_err(err, err_size, "kv receiver: cannot listen on %s:%d: %s", r->p.host,
-                     r->p.port, strerror(e));
+        xllm_set_err(err, err_size, "kv receiver: cannot listen on %s:%d: %s", r->p.host, r->p.port,
+                     strerror(e));
         xllm_kv_receiver_free(r);
         return XLLM_ERR_IO;
     }

@@ -68,7 +68,8 @@ xllm_kv_sender_params xllm_kv_sender_default_params(void) {
     return p;
 }
 
-/* ==== helpers (callers hold mu) ================================================================ */
+/* ==== helpers (callers hold mu) ================================================================
+ */
 
 static tx *find_tx(xllm_kv_sender *s, uint64_t id, tx ***link) {
     for (tx **pp = &s->txs; *pp; pp = &(*pp)->next) {
@@ -165,7 +166,8 @@ static xllm_status enqueue(xllm_kv_sender *s, xllm_xfer_buf *b, uint64_t id) {
     return XLLM_OK;
 }
 
-/* ==== I/O thread ================================================================================ */
+/* ==== I/O thread ================================================================================
+ */
 
 /* Handles one answer from the receiver. Returns false on a protocol violation. Holds mu. */
 static bool on_answer(xllm_kv_sender *s, const xllm_xfer_header *h, const uint8_t *p, char *err,
@@ -213,7 +215,8 @@ static void *io_main(void *arg) {
             struct timespec now;
             clock_gettime(CLOCK_MONOTONIC, &now);
             if (t_stop.tv_sec == 0) t_stop = now;
-            long ms = (now.tv_sec - t_stop.tv_sec) * 1000 + (now.tv_nsec - t_stop.tv_nsec) / 1000000;
+            long ms =
+                (now.tv_sec - t_stop.tv_sec) * 1000 + (now.tv_nsec - t_stop.tv_nsec) / 1000000;
             if (ms >= s->p.timeout_ms) break;
             timeout = (int)(s->p.timeout_ms - ms);
         }
@@ -231,7 +234,8 @@ static void *io_main(void *arg) {
         char err[256] = "";
         if (pfd[1].revents & (POLLIN | POLLHUP | POLLERR)) {
             ssize_t got = recv(s->fd, buf, sizeof(buf), MSG_DONTWAIT);
-            if (got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+            if (got == 0 ||
+                (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
                 pthread_mutex_lock(&s->mu);
                 lose_connection(s, got == 0 ? "connection closed by the receiver"
                                             : "connection to the receiver failed");
@@ -291,7 +295,8 @@ static void *io_main(void *arg) {
     return NULL;
 }
 
-/* ==== connect + handshake ======================================================================= */
+/* ==== connect + handshake =======================================================================
+ */
 
 static long ms_left(const struct timespec *deadline) {
     struct timespec now;
@@ -400,8 +405,8 @@ static xllm_status handshake(xllm_kv_sender *s, const struct timespec *deadline,
         st = XLLM_ERR_FORMAT;
     }
     if (st != XLLM_OK) {
-        xllm_set_err(err, err_size, "kv sender: bad handshake from %s:%d: %s", s->p.host,
-                     s->p.port, why);
+        xllm_set_err(err, err_size, "kv sender: bad handshake from %s:%d: %s", s->p.host, s->p.port,
+                     why);
         return st;
     }
     if (!recv_all(s->fd, payload, h.len, deadline)) {
@@ -524,7 +529,8 @@ bool xllm_kv_sender_connected(xllm_kv_sender *s) {
     return up;
 }
 
-/* ==== transfers ================================================================================= */
+/* ==== transfers =================================================================================
+ */
 
 xllm_status xllm_kv_sender_begin(xllm_kv_sender *s, uint64_t id, const int32_t *tokens, int32_t n) {
     if (id == 0 || n <= 0 || (uint32_t)n > s->peer.n_ctx || !tokens) return XLLM_ERR_INVALID_ARG;
@@ -556,12 +562,13 @@ xllm_status xllm_kv_sender_begin(xllm_kv_sender *s, uint64_t id, const int32_t *
 }
 
 /* Copies rows [p0, p0 + m) of K (or V) from the runs into dst. */
-static void copy_rows(const xllm_kv_span *sp, int32_t ns, bool v, int32_t p0, int32_t m,
-                      size_t rb, uint8_t *dst) {
+static void copy_rows(const xllm_kv_span *sp, int32_t ns, bool v, int32_t p0, int32_t m, size_t rb,
+                      uint8_t *dst) {
     for (int32_t i = 0; i < ns && m > 0; i++) {
         int32_t a = XLLM_MAX(p0, sp[i].pos0), e = XLLM_MIN(p0 + m, sp[i].pos0 + sp[i].n);
         if (a >= e) continue;
-        const uint8_t *src = (const uint8_t *)(v ? sp[i].v : sp[i].k) + (size_t)(a - sp[i].pos0) * rb;
+        const uint8_t *src =
+            (const uint8_t *)(v ? sp[i].v : sp[i].k) + (size_t)(a - sp[i].pos0) * rb;
         memcpy(dst + (size_t)(a - p0) * rb, src, (size_t)(e - a) * rb);
     }
 }
@@ -596,7 +603,7 @@ xllm_status xllm_kv_sender_send_layer(xllm_kv_sender *s, uint64_t id, int32_t se
         copy_rows(s->spans, ns, true, p0, m, rb, b.data + b.len + (size_t)m * rb);
         b.len += 2 * (size_t)m * rb;
         pthread_mutex_lock(&s->mu);
-        t = find_tx(s, id, NULL); /* abort (any thread) may have removed it */
+        t = find_tx(s, id, NULL);          /* abort (any thread) may have removed it */
         if (!t || t->state == TX_FAILED) { /* aborted, refused or cancelled meanwhile */
             st = t ? t->st : XLLM_ERR_INVALID_ARG;
             xllm_xfer_buf_free(&b);

@@ -59,14 +59,14 @@ typedef struct xllm_xfer_hello {
     uint32_t row_bytes; /* one position's K (or V) row of one layer */
     uint32_t kv_type;   /* xllm_dtype */
     uint32_t n_ctx;
-    uint32_t role;                     /* 0 = sender, 1 = receiver */
-    char arch[XLLM_XFER_ARCH_BYTES];   /* NUL-padded, for messages only */
+    uint32_t role;                   /* 0 = sender, 1 = receiver */
+    char arch[XLLM_XFER_ARCH_BYTES]; /* NUL-padded, for messages only */
 } xllm_xfer_hello;
 
 typedef struct xllm_xfer_layer {
     uint32_t layer;
-    uint32_t pos0; /* first position of this chunk */
-    uint32_t n;    /* positions in this chunk */
+    uint32_t pos0;    /* first position of this chunk */
+    uint32_t n;       /* positions in this chunk */
     const uint8_t *k; /* (n, row_bytes) */
     const uint8_t *v; /* (n, row_bytes) */
 } xllm_xfer_layer;
@@ -104,8 +104,8 @@ void xllm_xfer_put_ack(xllm_xfer_buf *b, uint64_t id, uint16_t acked_type);
 /* ---- decoding: never trusts the input; errors name the problem -------------------------- */
 
 /* Decodes a 24-byte header and checks magic, version, flags, type and that len <= max_len. */
-xllm_status xllm_xfer_get_header(const uint8_t *p, size_t max_len, xllm_xfer_header *h,
-                                 char *err, size_t err_size);
+xllm_status xllm_xfer_get_header(const uint8_t *p, size_t max_len, xllm_xfer_header *h, char *err,
+                                 size_t err_size);
 xllm_status xllm_xfer_get_hello(const uint8_t *p, size_t len, xllm_xfer_hello *h, char *err,
                                 size_t err_size);
 /* tokens points into p (unaligned: read with memcpy). n must be 1..max_pos. */
@@ -121,8 +121,8 @@ xllm_status xllm_xfer_get_status(const uint8_t *p, size_t len, xllm_xfer_status 
 xllm_status xllm_xfer_get_ack(const uint8_t *p, size_t len, uint16_t *acked_type, char *err,
                               size_t err_size);
 /* Compares a peer's HELLO with ours; on a mismatch writes why. */
-bool xllm_xfer_hello_compatible(const xllm_xfer_hello *self, const xllm_xfer_hello *peer,
-                                char *err, size_t err_size);
+bool xllm_xfer_hello_compatible(const xllm_xfer_hello *self, const xllm_xfer_hello *peer, char *err,
+                                size_t err_size);
 /* Our HELLO from a context (role 0 sender, 1 receiver). */
 void xllm_xfer_hello_from_ctx(const xllm_context *ctx, uint32_t role, xllm_xfer_hello *h);
 /* Maps a wire code to a status. */

@@ -126,15 +126,15 @@ xllm_kv_transfer *xllm_kv_receiver_poll(xllm_kv_receiver *r, int timeout_ms);
 bool xllm_kv_receiver_cancel(xllm_kv_receiver *r, uint64_t id);
 
 typedef struct xllm_kv_receiver_stats {
-    int32_t conns;          /* connections open */
-    int32_t in_flight;      /* transfers being received */
-    int32_t ready;          /* complete, waiting to be polled */
-    size_t staged_bytes;    /* charged to max_staging_bytes (in flight, ready and polled) */
-    uint64_t completed;     /* transfers acknowledged */
-    uint64_t failed;        /* aborted, dropped or cancelled */
-    uint64_t refused;       /* refused at SEQ_BEGIN (budget, duplicate id) */
-    uint64_t bad_conns;     /* connections dropped for a protocol violation */
-    uint64_t bytes_rx;      /* bytes read from the network */
+    int32_t conns;       /* connections open */
+    int32_t in_flight;   /* transfers being received */
+    int32_t ready;       /* complete, waiting to be polled */
+    size_t staged_bytes; /* charged to max_staging_bytes (in flight, ready and polled) */
+    uint64_t completed;  /* transfers acknowledged */
+    uint64_t failed;     /* aborted, dropped or cancelled */
+    uint64_t refused;    /* refused at SEQ_BEGIN (budget, duplicate id) */
+    uint64_t bad_conns;  /* connections dropped for a protocol violation */
+    uint64_t bytes_rx;   /* bytes read from the network */
 } xllm_kv_receiver_stats;
 void xllm_kv_receiver_get_stats(xllm_kv_receiver *r, xllm_kv_receiver_stats *st);
 

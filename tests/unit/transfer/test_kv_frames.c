@@ -49,9 +49,9 @@ static void test_round_trip(void **state) {
     assert_true(h.type == XLLM_XFER_SEQ_BEGIN && h.id == 42 && h.len == 8 + 20);
     uint32_t n;
     const uint8_t *tp;
-    assert_int_equal(xllm_xfer_get_seq_begin(b.data + XLLM_XFER_HEADER, h.len, 64, &n, &tp, err,
-                                             sizeof(err)),
-                     XLLM_OK);
+    assert_int_equal(
+        xllm_xfer_get_seq_begin(b.data + XLLM_XFER_HEADER, h.len, 64, &n, &tp, err, sizeof(err)),
+        XLLM_OK);
     assert_int_equal(n, 5);
     for (int i = 0; i < 5; i++) assert_int_equal((int32_t)xllm_xfer_r32(tp + 4 * i), toks[i]);
     b.len = 0;
@@ -63,9 +63,9 @@ static void test_round_trip(void **state) {
     b.len += sizeof(rows);
     assert_int_equal(xllm_xfer_get_header(b.data, 1 << 20, &h, err, sizeof(err)), XLLM_OK);
     xllm_xfer_layer l;
-    assert_int_equal(xllm_xfer_get_layer(b.data + XLLM_XFER_HEADER, h.len, NL, RB, 64, &l, err,
-                                         sizeof(err)),
-                     XLLM_OK);
+    assert_int_equal(
+        xllm_xfer_get_layer(b.data + XLLM_XFER_HEADER, h.len, NL, RB, 64, &l, err, sizeof(err)),
+        XLLM_OK);
     assert_true(l.layer == 2 && l.pos0 == 8 && l.n == 4);
     assert_memory_equal(l.k, rows, 4 * RB);
     assert_memory_equal(l.v, rows + 4 * RB, 4 * RB);
@@ -293,7 +293,8 @@ static void put_transfer(xllm_xfer_buf *b, uint64_t id, uint32_t n, uint32_t chu
     for (uint32_t i = 0; i < n; i++) toks[i] = (int32_t)(i + 100);
     xllm_xfer_put_seq_begin(b, id, toks, n);
     for (uint32_t il = 0; il < NL; il++)
-        for (uint32_t p0 = 0; p0 < n; p0 += chunk) put_layer(b, id, il, p0, XLLM_MIN(chunk, n - p0));
+        for (uint32_t p0 = 0; p0 < n; p0 += chunk)
+            put_layer(b, id, il, p0, XLLM_MIN(chunk, n - p0));
     if (end) xllm_xfer_put_seq_end(b, id, 5, -1.5f);
 }
 
@@ -310,9 +311,9 @@ static void answers(xllm_xfer_conn *c, int counts[8], uint32_t *last_code) {
         counts[h.type]++;
         if (h.type == XLLM_XFER_ERROR) {
             xllm_xfer_status s;
-            assert_int_equal(xllm_xfer_get_status(o->data + at + XLLM_XFER_HEADER, h.len, &s, err,
-                                                  sizeof(err)),
-                             XLLM_OK);
+            assert_int_equal(
+                xllm_xfer_get_status(o->data + at + XLLM_XFER_HEADER, h.len, &s, err, sizeof(err)),
+                XLLM_OK);
             *last_code = s.code;
         }
         at += XLLM_XFER_HEADER + h.len;
