@@ -72,7 +72,7 @@ import struct, sys
 out = sys.argv[1]
 def frame(t, fid, payload):
     return struct.pack('<IHHIIQ', 0x54564B58, 1, t, 0, len(payload), fid) + payload
-hello = frame(1, 0, struct.pack('<QIIIIII', 0x0123456789abcdef, 2, 8, 0, 64, 0, 0) + b'fuzz'.ljust(16, b'\0'))
+hello = frame(1, 0, struct.pack('<QIIIIII', 0x0123456789abcdef, 2, 8, 0, 64, 0, 65536) + b'fuzz'.ljust(16, b'\0'))
 def transfer(fid, n, chunk, end=True):
     s = frame(2, fid, struct.pack('<II', n, 0) + b''.join(struct.pack('<i', 100 + i) for i in range(n)))
     for il in range(2):

@@ -56,7 +56,7 @@ void xllm_xfer_put_hello(xllm_xfer_buf *b, const xllm_xfer_hello *h) {
     xllm_xfer_w32(p + 16, h->kv_type);
     xllm_xfer_w32(p + 20, h->n_ctx);
     xllm_xfer_w32(p + 24, h->role);
-    xllm_xfer_w32(p + 28, 0);
+    xllm_xfer_w32(p + 28, h->max_frame);
     memcpy(p + 32, h->arch, XLLM_XFER_ARCH_BYTES);
 }
 
@@ -187,6 +187,7 @@ xllm_status xllm_xfer_get_hello(const uint8_t *p, size_t len, xllm_xfer_hello *h
     h->kv_type = xllm_xfer_r32(p + 16);
     h->n_ctx = xllm_xfer_r32(p + 20);
     h->role = xllm_xfer_r32(p + 24);
+    h->max_frame = xllm_xfer_r32(p + 28);
     memcpy(h->arch, p + 32, XLLM_XFER_ARCH_BYTES);
     h->arch[XLLM_XFER_ARCH_BYTES - 1] = '\0';
     for (size_t i = 0; h->arch[i]; i++)
@@ -201,6 +202,13 @@ xllm_status xllm_xfer_get_hello(const uint8_t *p, size_t len, xllm_xfer_hello *h
     }
     if (h->n_ctx == 0 || h->n_ctx > XLLM_XFER_MAX_POS) {
         xllm_set_err(err, err_size, "kv frame: HELLO with a context of %u positions", h->n_ctx);
+        return XLLM_ERR_FORMAT;
+    }
+    if (h->max_frame < 12 + 2 * (uint64_t)h->row_bytes) {
+        xllm_set_err(err, err_size,
+                     "kv frame: HELLO with a frame limit of %u bytes, below one "
+                     "position (%u)",
+                     h->max_frame, 12 + 2 * h->row_bytes);
         return XLLM_ERR_FORMAT;
     }
     if (h->role > 1) {
@@ -344,6 +352,7 @@ void xllm_xfer_hello_from_ctx(const xllm_context *ctx, uint32_t role, xllm_xfer_
     h->kv_type = (uint32_t)xllm_kv_type(ctx->kv);
     h->n_ctx = (uint32_t)xllm_context_n_ctx(ctx);
     h->role = role;
+    h->max_frame = 16u << 20;
     snprintf(h->arch, sizeof(h->arch), "%s", xllm_model_arch(ctx->model));
 }
 

@@ -22,6 +22,8 @@
 #include "transfer/transfer-impl.h"
 #include "util/common.h"
 
+#define OUT_LIMIT ((size_t)1 << 20) /* answers queued for one peer before it is not read */
+
 /* A staged transfer. In flight it belongs to its connection (the I/O thread fills rows);
  * complete or failed it waits in the ready queue, then belongs to whoever polled it. */
 struct xllm_kv_transfer_priv {
@@ -76,7 +78,7 @@ xllm_kv_receiver_params xllm_kv_receiver_default_params(void) {
 static void fill_defaults(xllm_kv_receiver_params *p) {
     if (!p->host) p->host = "127.0.0.1";
     if (p->max_staging_bytes == 0) p->max_staging_bytes = (size_t)1 << 30;
-    if (p->max_frame_bytes == 0) p->max_frame_bytes = (size_t)64 << 20;
+    if (p->max_frame_bytes == 0) p->max_frame_bytes = (size_t)16 << 20;
     if (p->max_frame_bytes > UINT32_MAX) p->max_frame_bytes = UINT32_MAX;
     if (p->max_conns <= 0) p->max_conns = 64;
     if (p->max_transfers <= 0) p->max_transfers = 256;
@@ -692,8 +694,10 @@ static void *io_main(void *arg) {
         pfd[1] = (struct pollfd){.fd = r->lfd, .events = POLLIN};
         size_t i = 2;
         for (xllm_xfer_conn *c = r->conns; c; c = c->next, i++)
+            /* a peer that does not read its answers is not read either (bounded out buffer) */
             pfd[i] = (struct pollfd){.fd = c->fd,
-                                     .events = (short)(POLLIN | (c->out.len ? POLLOUT : 0))};
+                                     .events = (short)((c->out.len < OUT_LIMIT ? POLLIN : 0) |
+                                                       (c->out.len ? POLLOUT : 0))};
         if (poll(pfd, n, -1) < 0) {
             if (errno == EINTR) continue;
             break;
@@ -733,6 +737,8 @@ static xllm_kv_receiver *receiver_alloc(const xllm_xfer_hello *self,
     fill_defaults(&r->p);
     r->self = *self;
     r->self.role = 1;
+    r->self.max_frame = (uint32_t)XLLM_MAX(r->p.max_frame_bytes, 12 + 2 * (size_t)self->row_bytes);
+    r->p.max_frame_bytes = r->self.max_frame;
     r->refs = 1;
     r->lfd = r->wake_fd = -1;
     pthread_mutex_init(&r->mu, NULL);

@@ -455,6 +455,8 @@ xllm_status xllm_kv_sender_new(xllm_context *ctx, const xllm_kv_sender_params *p
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     xllm_xfer_hello_from_ctx(ctx, 0, &s->self);
+    s->self.max_frame = (uint32_t)XLLM_MAX(XLLM_MIN(p.max_frame_bytes, (size_t)UINT32_MAX),
+                                           12 + 2 * (size_t)s->self.row_bytes);
     s->max_spans = xllm_kv_max_spans(ctx->kv);
     s->spans = xllm_xcalloc((size_t)s->max_spans, sizeof(xllm_kv_span));
 
@@ -593,7 +595,8 @@ xllm_status xllm_kv_sender_send_layer(xllm_kv_sender *s, uint64_t id, int32_t se
     /* copy on this thread: the KV belongs to it, and the rows may change once it returns */
     const size_t rb = s->self.row_bytes;
     int32_t ns = xllm_kv_spans(kv, il, seq, (int32_t)n, s->spans, s->max_spans);
-    size_t per = s->p.max_frame_bytes / (2 * rb);
+    /* frames within our limit and the receiver's (its HELLO guarantees room for one position) */
+    size_t per = XLLM_MIN(s->p.max_frame_bytes, (size_t)s->peer.max_frame - 12) / (2 * rb);
     int32_t m_max = (int32_t)XLLM_MIN(XLLM_MAX(per, (size_t)1), (size_t)n);
     for (int32_t p0 = 0; p0 < (int32_t)n && st == XLLM_OK; p0 += m_max) {
         int32_t m = XLLM_MIN(m_max, (int32_t)n - p0);

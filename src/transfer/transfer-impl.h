@@ -60,6 +60,7 @@ typedef struct xllm_xfer_hello {
     uint32_t kv_type;   /* xllm_dtype */
     uint32_t n_ctx;
     uint32_t role;                   /* 0 = sender, 1 = receiver */
+    uint32_t max_frame;              /* largest payload this side accepts (>= one position) */
     char arch[XLLM_XFER_ARCH_BYTES]; /* NUL-padded, for messages only */
 } xllm_xfer_hello;
 
@@ -123,7 +124,7 @@ xllm_status xllm_xfer_get_ack(const uint8_t *p, size_t len, uint16_t *acked_type
 /* Compares a peer's HELLO with ours; on a mismatch writes why. */
 bool xllm_xfer_hello_compatible(const xllm_xfer_hello *self, const xllm_xfer_hello *peer, char *err,
                                 size_t err_size);
-/* Our HELLO from a context (role 0 sender, 1 receiver). */
+/* Our HELLO from a context (role 0 sender, 1 receiver); max_frame is set to 16 MiB. */
 void xllm_xfer_hello_from_ctx(const xllm_context *ctx, uint32_t role, xllm_xfer_hello *h);
 /* Maps a wire code to a status. */
 xllm_status xllm_xfer_code_status(uint32_t code);

@@ -86,7 +86,8 @@ typedef struct xllm_kv_receiver_params {
     size_t max_staging_bytes; /* rows + tokens of every staged transfer, in flight or waiting
                                  for import; a transfer that would pass it is refused with
                                  XLLM_ERR_BUSY. 0 = 1 GiB */
-    size_t max_frame_bytes;   /* largest frame payload accepted; 0 = 64 MiB */
+    size_t max_frame_bytes;   /* largest frame payload accepted (a connection buffers at most
+                                 one frame: max_conns x this bounds that memory); 0 = 16 MiB */
     int32_t max_conns;        /* connections at once; more are refused; 0 = 64 */
     int32_t max_transfers;    /* staged transfers at once (in flight + waiting); 0 = 256 */
 } xllm_kv_receiver_params;

@@ -20,7 +20,8 @@ static xllm_xfer_hello identity(uint32_t role) {
                          .row_bytes = 8,
                          .kv_type = XLLM_DTYPE_F32,
                          .n_ctx = 64,
-                         .role = role};
+                         .role = role,
+                         .max_frame = 1 << 16};
     memcpy(h.arch, "fuzz", 5);
     return h;
 }

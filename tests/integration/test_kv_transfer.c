@@ -73,9 +73,10 @@ static const float *step(xllm_context *ctx, int32_t seq, int32_t tok, int32_t po
     return xllm_get_logits(ctx, 0);
 }
 
-static xllm_kv_receiver *new_receiver(xllm_context *ctx) {
+static xllm_kv_receiver *new_receiver(xllm_context *ctx, size_t max_frame) {
     xllm_kv_receiver_params rp = xllm_kv_receiver_default_params();
     rp.port = 0; /* any free port */
+    rp.max_frame_bytes = max_frame;
     xllm_kv_receiver *r = NULL;
     char err[256];
     xllm_status st = xllm_kv_receiver_new(ctx, &rp, &r, err, sizeof(err));
@@ -98,11 +99,11 @@ static xllm_kv_sender *new_sender(xllm_context *ctx, int port, size_t max_frame)
 /* Two prompts prefilled in A (seqs 0 and 1), sent interleaved layer by layer over one
  * connection, imported in B (seqs 2 and 0); then A and B decode both and must agree. */
 static void check_pd(const char *model, xllm_dtype kv_type, xllm_kv_layout la, xllm_kv_layout lb,
-                     size_t max_frame) {
+                     size_t max_frame, size_t rx_frame) {
     xllm_model *m = load(model);
     const int32_t V = xllm_model_n_vocab(m), NL = xllm_model_n_layer(m);
     xllm_context *A = new_ctx(m, la, kv_type), *B = new_ctx(m, lb, kv_type);
-    xllm_kv_receiver *r = new_receiver(B);
+    xllm_kv_receiver *r = new_receiver(B, rx_frame);
     xllm_kv_sender *s = new_sender(A, xllm_kv_receiver_port(r), max_frame);
 
     const int32_t n[2] = {N_PROMPT, 17};
@@ -177,9 +178,13 @@ static void check_pd(const char *model, xllm_dtype kv_type, xllm_kv_layout la, x
             free(la_logits);
         }
     }
-    fprintf(stderr, "%s kv %s, %s -> %s, frames <= %zu B: max logits error %g\n", model,
-            xllm_dtype_name(kv_type), la == XLLM_KV_LAYOUT_PAGED ? "paged" : "xtensor",
-            lb == XLLM_KV_LAYOUT_PAGED ? "paged" : "xtensor", max_frame, worst);
+    xllm_kv_receiver_get_stats(r, &rs);
+    fprintf(stderr,
+            "%s kv %s, %s -> %s, frames <= %zu/%zu B (%llu bytes read): max logits "
+            "error %g\n",
+            model, xllm_dtype_name(kv_type), la == XLLM_KV_LAYOUT_PAGED ? "paged" : "xtensor",
+            lb == XLLM_KV_LAYOUT_PAGED ? "paged" : "xtensor", max_frame, rx_frame,
+            (unsigned long long)rs.bytes_rx, worst);
     assert_true(worst <= 1e-6);
     if (la == lb) assert_true(worst == 0); /* the same bytes through the same kernels */
 
@@ -193,19 +198,21 @@ static void check_pd(const char *model, xllm_dtype kv_type, xllm_kv_layout la, x
 static void test_pd_f32(void **state) {
     (void)state;
     const char *m = "models/tiny/qwen3-tiny-f32.gguf";
-    check_pd(m, XLLM_DTYPE_F32, XLLM_KV_LAYOUT_XTENSOR, XLLM_KV_LAYOUT_XTENSOR, 0);
-    check_pd(m, XLLM_DTYPE_F32, XLLM_KV_LAYOUT_PAGED, XLLM_KV_LAYOUT_PAGED, 0);
-    check_pd(m, XLLM_DTYPE_F32, XLLM_KV_LAYOUT_XTENSOR, XLLM_KV_LAYOUT_PAGED, 0);
+    check_pd(m, XLLM_DTYPE_F32, XLLM_KV_LAYOUT_XTENSOR, XLLM_KV_LAYOUT_XTENSOR, 0, 0);
+    check_pd(m, XLLM_DTYPE_F32, XLLM_KV_LAYOUT_PAGED, XLLM_KV_LAYOUT_PAGED, 0, 0);
+    check_pd(m, XLLM_DTYPE_F32, XLLM_KV_LAYOUT_XTENSOR, XLLM_KV_LAYOUT_PAGED, 0, 0);
     /* frames of 3 rows: every layer split, chunks crossing the paged layout's blocks */
-    check_pd(m, XLLM_DTYPE_F32, XLLM_KV_LAYOUT_PAGED, XLLM_KV_LAYOUT_XTENSOR, 3 * 2 * 512);
+    check_pd(m, XLLM_DTYPE_F32, XLLM_KV_LAYOUT_PAGED, XLLM_KV_LAYOUT_XTENSOR, 3 * 2 * 512, 0);
+    /* the receiver's limit (told in its HELLO) wins over the sender's: 5 rows per frame */
+    check_pd(m, XLLM_DTYPE_F32, XLLM_KV_LAYOUT_XTENSOR, XLLM_KV_LAYOUT_PAGED, 0, 12 + 5 * 2 * 512);
 }
 
 static void test_pd_quant_f16(void **state) {
     (void)state;
     check_pd("models/tiny/qwen3-tiny-q8_0.gguf", XLLM_DTYPE_F16, XLLM_KV_LAYOUT_XTENSOR,
-             XLLM_KV_LAYOUT_PAGED, 0);
+             XLLM_KV_LAYOUT_PAGED, 0, 0);
     check_pd("models/tiny/llama-tiny-q4_k_m.gguf", XLLM_DTYPE_F16, XLLM_KV_LAYOUT_PAGED,
-             XLLM_KV_LAYOUT_XTENSOR, 1000);
+             XLLM_KV_LAYOUT_XTENSOR, 1000, 0);
 }
 
 /* Polls the failure record of id and checks that nothing is staged or held in B. */
@@ -265,7 +272,7 @@ static void test_failures(void **state) {
     const int32_t V = xllm_model_n_vocab(m);
     xllm_context *A = new_ctx(m, XLLM_KV_LAYOUT_XTENSOR, XLLM_DTYPE_F32);
     xllm_context *B = new_ctx(m, XLLM_KV_LAYOUT_PAGED, XLLM_DTYPE_F32);
-    xllm_kv_receiver *r = new_receiver(B);
+    xllm_kv_receiver *r = new_receiver(B, 0);
     const int port = xllm_kv_receiver_port(r);
     int32_t toks[N_PROMPT];
     prompt_of(m, 5, toks, N_PROMPT);
@@ -360,7 +367,7 @@ static void test_mismatch(void **state) {
                  {m, XLLM_DTYPE_F16, "KV type mismatch"}};
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         xllm_context *B = new_ctx(cases[i].model, XLLM_KV_LAYOUT_XTENSOR, cases[i].kv);
-        xllm_kv_receiver *r = new_receiver(B);
+        xllm_kv_receiver *r = new_receiver(B, 0);
         xllm_kv_sender_params sp = xllm_kv_sender_default_params();
         sp.port = xllm_kv_receiver_port(r);
         xllm_kv_sender *s = NULL;

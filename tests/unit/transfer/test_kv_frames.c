@@ -17,7 +17,8 @@ static xllm_xfer_hello hello(uint32_t role) {
                          .row_bytes = RB,
                          .kv_type = XLLM_DTYPE_F32,
                          .n_ctx = 64,
-                         .role = role};
+                         .role = role,
+                         .max_frame = 1 << 16};
     snprintf(h.arch, sizeof(h.arch), "qwen3");
     return h;
 }
@@ -39,7 +40,8 @@ static void test_round_trip(void **state) {
     assert_int_equal(xllm_xfer_get_hello(b.data + XLLM_XFER_HEADER, h.len, &ho, err, sizeof(err)),
                      XLLM_OK);
     assert_true(ho.model_id == hi.model_id && ho.n_layer == NL && ho.row_bytes == RB &&
-                ho.kv_type == XLLM_DTYPE_F32 && ho.n_ctx == 64 && ho.role == 0);
+                ho.kv_type == XLLM_DTYPE_F32 && ho.n_ctx == 64 && ho.role == 0 &&
+                ho.max_frame == 1 << 16);
     assert_string_equal(ho.arch, "qwen3");
     b.len = 0;
 
@@ -174,6 +176,9 @@ static void test_bad_payloads(void **state) {
     memcpy(p, hp, 48);
     xllm_xfer_w32(p + 20, 0);
     REJECT(xllm_xfer_get_hello(p, 48, &h, err, sizeof(err)), "context of 0");
+    memcpy(p, hp, 48);
+    xllm_xfer_w32(p + 28, 12 + 2 * RB - 1);
+    REJECT(xllm_xfer_get_hello(p, 48, &h, err, sizeof(err)), "below one position");
     memcpy(p, hp, 48);
     xllm_xfer_w32(p + 24, 5);
     REJECT(xllm_xfer_get_hello(p, 48, &h, err, sizeof(err)), "unknown role");
