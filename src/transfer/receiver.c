@@ -347,6 +347,13 @@ static xllm_status on_seq_end(xllm_xfer_conn *c, const xllm_xfer_header *h,
         }
     }
     pthread_mutex_lock(&r->mu);
+    if (t->cancelled) { /* cancelled while its last frames were being read */
+        fail_in_flight(r, link, XLLM_ERR_IO, "cancelled", true);
+        pthread_mutex_unlock(&r->mu);
+        xllm_xfer_put_status(&c->out, XLLM_XFER_ERROR, h->id, XLLM_XFER_CODE_CANCELLED,
+                             "cancelled by the decode instance");
+        return XLLM_OK;
+    }
     *link = t->next;
     r->n_in_flight--;
     t->pub.status = XLLM_OK;

@@ -583,10 +583,10 @@ xllm_status xllm_kv_sender_send_layer(xllm_kv_sender *s, uint64_t id, int32_t se
     pthread_mutex_lock(&s->mu);
     tx *t = find_tx(s, id, NULL);
     xllm_status st = XLLM_OK;
-    if (!t || t->state == TX_ENDED || t->state == TX_DONE || t->sent[il])
+    if (t && t->state == TX_FAILED)
+        st = t->st; /* its error first: the caller learns it whatever it asks */
+    else if (!t || t->state == TX_ENDED || t->state == TX_DONE || t->sent[il])
         st = XLLM_ERR_INVALID_ARG;
-    else if (t->state == TX_FAILED)
-        st = t->st;
     uint32_t n = t ? t->n : 0;
     pthread_mutex_unlock(&s->mu);
     if (st != XLLM_OK) return st;

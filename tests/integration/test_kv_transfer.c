@@ -314,9 +314,8 @@ static void test_failures(void **state) {
         st = xllm_kv_sender_send_layer(s, 7, 0, 1); /* fails once the ERROR arrived */
         if (st == XLLM_OK) {
             /* layer 1 went out before the news: end, the answer is the refusal */
-            st = xllm_kv_sender_end(s, 7, first, 0.0f);
-            assert_int_equal(st, XLLM_OK);
-            st = xllm_kv_sender_wait(s, 7, 10000, err, sizeof(err));
+            st = xllm_kv_sender_end(s, 7, first, 0.0f); /* or the news came just now */
+            if (st == XLLM_OK) st = xllm_kv_sender_wait(s, 7, 10000, err, sizeof(err));
             break;
         }
     }

@@ -548,6 +548,25 @@ static void test_session_refusals(void **state) {
     assert_null(xllm_kv_receiver_poll(r, 0));
     b.len = 0;
 
+    answers(c, counts, &code);
+    assert_int_equal(counts[XLLM_XFER_ACK], 1); /* 6 was acknowledged before the cancel */
+
+    /* cancelled while its SEQ_END is already on the way: never completed, never acked */
+    put_transfer(&b, 9, 8, 8, false);
+    assert_int_equal(xllm_xfer_conn_feed(c, b.data, b.len), XLLM_OK);
+    assert_true(xllm_kv_receiver_cancel(r, 9));
+    b.len = 0;
+    xllm_xfer_put_seq_end(&b, 9, 1, 0.0f);
+    assert_int_equal(xllm_xfer_conn_feed(c, b.data, b.len), XLLM_OK);
+    answers(c, counts, &code);
+    assert_int_equal(counts[XLLM_XFER_ACK], 0);
+    assert_int_equal(counts[XLLM_XFER_ERROR], 1);
+    assert_int_equal(code, XLLM_XFER_CODE_CANCELLED);
+    assert_null(xllm_kv_receiver_poll(r, 0));
+    xllm_kv_receiver_get_stats(r, &st);
+    assert_int_equal(st.staged_bytes, 0);
+    b.len = 0;
+
     /* a dropped connection fails its in-flight transfers */
     put_transfer(&b, 7, 8, 4, false);
     assert_int_equal(xllm_xfer_conn_feed(c, b.data, b.len - 10), XLLM_OK);
