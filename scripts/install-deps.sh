@@ -9,6 +9,7 @@ PKGS=(
   libutf8proc-dev libxxhash-dev libcmocka-dev
   clang libclang-rt-14-dev clang-format
   python3-jinja2
+  etcd-server etcd-client
 )
 
 missing=()
