@@ -286,6 +286,7 @@ struct xllm_registry {
     bool stop;
     pthread_t thr;
     bool thr_started;
+    bool ka_failing; /* session thread only: the last keepalive failed (log changes only) */
 
     /* Watch state: touched only on the store's watch thread once the watch runs. */
     void *watch;
@@ -549,9 +550,12 @@ static void keepalive_step(xllm_registry *reg) {
     xllm_status st = reg->st.iface->lease_keepalive(reg->st.ctx, lease, &ttl, err, sizeof(err));
     if (st != XLLM_OK) {
         /* Unreachable store: keep trying; the lease deadline bounds what is_leader() claims. */
-        fprintf(stderr, "xllm registry: keepalive failed: %s\n", err);
+        if (!reg->ka_failing) fprintf(stderr, "xllm registry: keepalive failed: %s\n", err);
+        reg->ka_failing = true;
         return;
     }
+    if (reg->ka_failing) fprintf(stderr, "xllm registry: keepalive works again\n");
+    reg->ka_failing = false;
     if (ttl > 0) {
         pthread_mutex_lock(&reg->mu);
         if (lease == reg->lease) reg->lease_deadline_ns = t0 + ttl * 1000000;
