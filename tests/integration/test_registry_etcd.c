@@ -128,6 +128,9 @@ static xllm_registry_store etcd_store(const char *endpoint, int timeout_ms) {
     return st;
 }
 
+static int g_cport, g_pport;
+static bool launch_etcd(const char *bin);
+
 static bool start_etcd(void) {
     const char *bin = find_etcd();
     if (!bin) {
@@ -140,14 +143,22 @@ static bool start_etcd(void) {
         snprintf(g_data_dir, sizeof(g_data_dir), "/tmp/xllm-etcd-XXXXXX");
         if (!mkdtemp(g_data_dir)) return false;
     }
-    int cport = free_port(), pport = free_port();
-    while (pport == cport) pport = free_port();
+    g_cport = free_port();
+    g_pport = free_port();
+    while (g_pport == g_cport) g_pport = free_port();
+    return launch_etcd(bin);
+}
+
+/* Starts etcd on the chosen ports and data dir and waits until it answers. */
+static bool launch_etcd(const char *bin) {
+    int cport = g_cport, pport = g_pport;
     char curl_[64], purl[64], data[600], cluster[128], log[600];
     snprintf(curl_, sizeof(curl_), "http://127.0.0.1:%d", cport);
     snprintf(purl, sizeof(purl), "http://127.0.0.1:%d", pport);
     snprintf(data, sizeof(data), "%s/data", g_data_dir);
     snprintf(cluster, sizeof(cluster), "t=%s", purl);
     snprintf(log, sizeof(log), "%s/etcd.log", g_data_dir);
+    if (access(log, F_OK) == 0) snprintf(log, sizeof(log), "%s/etcd-restarted.log", g_data_dir);
     snprintf(g_endpoint, sizeof(g_endpoint), "%s", curl_);
     /* Short heartbeat / election so that the minimum lease TTL is 1 s. */
     char *argv[] = {(char *)bin, "--name",
@@ -465,6 +476,40 @@ static void test_lease_recovery_and_incarnation(void **state) {
     col_destroy(&c);
 }
 
+static void test_etcd_restart(void **state) {
+    (void)state;
+    char err[256];
+    collector c;
+    col_init(&c);
+    xllm_registry *w = open_reg(&c, false);
+    xllm_registry *a = open_reg(NULL, false);
+    xllm_instance x = {"before", 0x10, XLLM_ROLE_MIXED, "127.0.0.1:1", NULL};
+    assert_int_equal(xllm_registry_register(a, &x, err, sizeof(err)), XLLM_OK);
+    size_t cur = 0;
+    assert_true(col_wait(&c, &cur, XLLM_REGISTRY_ADDED, "before", 0x10, 3000) >= 0);
+    /* etcd dies and comes back on the same data: the watch reconnects, the session's lease
+     * (restored by etcd) keeps "before" registered */
+    kill_wait(g_etcd_pid);
+    g_etcd_pid = 0;
+    assert_true(launch_etcd(find_etcd()));
+    xllm_instance y = {"after", 0x20, XLLM_ROLE_DECODE, "127.0.0.1:2", NULL};
+    xllm_status st = XLLM_ERR_IO;
+    for (int i = 0; i < 30 && st != XLLM_OK; i++) {
+        st = xllm_registry_register(a, &y, err, sizeof(err));
+        if (st != XLLM_OK) usleep(100 * 1000);
+    }
+    assert_int_equal(st, XLLM_OK);
+    assert_true(col_wait(&c, &cur, XLLM_REGISTRY_ADDED, "after", 0x20, 5000) >= 0);
+    xllm_instance_list l;
+    assert_int_equal(xllm_registry_list(w, -1, &l, err, sizeof(err)), XLLM_OK);
+    assert_int_equal(l.n, 2);
+    xllm_instance_list_free(&l);
+    xllm_registry_free(a);
+    assert_true(col_wait(&c, &cur, XLLM_REGISTRY_REMOVED, "before", 0x10, 3000) >= 0);
+    xllm_registry_free(w);
+    col_destroy(&c);
+}
+
 static void test_unreachable(void **state) {
     (void)state;
     char err[256] = "";
@@ -515,6 +560,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_kill9_instance),
         cmocka_unit_test(test_leader_takeover),
         cmocka_unit_test(test_lease_recovery_and_incarnation),
+        cmocka_unit_test(test_etcd_restart),
         cmocka_unit_test(test_unreachable),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
