@@ -410,17 +410,20 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
         uint64_t seen = waiter_seq(j->w);
         format_stream(j);
         if (j->out.len) continue;
-        if (client_gone(j)) {
-            atomic_fetch_add(&j->s->disconnects, 1);
-            log_job(j, "client gone");
-            return MHD_CONTENT_READER_END_WITH_ERROR;
-        }
+        if (client_gone(j)) return MHD_CONTENT_READER_END_WITH_ERROR;
         waiter_wait(j->w, seen, 200);
     }
 }
 
+/* MHD releases the response: the stream ended, or the client went away (our poll saw it, or
+ * a write failed); then job_free cancels the requests. */
 static void stream_free(void *cls) {
-    job_free(cls);
+    job *j = cls;
+    if (!j->ended) {
+        atomic_fetch_add(&j->s->disconnects, 1);
+        log_job(j, "client gone");
+    }
+    job_free(j);
 }
 
 /* ---------------------------------------------------------------------------------------- */
