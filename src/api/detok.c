@@ -134,16 +134,22 @@ void xllm_api_detok_free(xllm_api_detok *d) {
     xllm_api_buf_free(&d->text);
 }
 
-/* Looks for stop strings that end in the text added since the last search; cuts the text at
- * the earliest. */
+/* Looks for stop strings that end in the text added since the last search and cuts the text
+ * before the one that completes first (ties: the longest), as a token-by-token check would;
+ * so the result does not depend on how the text was cut into tokens. */
 static bool find_stop(xllm_api_detok *d) {
-    size_t best = SIZE_MAX;
+    size_t best = SIZE_MAX, best_end = SIZE_MAX;
     for (int32_t i = 0; i < d->n_stop; i++) {
         size_t L = d->stop_len[i];
         if (L == 0 || L > d->text.len) continue;
         size_t from = d->checked >= L - 1 ? d->checked - (L - 1) : 0;
         const char *hit = memmem(d->text.p + from, d->text.len - from, d->stop[i], L);
-        if (hit && (size_t)(hit - d->text.p) < best) best = (size_t)(hit - d->text.p);
+        if (!hit) continue;
+        size_t pos = (size_t)(hit - d->text.p);
+        if (pos + L < best_end || (pos + L == best_end && pos < best)) {
+            best = pos;
+            best_end = pos + L;
+        }
     }
     d->checked = d->text.len;
     if (best == SIZE_MAX) return false;
