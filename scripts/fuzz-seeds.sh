@@ -19,6 +19,29 @@ case "$name" in
       fi
     done
     ;;
+  fuzz_sse)
+    printf ': ping\r\ndata: {"choices":[{"delta":{"content":"hi"}}]}\r\n\r\ndata: a\ndata: b\n\ndata: [DONE]\n\n' \
+      >"$corpus/seed-stream"
+    ;;
+  fuzz_tokenizer)
+    # The llama.cpp vocab test strings, each behind a control byte (tokenizer index, special
+    # parsing, BOS), plus text with special tokens and invalid UTF-8.
+    python3 - "$shared/models/vocab/ggml-vocab-qwen2.gguf.inp" "$corpus" <<'PY'
+import sys
+inp, out = sys.argv[1], sys.argv[2]
+try:
+    texts = open(inp, 'rb').read().split(b'\n__ggml_vocab_test__\n')
+except OSError:
+    texts = []
+texts += [b'<|im_start|>user\nHi<|im_end|>\n<think>', b'<s>[INST] hi [/INST]</s>',
+          b'\xff\xfe e\xcc\x81 \xe4\xb8\xad\xe6\x96\x87 123456 \r\n\t  x',
+          '日本語のテキスト、한국어 텍스트。'.encode()]
+for i, t in enumerate(texts):
+    for ctl in range(0, 32, 5):
+        with open(f'{out}/seed-{i:02d}-{ctl:02d}', 'wb') as f:
+            f.write(bytes([ctl]) + t)
+PY
+    ;;
   fuzz_template)
     # The real chat templates, alone and followed by a request from the test conversations.
     shopt -s nullglob

@@ -122,10 +122,20 @@ const char *xllm_model_meta_str(const xllm_model *model, const char *key);
 const char *xllm_model_chat_template(const xllm_model *model);
 
 /* ------------------------------------------------------------------------------------------ */
-/* Tokenizer: owned by the model, valid as long as it.                                        */
+/* Tokenizer: owned by the model (valid as long as it), or loaded standalone.                 */
 /* ------------------------------------------------------------------------------------------ */
 
 const xllm_tokenizer *xllm_model_tokenizer(const xllm_model *model);
+
+/* Loads a standalone tokenizer from a GGUF file (its tokenizer.ggml.* keys) or from a Hugging
+ * Face model directory (tokenizer.json, or vocab.json + merges.txt; tokenizer_config.json for
+ * BOS/EOS; a path to a .json file in such a directory means the directory). On failure *out is
+ * NULL and err holds one line naming the problem. The caller owns the tokenizer: free it with
+ * xllm_tokenizer_free. Immutable once loaded: every function below may be called from several
+ * threads at once. */
+xllm_status xllm_tokenizer_load(const char *path, xllm_tokenizer **out, char *err, size_t err_size);
+/* Frees a tokenizer from xllm_tokenizer_load (accepts NULL). Never pass a model's tokenizer. */
+void xllm_tokenizer_free(xllm_tokenizer *tok);
 
 int32_t xllm_tokenizer_n_vocab(const xllm_tokenizer *tok);
 int32_t xllm_token_bos(const xllm_tokenizer *tok); /* -1 when the vocab has none */
@@ -133,6 +143,9 @@ int32_t xllm_token_eos(const xllm_tokenizer *tok);
 bool xllm_token_is_eog(const xllm_tokenizer *tok, int32_t id); /* end of generation */
 bool xllm_tokenizer_add_bos(const xllm_tokenizer *tok);        /* does the vocab want BOS? */
 const char *xllm_tokenizer_type(const xllm_tokenizer *tok);    /* "llama" (SPM), "gpt2" */
+/* The pre-tokenizer: GGUF's tokenizer.ggml.pre ("qwen2", "llama-bpe", ...), "hf" for one read
+ * from tokenizer.json, "spm" for SentencePiece. */
+const char *xllm_tokenizer_pre(const xllm_tokenizer *tok);
 /* SentencePiece: tokenizing prepends a space (U+2581), so a detokenized text that starts at
  * the beginning of a sequence drops the first piece's leading space. */
 bool xllm_tokenizer_add_space_prefix(const xllm_tokenizer *tok);

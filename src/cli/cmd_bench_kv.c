@@ -75,7 +75,8 @@ static int32_t mixed_len(uint64_t *s, int32_t n_ctx) {
 typedef struct layout_result {
     double p50_us, p99_us, max_us;
     double held_mb, stored_mb, waste_pages_per_seq;
-    double attn_ms[4];
+    double attn_ms[4];      /* the engine's path */
+    double attn_same_ms[4]; /* one kernel for both layouts */
     int32_t block_tokens;
     uint64_t sync_maps, bg_maps;
     int64_t mappings;
@@ -91,6 +92,7 @@ typedef struct attn_job {
     float *scratch;      /* (threads, n_ctx + head_dim) */
     xllm_kv_span *spans; /* (threads, max_spans) */
     float *out;          /* (threads, head_dim) */
+    bool same_loop;      /* read every layout run by run (one kernel for both) */
 } attn_job;
 
 static void attn_worker(void *arg, int ith, int nth) {
@@ -108,9 +110,10 @@ static void attn_worker(void *arg, int ith, int nth) {
         int32_t l = (int32_t)(idx / c->n_head % c->n_layer);
         int32_t s = (int32_t)(idx / c->n_head / c->n_layer);
         int32_t n = xllm_kv_spans(j->kv, l, s, j->lens[s], spans, max_spans);
-        xllm_attention_head(j->q + (size_t)h * D, spans, n, c->type, xllm_kv_row_bytes(j->kv),
-                            (int64_t)(h / group) * D, D, j->lens[s], 1.0f / sqrtf((float)D), scores,
-                            scores + c->n_ctx, out);
+        (j->same_loop ? xllm_attention_head_runs : xllm_attention_head)(
+            j->q + (size_t)h * D, spans, n, c->type, xllm_kv_row_bytes(j->kv),
+            (int64_t)(h / group) * D, D, j->lens[s], 1.0f / sqrtf((float)D), scores,
+            scores + c->n_ctx, out);
     }
 }
 
@@ -179,16 +182,19 @@ static bool bench_layout(const bench_cfg *c, xllm_kv_layout layout, layout_resul
     j.spans = malloc(sizeof(xllm_kv_span) * (size_t)c->threads * (size_t)xllm_kv_max_spans(kv));
     j.out = malloc(sizeof(float) * (size_t)c->threads * (size_t)c->head_dim);
     const int32_t batches[4] = {1, 4, 16, 64};
-    for (int bi = 0; bi < 4; bi++) {
-        j.n_seq = batches[bi];
-        double best = 1e30;
-        for (int rep = 0; rep < c->reps; rep++) {
-            double t0 = xllm_cli_now();
-            xllm_threadpool_run(tp, attn_worker, &j);
-            double t = xllm_cli_now() - t0;
-            best = t < best ? t : best;
+    for (int same = 0; same < 2; same++) {
+        j.same_loop = same;
+        for (int bi = 0; bi < 4; bi++) {
+            j.n_seq = batches[bi];
+            double best = 1e30;
+            for (int rep = 0; rep < c->reps; rep++) {
+                double t0 = xllm_cli_now();
+                xllm_threadpool_run(tp, attn_worker, &j);
+                double t = xllm_cli_now() - t0;
+                best = t < best ? t : best;
+            }
+            (same ? r->attn_same_ms : r->attn_ms)[bi] = best * 1e3;
         }
-        r->attn_ms[bi] = best * 1e3;
     }
     free(j.scratch);
     free(j.spans);
@@ -233,7 +239,7 @@ int xllm_cmd_bench_kv(int argc, char **argv) {
                    .head_dim = 128,
                    .n_ctx = 4096,
                    .threads = 2,
-                   .reps = 5,
+                   .reps = 3,
                    .type = XLLM_DTYPE_F16,
                    .seed = 0x5eed};
     for (int i = 1; i < argc; i++) {
@@ -298,6 +304,10 @@ int xllm_cmd_bench_kv(int argc, char **argv) {
     for (int b = 0; b < 4; b++)
         printf("| decode attention, %d seqs (ms) | %.3f | %.3f | %.3f |\n", batches[b],
                res[0].attn_ms[b], res[1].attn_ms[b], res[0].attn_ms[b] / res[1].attn_ms[b]);
+    for (int b = 0; b < 4; b++)
+        printf("| same kernel (run by run), %d seqs (ms) | %.3f | %.3f | %.3f |\n", batches[b],
+               res[0].attn_same_ms[b], res[1].attn_same_ms[b],
+               res[0].attn_same_ms[b] / res[1].attn_same_ms[b]);
     printf("| prefix cache: prefill saved | %.1f%% | %.1f%% | |\n", res[0].reuse_saved * 100,
            res[1].reuse_saved * 100);
     (void)names;

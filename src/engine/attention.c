@@ -46,3 +46,10 @@ void xllm_attention_head(const float *q, const xllm_kv_span *spans, int32_t n_sp
         attention_spans(q, spans, n_spans, type, row_bytes, off, head_dim, n_pos, scale, scores,
                         tmp, out);
 }
+
+void xllm_attention_head_runs(const float *q, const xllm_kv_span *spans, int32_t n_spans,
+                              xllm_dtype type, size_t row_bytes, int64_t off, int head_dim,
+                              int32_t n_pos, float scale, float *scores, float *tmp, float *out) {
+    attention_spans(q, spans, n_spans, type, row_bytes, off, head_dim, n_pos, scale, scores, tmp,
+                    out);
+}

@@ -15,4 +15,10 @@ void xllm_attention_head(const float *q, const xllm_kv_span *spans, int32_t n_sp
                          xllm_dtype type, size_t row_bytes, int64_t off, int head_dim,
                          int32_t n_pos, float scale, float *scores, float *tmp, float *out);
 
+/* The same computation always read run by run (whatever the layout): lets a benchmark compare
+ * layouts with one kernel. */
+void xllm_attention_head_runs(const float *q, const xllm_kv_span *spans, int32_t n_spans,
+                              xllm_dtype type, size_t row_bytes, int64_t off, int head_dim,
+                              int32_t n_pos, float scale, float *scores, float *tmp, float *out);
+
 #endif

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -33,14 +34,14 @@ typedef struct page_info {
 } page_info;
 
 typedef struct kv_seq {
-    int32_t len;      /* committed positions */
-    int32_t n_blocks; /* blocks with a page (mapped, for xtensor) */
-    int32_t n_hashed; /* leading full blocks whose chained hash is known */
-    int32_t runs;     /* maximal runs of blocks on consecutive pages (mappings per region) */
-    int32_t *pages;   /* [max_blocks] */
-    uint64_t *hashes; /* [max_blocks] */
-    int32_t *tokens;  /* [n_ctx] */
-    uint8_t *base;    /* xtensor: n_regions regions of region_bytes each */
+    int32_t len;         /* committed positions */
+    atomic_int n_blocks; /* blocks with a page (mapped, for xtensor); read without the lock */
+    int32_t n_hashed;    /* leading full blocks whose chained hash is known */
+    int32_t runs;        /* maximal runs of blocks on consecutive pages (mappings per region) */
+    int32_t *pages;      /* [max_blocks] */
+    uint64_t *hashes;    /* [max_blocks] */
+    int32_t *tokens;     /* [n_ctx] */
+    uint8_t *base;       /* xtensor: n_regions regions of region_bytes each */
 } kv_seq;
 
 struct xllm_kv {
