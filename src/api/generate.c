@@ -43,10 +43,13 @@ typedef struct job {
     /* streaming */
     xllm_api_buf out;
     size_t out_pos;
-    bool head_sent; /* chat: the role chunks */
-    bool ended;     /* [DONE] written */
-    bool counted;   /* in s->in_flight */
+    bool head_sent;      /* chat: the role chunks */
+    bool ended;          /* [DONE] written */
+    double t_last_write; /* keep-alive comments go out after XLLM_API_PING_S of silence */
+    bool counted;        /* in s->in_flight */
 } job;
+
+#define XLLM_API_PING_S 15.0
 
 static double now_s(void) {
     struct timespec ts;
@@ -402,6 +405,7 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
             size_t n = XLLM_MIN(max, j->out.len - j->out_pos);
             memcpy(buf, j->out.p + j->out_pos, n);
             j->out_pos += n;
+            j->t_last_write = now_s();
             return (ssize_t)n;
         }
         if (j->ended) return MHD_CONTENT_READER_END_OF_STREAM;
@@ -411,6 +415,12 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
         format_stream(j);
         if (j->out.len) continue;
         if (client_gone(j)) return MHD_CONTENT_READER_END_WITH_ERROR;
+        if (now_s() - j->t_last_write > XLLM_API_PING_S) {
+            /* an SSE comment keeps proxies and client read timeouts from giving up on a
+             * request that waits long in the queue (and a failed write notices a gone client) */
+            xllm_api_buf_add(&j->out, ": ping\n\n", 8);
+            continue;
+        }
         waiter_wait(j->w, seen, 200);
     }
 }
@@ -564,6 +574,7 @@ enum MHD_Result xllm_api_handle_generate(xllm_api_server *s, struct MHD_Connecti
     job *j = xllm_xcalloc(1, sizeof(*j));
     j->s = s;
     j->t_start = now_s();
+    j->t_last_write = j->t_start;
     j->created = (int64_t)time(NULL);
     j->fd = -1;
     atomic_fetch_add(&s->in_flight, 1);

@@ -139,8 +139,8 @@ class Server:
             if not line:
                 break
             line = line.rstrip(b"\r\n")
-            if not line:
-                continue
+            if not line or line.startswith(b":"):
+                continue  # blank separators and comments (keep-alive pings)
             if not line.startswith(b"data: "):
                 raise RuntimeError("bad SSE line %r" % line)
             payload = line[6:]

@@ -228,7 +228,8 @@ def check_busy_and_drain():
     ok(srv.stop() == 0, "server exits cleanly (1)", "".join(srv.log[-20:]))
 
     # 503 while loading, then ready
-    srv = Server(STORIES, env={"XLLM_SERVE_LOAD_DELAY_MS": "1500"}, wait_ready=False)
+    srv = Server(STORIES, "--drain-timeout", "300", env={"XLLM_SERVE_LOAD_DELAY_MS": "1500"},
+                 wait_ready=False)
     st, out = srv.get("/health")
     ok(st == 503 and json.loads(out)["status"] == "loading", "503 /health while loading", out)
     st, d = srv.post("/v1/completions", {"prompt": "hi"})
