@@ -235,6 +235,21 @@ static void log_job(const job *j, const char *how) {
             j->id, how, j->prompt_tokens, gen, st.t_first_ms, (now_s() - j->t_start) * 1e3);
 }
 
+/* The prompt of a choice as text (for echo). */
+static void prompt_text(const job *j, const choice *c, xllm_api_buf *b) {
+    const xllm_api_prompt *p = &j->rq.prompts[c->prompt];
+    if (p->text) {
+        xllm_api_buf_add(b, p->text, p->len);
+        return;
+    }
+    xllm_api_detok d;
+    xllm_api_detok_init(&d, j->s->tok, false, NULL, NULL, 0);
+    for (int32_t k = 0; k < p->n_ids; k++) xllm_api_detok_push(&d, p->ids[k]);
+    xllm_api_detok_finish(&d);
+    xllm_api_buf_add(b, d.text.p, d.text.len);
+    xllm_api_detok_free(&d);
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* Non-streamed responses                                                                    */
 /* ---------------------------------------------------------------------------------------- */
@@ -265,17 +280,7 @@ static enum MHD_Result respond_whole(job *j, struct MHD_Connection *conn) {
         json_t *str;
         if (!chat && j->rq.echo) {
             xllm_api_buf b = {0};
-            const xllm_api_prompt *p = &j->rq.prompts[c->prompt];
-            if (p->text) {
-                xllm_api_buf_add(&b, p->text, p->len);
-            } else {
-                xllm_api_detok d;
-                xllm_api_detok_init(&d, s->tok, false, NULL, NULL, 0);
-                for (int32_t k = 0; k < p->n_ids; k++) xllm_api_detok_push(&d, p->ids[k]);
-                xllm_api_detok_finish(&d);
-                xllm_api_buf_add(&b, d.text.p, d.text.len);
-                xllm_api_detok_free(&d);
-            }
+            prompt_text(j, c, &b);
             xllm_api_buf_add(&b, c->dt.text.p, c->dt.text.len);
             str = xllm_api_json_str(b.p, b.len);
             xllm_api_buf_free(&b);
@@ -325,8 +330,10 @@ static void sse(job *j, json_t *o) {
     free(t);
 }
 
-/* One chunk for choice c: text (may be empty), its logprobs, a finish reason or none. */
-static void chunk(job *j, choice *c, const char *text, size_t n, const char *finish, bool role) {
+/* One chunk for choice c: text (may be empty), its logprobs, a finish reason or none; usage
+ * (stolen) when not NULL. */
+static void chunk(job *j, choice *c, const char *text, size_t n, const char *finish, bool role,
+                  json_t *usage) {
     const bool chat = j->rq.kind == XLLM_API_CHAT;
     json_t *o = envelope(j, chat ? "chat.completion.chunk" : "text_completion");
     json_t *e = json_object();
@@ -355,7 +362,10 @@ static void chunk(job *j, choice *c, const char *text, size_t n, const char *fin
     json_t *arr = json_array();
     json_array_append_new(arr, e);
     json_object_set_new(o, "choices", arr);
-    if (j->rq.include_usage) json_object_set_new(o, "usage", json_null());
+    if (usage)
+        json_object_set_new(o, "usage", usage);
+    else if (j->rq.include_usage)
+        json_object_set_new(o, "usage", json_null());
     sse(j, o);
 }
 
@@ -364,24 +374,34 @@ static void format_stream(job *j) {
     uint64_t t0 = now_ns();
     if (!j->head_sent) {
         j->head_sent = true;
-        if (j->rq.kind == XLLM_API_CHAT)
-            for (int32_t i = 0; i < j->n_ch; i++) chunk(j, &j->ch[i], "", 0, NULL, true);
+        for (int32_t i = 0; i < j->n_ch; i++) {
+            if (j->rq.kind == XLLM_API_CHAT) {
+                chunk(j, &j->ch[i], "", 0, NULL, true, NULL);
+            } else if (j->rq.echo) {
+                xllm_api_buf b = {0};
+                prompt_text(j, &j->ch[i], &b);
+                chunk(j, &j->ch[i], b.p ? b.p : "", b.len, NULL, false, NULL);
+                xllm_api_buf_free(&b);
+            }
+        }
     }
     pump(j);
-    bool all_final = true;
+    int32_t left = 0;
+    for (int32_t i = 0; i < j->n_ch; i++) left += !j->ch[i].final_sent;
     for (int32_t i = 0; i < j->n_ch; i++) {
         choice *c = &j->ch[i];
         if (c->final_sent) continue;
         const char *text;
         size_t n = xllm_api_detok_take(&c->dt, &text);
-        if (n || c->lp) chunk(j, c, text, n, NULL, false);
+        if (n || c->lp) chunk(j, c, text, n, NULL, false, NULL);
         if (c->done) {
-            chunk(j, c, "", 0, c->finish, false);
+            /* the last finish chunk carries the usage too, unless a usage chunk follows */
+            bool last = --left == 0 && !j->rq.include_usage;
+            chunk(j, c, "", 0, c->finish, false, last ? usage_json(j) : NULL);
             c->final_sent = true;
-        } else {
-            all_final = false;
         }
     }
+    bool all_final = left == 0;
     if (all_final && !j->ended) {
         if (j->rq.include_usage) {
             json_t *o = envelope(j, j->rq.kind == XLLM_API_CHAT ? "chat.completion.chunk"

@@ -131,6 +131,19 @@ def check_sampling(srv, refs):
                                          "ignore_eos": True})
     ok(st == 200 and d["usage"]["completion_tokens"] == 400
        and d["choices"][0]["finish_reason"] == "length", "ignore_eos", d.get("usage"))
+    # echo, streamed and not; usage rides on the last finish chunk without include_usage
+    st, d = srv.post("/v1/completions", {"prompt": p, "max_tokens": 8, "temperature": 0,
+                                         "echo": True})
+    echoed = d["choices"][0]["text"] if st == 200 else ""
+    ok(echoed.startswith(p) and ref.startswith(echoed[len(p):]) and len(echoed) > len(p),
+       "echo", d)
+    st, evs, done = srv.stream("/v1/completions", {"prompt": p, "max_tokens": 8,
+                                                   "temperature": 0, "echo": True,
+                                                   "stream": True})
+    ok(done and stream_text(evs)[0] == echoed
+       and evs[-1].get("usage", {}).get("completion_tokens") == 8
+       and evs[-1]["choices"][0]["finish_reason"] == "length",
+       "echo streamed; usage on the final chunk", evs[-1:])
     # xLLM extensions are accepted
     st, d = srv.post("/v1/completions", {"prompt": p, "max_tokens": 4, "temperature": 0,
                                          "priority": -3, "offline": False, "ttft_slo_ms": 500,
