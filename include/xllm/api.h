@@ -32,9 +32,10 @@ typedef struct xllm_api_params {
 
 xllm_api_params xllm_api_default_params(void);
 
-/* Binds the socket and starts answering HTTP at once: until xllm_api_server_load succeeds every
- * request but /health gets 503 ("loading"). On error returns a status and a message in err.
- * Main thread. */
+/* Binds the socket and starts answering HTTP at once: until xllm_api_server_load succeeds,
+ * /health answers 503 {"status": "loading"}, /metrics works, and every other endpoint answers
+ * 503. The HTTP threads are libmicrohttpd's, one per connection. On error returns a status and
+ * a message in err. Main thread. */
 xllm_status xllm_api_server_start(const xllm_api_params *params, xllm_api_server **out, char *err,
                                   size_t err_size);
 /* The port the server listens on (useful with port 0). */
