@@ -11,27 +11,37 @@ SHARED     ?= $(abspath ../shared)
 FUZZ_SECONDS ?= 60
 export XLLM_SHARED ?= $(SHARED)
 
-.PHONY: all deps build run test test-unit test-asan test-tsan test-fuzz format format-check clean
+.PHONY: all deps node-deps build run test test-unit test-asan test-tsan test-fuzz format \
+        format-check clean
 
 all: build
 
 deps:
 	@./scripts/install-deps.sh
 
+# The official openai npm client, version pinned by tests/node/package-lock.json.
+node-deps: deps
+	@[ -d tests/node/node_modules/openai ] || \
+	  (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+
 build: deps
 	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release >/dev/null
 	@cmake --build $(BUILD) -j $(JOBS)
 
-run: build
-	./$(BUILD)/xllm run -m $(XLLM_SHARED)/models/stories260K/stories260K.gguf -p "" -n 256 --temp 0
+MODEL ?= $(XLLM_SHARED)/models/stories260K/stories260K.gguf
+PORT  ?= 8080
 
-test: build format-check
+# Serves MODEL over HTTP (OpenAI API); the server prints its URL and a curl line to paste.
+run: build
+	./$(BUILD)/xllm serve -m $(MODEL) --port $(PORT)
+
+test: build format-check node-deps
 	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
 	$(MAKE) --no-print-directory test-asan
 	$(MAKE) --no-print-directory test-tsan
 	$(MAKE) --no-print-directory test-fuzz
 
-test-asan: deps
+test-asan: deps node-deps
 	@cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DXLLM_SANITIZE=ON >/dev/null
 	@cmake --build $(ASAN_BUILD) -j $(JOBS)
 	ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS)

@@ -76,5 +76,13 @@ PY
     printf '\005L3hsbG0vZGVmYXVsdC9pbnN0YW5jZXMvZGVjb2RlL2Ux' >"$corpus/seed-b64"
     printf '\003{"error":"etcdserver: requested lease not found","message":"etcdserver: requested lease not found","code":5}' >"$corpus/seed-error"
     ;;
+  fuzz_api_request)
+    # valid bodies of both endpoints (first byte: 0 completions, 1 chat)
+    printf '0{"prompt":"Once upon a time","max_tokens":16,"stop":[" the","\\n"],"temperature":0}' >"$corpus/seed-completion"
+    printf '0{"prompt":[1,403,407],"n":2,"seed":7,"logprobs":3,"stream":true,"stream_options":{"include_usage":true}}' >"$corpus/seed-ids"
+    printf '0{"prompt":["a","b"],"stop":"ab","echo":true,"priority":-1,"offline":true,"ttft_slo_ms":100}' >"$corpus/seed-prompts"
+    printf '1{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi \\u5927\\u6d77"}],"max_completion_tokens":8,"stop":["<|im"],"logprobs":true,"top_logprobs":2}' >"$corpus/seed-chat"
+    printf '1{"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],"chat_template_kwargs":{"enable_thinking":false},"add_generation_prompt":true}' >"$corpus/seed-parts"
+    ;;
   *) ;;
 esac

@@ -19,6 +19,12 @@ for p in "${PKGS[@]}"; do
   fi
 done
 
+# Node and npm run the official openai client test (tests/node); any install of them will do
+# (e.g. NodeSource's nodejs, which carries npm), so only the commands are checked.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  missing+=(nodejs npm)
+fi
+
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
