@@ -28,6 +28,10 @@ typedef struct xllm_api_params {
     const char *chat_template_file; /* a .jinja file overriding the model's template; NULL */
     xllm_engine_params engine;      /* batching, queue and KV settings */
     bool log_requests;              /* one line per request on stderr (default false) */
+    /* Cluster instance (`xllm engine`): POST /v1/instance/role {"role": R} calls on_role on
+     * the HTTP thread (it updates the registry); NULL = the endpoint answers 404. */
+    xllm_status (*on_role)(const char *role, void *user, char *err, size_t err_size);
+    void *on_role_user;
 } xllm_api_params;
 
 xllm_api_params xllm_api_default_params(void);

@@ -160,6 +160,33 @@ typedef struct xllm_api_waiter {
 
 enum { XLLM_API_N_CODES = 10 };
 
+/* Where generation requests go: the local engine (`xllm serve`, `xllm engine`) or remote
+ * instances (`xllm service`, src/service/remote.c). A request handle is opaque to the API layer.
+ * Calls come from HTTP connection threads, one thread per request handle at a time (submit: any
+ * HTTP thread). Versioned like every interface struct. */
+#define XLLM_API_BACKEND_VERSION 1
+typedef struct xllm_api_backend_i {
+    int version; /* XLLM_API_BACKEND_VERSION */
+    /* Queues a request; XLLM_ERR_BUSY (429), XLLM_ERR_INVALID_ARG (400), XLLM_ERR_IO (503: no
+     * instance can take it) or another error (500), with a message in err. */
+    xllm_status (*submit)(void *ctx, const xllm_request_params *p, void **out, char *err,
+                          size_t err_size);
+    int (*next)(void *r, xllm_token_event *ev, int timeout_ms); /* as xllm_request_next */
+    xllm_finish_reason (*finish_reason)(void *r);
+    /* Why a stream ended with XLLM_FINISH_ABORT, NULL when there is no message (optional). */
+    const char *(*error)(void *r);
+    void (*cancel)(void *r);
+    void (*release)(void *r); /* as xllm_request_free */
+    void (*get_stats)(void *r, xllm_request_stats *st);
+    /* Appends Prometheus lines to /metrics (optional). Any HTTP thread. */
+    void (*metrics)(void *ctx, struct xllm_api_buf *b);
+    /* GET /v1/cluster: a malloc'd JSON text describing the instances (optional; NULL = 404). */
+    char *(*describe)(void *ctx);
+} xllm_api_backend_i;
+
+/* The local engine as a backend (ctx = the xllm_engine). */
+extern const xllm_api_backend_i xllm_api_engine_backend;
+
 struct xllm_api_server {
     xllm_api_params p; /* string fields point at the owned copies below */
     char *host, *api_key, *model_path, *served_name, *template_file;
@@ -173,7 +200,9 @@ struct xllm_api_server {
     pthread_rwlock_t eng_lock;
     xllm_model *model;
     const xllm_tokenizer *tok;
-    xllm_engine *engine;
+    xllm_engine *engine; /* NULL with a remote backend */
+    const xllm_api_backend_i *be;
+    void *be_ctx;
     xllm_chat_template *tmpl; /* NULL: chat requests get 400 */
     char *bos_text, *eos_text;
     int32_t n_ctx;
@@ -202,6 +231,9 @@ void xllm_api_count_code(xllm_api_server *s, unsigned code);
 xllm_api_waiter *xllm_api_waiter_get(xllm_api_server *s);
 void xllm_api_waiter_put(xllm_api_server *s, xllm_api_waiter *w);
 void xllm_api_waiter_notify(void *w); /* engine thread */
+/* The waiter's step count now; sleeps until it passes `seen` or ms pass. HTTP threads. */
+uint64_t xllm_api_waiter_seq(xllm_api_waiter *w);
+void xllm_api_waiter_wait(xllm_api_waiter *w, uint64_t seen, int ms);
 
 /* A JSON string from bytes that should be UTF-8 (repaired when not). */
 json_t *xllm_api_json_str(const char *p, size_t n);
@@ -218,5 +250,20 @@ char *xllm_api_render_chat(xllm_api_server *s, json_t *chat, size_t *len, char *
  * of the connection; blocks for non-streamed requests. */
 enum MHD_Result xllm_api_handle_generate(xllm_api_server *s, struct MHD_Connection *c,
                                          xllm_api_kind kind, const char *body, size_t len);
+
+/* The instance RPC (src/api/instance.c), served by `xllm engine` (and `xllm serve`) for a
+ * cluster service: POST /v1/instance/generate (token ids in, a stream of token events out),
+ * GET /v1/instance/load, POST /v1/instance/role. HTTP thread of the connection. */
+enum MHD_Result xllm_api_handle_instance_generate(xllm_api_server *s, struct MHD_Connection *c,
+                                                  const char *body, size_t len);
+enum MHD_Result xllm_api_handle_instance_load(xllm_api_server *s, struct MHD_Connection *c);
+enum MHD_Result xllm_api_handle_instance_role(xllm_api_server *s, struct MHD_Connection *c,
+                                              const char *body, size_t len);
+
+/* Loads the tokenizer and chat template of the model and serves through a remote backend
+ * instead of a local engine (`xllm service`). n_ctx: the context length per request. Main
+ * thread, once, instead of xllm_api_server_load. */
+xllm_status xllm_api_server_load_remote(xllm_api_server *s, const xllm_api_backend_i *be,
+                                        void *be_ctx, int32_t n_ctx, char *err, size_t err_size);
 
 #endif /* XLLM_API_IMPL_H */

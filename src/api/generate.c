@@ -15,7 +15,7 @@
 /* ---------------------------------------------------------------------------------------- */
 
 typedef struct choice {
-    xllm_request *req;
+    void *req; /* the backend's request */
     int32_t index;
     int32_t prompt; /* index into the job's prompts */
     xllm_api_detok dt;
@@ -23,7 +23,8 @@ typedef struct choice {
     bool done;       /* the stream ended or a stop string was found */
     bool final_sent; /* stream: the finish chunk was written */
     const char *finish;
-    json_t *lp; /* logprobs not yet sent (chat: array of entries; completions: object) */
+    const char *error; /* the backend's reason for an abort (owned by the request) */
+    json_t *lp;        /* logprobs not yet sent (chat: array of entries; completions: object) */
 } choice;
 
 typedef struct job {
@@ -66,7 +67,7 @@ static uint64_t now_ns(void) {
 static void job_free(job *j) {
     if (!j) return;
     for (int32_t i = 0; i < j->n_ch; i++) {
-        xllm_request_free(j->ch[i].req); /* cancels a request still running */
+        if (j->ch[i].req) j->s->be->release(j->ch[i].req); /* cancels a request still running */
         xllm_api_detok_free(&j->ch[i].dt);
         json_decref(j->ch[i].lp);
     }
@@ -85,7 +86,7 @@ static bool client_gone(const job *j) {
     return poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL));
 }
 
-static uint64_t waiter_seq(xllm_api_waiter *w) {
+uint64_t xllm_api_waiter_seq(xllm_api_waiter *w) {
     pthread_mutex_lock(&w->mu);
     uint64_t v = w->seq;
     pthread_mutex_unlock(&w->mu);
@@ -93,7 +94,7 @@ static uint64_t waiter_seq(xllm_api_waiter *w) {
 }
 
 /* Sleeps until the engine changes one of the job's streams after `seen`, or ms pass. */
-static void waiter_wait(xllm_api_waiter *w, uint64_t seen, int ms) {
+void xllm_api_waiter_wait(xllm_api_waiter *w, uint64_t seen, int ms) {
     struct timespec dl;
     clock_gettime(CLOCK_REALTIME, &dl);
     dl.tv_nsec += (long)ms * 1000000L;
@@ -178,11 +179,13 @@ static void pump(job *j) {
         choice *c = &j->ch[i];
         xllm_token_event ev;
         while (!c->done) {
-            int rc = xllm_request_next(c->req, &ev, 0);
+            int rc = j->s->be->next(c->req, &ev, 0);
             if (rc == 0) break;
             if (rc < 0) {
                 c->done = true;
-                c->finish = finish_name(xllm_request_finish_reason(c->req));
+                xllm_finish_reason why = j->s->be->finish_reason(c->req);
+                c->finish = finish_name(why);
+                if (why == XLLM_FINISH_ABORT && j->s->be->error) c->error = j->s->be->error(c->req);
                 xllm_api_detok_finish(&c->dt);
                 break;
             }
@@ -190,7 +193,7 @@ static void pump(job *j) {
             if (j->rq.logprobs >= 0) add_logprobs(j, c, &ev, c->dt.text.len);
             if (xllm_api_detok_push(&c->dt, ev.token)) {
                 /* a stop string: the text ends before it; the engine frees the sequence */
-                xllm_request_cancel(c->req);
+                j->s->be->cancel(c->req);
                 atomic_fetch_add(&j->s->stop_hits, 1);
                 c->done = true;
                 c->finish = "stop";
@@ -230,7 +233,7 @@ static void log_job(const job *j, const char *how) {
     int32_t gen = 0;
     for (int32_t i = 0; i < j->n_ch; i++) gen += j->ch[i].n_gen;
     xllm_request_stats st = {0};
-    if (j->n_ch && j->ch[0].req) xllm_request_get_stats(j->ch[0].req, &st);
+    if (j->n_ch && j->ch[0].req) j->s->be->get_stats(j->ch[0].req, &st);
     fprintf(stderr, "xllm serve: %s %s: %d prompt + %d generated tokens, ttft %.1f ms, %.1f ms\n",
             j->id, how, j->prompt_tokens, gen, st.t_first_ms, (now_s() - j->t_start) * 1e3);
 }
@@ -257,7 +260,7 @@ static void prompt_text(const job *j, const choice *c, xllm_api_buf *b) {
 static enum MHD_Result respond_whole(job *j, struct MHD_Connection *conn) {
     xllm_api_server *s = j->s;
     for (;;) {
-        uint64_t seen = waiter_seq(j->w);
+        uint64_t seen = xllm_api_waiter_seq(j->w);
         pump(j);
         if (all_done(j)) break;
         if (client_gone(j)) {
@@ -265,8 +268,11 @@ static enum MHD_Result respond_whole(job *j, struct MHD_Connection *conn) {
             log_job(j, "client gone");
             return MHD_NO; /* job_free (by the caller) cancels the requests */
         }
-        waiter_wait(j->w, seen, 200);
+        xllm_api_waiter_wait(j->w, seen, 200);
     }
+    for (int32_t i = 0; i < j->n_ch; i++)
+        if (j->ch[i].error)
+            return xllm_api_send_error(s, conn, 502, NULL, "instance_failed", "%s", j->ch[i].error);
     const bool chat = j->rq.kind == XLLM_API_CHAT;
     json_t *o = envelope(j, chat ? "chat.completion" : "text_completion");
     json_t *choices = json_array();
@@ -394,6 +400,17 @@ static void format_stream(job *j) {
         const char *text;
         size_t n = xllm_api_detok_take(&c->dt, &text);
         if (n || c->lp) chunk(j, c, text, n, NULL, false, NULL);
+        if (c->done && c->error) {
+            /* the request failed on its instance mid-stream: say so, never end silently */
+            json_t *o = json_object(), *e = json_object();
+            json_object_set_new(e, "message", xllm_api_json_str(c->error, strlen(c->error)));
+            json_object_set_new(e, "type", json_string("server_error"));
+            json_object_set_new(e, "code", json_string("instance_failed"));
+            json_object_set_new(e, "index", json_integer(c->index));
+            json_object_set_new(o, "error", e);
+            sse(j, o);
+            c->error = NULL;
+        }
         if (c->done) {
             /* the last finish chunk carries the usage too, unless a usage chunk follows */
             bool last = --left == 0 && !j->rq.include_usage;
@@ -431,7 +448,7 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
         if (j->ended) return MHD_CONTENT_READER_END_OF_STREAM;
         j->out.len = 0;
         j->out_pos = 0;
-        uint64_t seen = waiter_seq(j->w);
+        uint64_t seen = xllm_api_waiter_seq(j->w);
         format_stream(j);
         if (j->out.len) continue;
         if (client_gone(j)) return MHD_CONTENT_READER_END_WITH_ERROR;
@@ -441,7 +458,7 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
             xllm_api_buf_add(&j->out, ": ping\n\n", 8);
             continue;
         }
-        waiter_wait(j->w, seen, 200);
+        xllm_api_waiter_wait(j->w, seen, 200);
     }
 }
 
@@ -574,12 +591,14 @@ static enum MHD_Result submit(job *j, struct MHD_Connection *conn, bool *fail) {
         rp.notify = xllm_api_waiter_notify;
         rp.notify_user = j->w;
         char err[512];
-        xllm_status st = xllm_engine_submit(s->engine, &rp, &c->req, err, sizeof(err));
+        xllm_status st = s->be->submit(s->be_ctx, &rp, &c->req, err, sizeof(err));
         if (st != XLLM_OK) {
             pthread_rwlock_unlock(&s->eng_lock);
             if (st == XLLM_ERR_BUSY)
                 return xllm_api_send_error(s, conn, 429, NULL, "queue_full", "%s; retry later",
                                            err);
+            if (st == XLLM_ERR_IO)
+                return xllm_api_send_error(s, conn, 503, NULL, "no_instance", "%s", err);
             return xllm_api_send_error(s, conn, st == XLLM_ERR_INVALID_ARG ? 400 : 500, NULL, NULL,
                                        "%s", err);
         }

@@ -135,6 +135,45 @@ void xllm_api_waiter_put(xllm_api_server *s, xllm_api_waiter *w) {
     pthread_mutex_unlock(&s->mu);
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* The local engine as a backend                                                            */
+/* ---------------------------------------------------------------------------------------- */
+
+static xllm_status eng_submit(void *ctx, const xllm_request_params *p, void **out, char *err,
+                              size_t err_size) {
+    xllm_request *r = NULL;
+    xllm_status st = xllm_engine_submit(ctx, p, &r, err, err_size);
+    *out = r;
+    return st;
+}
+static int eng_next(void *r, xllm_token_event *ev, int timeout_ms) {
+    return xllm_request_next(r, ev, timeout_ms);
+}
+static xllm_finish_reason eng_finish(void *r) {
+    return xllm_request_finish_reason(r);
+}
+static void eng_cancel(void *r) {
+    xllm_request_cancel(r);
+}
+static void eng_release(void *r) {
+    xllm_request_free(r);
+}
+static void eng_stats(void *r, xllm_request_stats *st) {
+    xllm_request_get_stats(r, st);
+}
+
+const xllm_api_backend_i xllm_api_engine_backend = {
+    .version = XLLM_API_BACKEND_VERSION,
+    .submit = eng_submit,
+    .next = eng_next,
+    .finish_reason = eng_finish,
+    .error = NULL,
+    .cancel = eng_cancel,
+    .release = eng_release,
+    .get_stats = eng_stats,
+    .metrics = NULL,
+};
+
 void xllm_api_waiter_notify(void *p) {
     xllm_api_waiter *w = p;
     pthread_mutex_lock(&w->mu);
@@ -381,6 +420,7 @@ static enum MHD_Result handle_metrics(xllm_api_server *s, struct MHD_Connection 
                     "requests.",
                     &st.e2e);
     }
+    if (s->be && s->be->metrics && state != XLLM_API_STOPPING) s->be->metrics(s->be_ctx, &b);
     pthread_rwlock_unlock(&s->eng_lock);
     metric(&b, "xllm_server_ready", "gauge", "1 when the model is loaded and requests are taken.",
            state == XLLM_API_READY);
@@ -421,6 +461,10 @@ typedef enum route {
     R_CHAT,
     R_TOKENIZE,
     R_DETOKENIZE,
+    R_INST_GENERATE,
+    R_INST_LOAD,
+    R_INST_ROLE,
+    R_CLUSTER,
 } route;
 
 static const struct {
@@ -429,10 +473,17 @@ static const struct {
     bool post;
     bool auth;
 } k_routes[] = {
-    {"/health", R_HEALTH, false, false},          {"/metrics", R_METRICS, false, false},
-    {"/v1/models", R_MODELS, false, true},        {"/v1/completions", R_COMPLETIONS, true, true},
-    {"/v1/chat/completions", R_CHAT, true, true}, {"/tokenize", R_TOKENIZE, true, true},
+    {"/health", R_HEALTH, false, false},
+    {"/metrics", R_METRICS, false, false},
+    {"/v1/models", R_MODELS, false, true},
+    {"/v1/completions", R_COMPLETIONS, true, true},
+    {"/v1/chat/completions", R_CHAT, true, true},
+    {"/tokenize", R_TOKENIZE, true, true},
     {"/detokenize", R_DETOKENIZE, true, true},
+    {"/v1/instance/generate", R_INST_GENERATE, true, true},
+    {"/v1/instance/load", R_INST_LOAD, false, true},
+    {"/v1/instance/role", R_INST_ROLE, true, true},
+    {"/v1/cluster", R_CLUSTER, false, true},
 };
 
 /* Per-request state of a connection (MHD's con_cls). */
@@ -547,6 +598,17 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             return xllm_api_handle_generate(s, c, XLLM_API_COMPLETION, body, len);
         case R_CHAT:
             return xllm_api_handle_generate(s, c, XLLM_API_CHAT, body, len);
+        case R_INST_GENERATE:
+            return xllm_api_handle_instance_generate(s, c, body, len);
+        case R_INST_LOAD:
+            return xllm_api_handle_instance_load(s, c);
+        case R_INST_ROLE:
+            return xllm_api_handle_instance_role(s, c, body, len);
+        case R_CLUSTER: {
+            char *t = s->be && s->be->describe ? s->be->describe(s->be_ctx) : NULL;
+            if (!t) return xllm_api_send_error(s, c, 404, NULL, NULL, "not a cluster service");
+            return send_bytes(s, c, 200, "application/json", t, strlen(t));
+        }
         default:
             return MHD_NO;
     }
@@ -681,12 +743,13 @@ static char *read_file(const char *path, size_t *len) {
     return b.p;
 }
 
-xllm_status xllm_api_server_load(xllm_api_server *s, char *err, size_t err_size) {
+/* Loads the model, its tokenizer and chat template (not yet published). */
+static xllm_status load_model(xllm_api_server *s, xllm_model **out_model,
+                              xllm_chat_template **out_tmpl, char *err, size_t err_size) {
     xllm_model_params mp = xllm_model_default_params();
     xllm_model *model = NULL;
     xllm_status st = xllm_model_load(s->model_path, &mp, &model, err, err_size);
     if (st != XLLM_OK) return st;
-    const xllm_tokenizer *tok = xllm_model_tokenizer(model);
     xllm_chat_template *tmpl = NULL;
     char *src = NULL;
     size_t src_len = 0;
@@ -711,6 +774,41 @@ xllm_status xllm_api_server_load(xllm_api_server *s, char *err, size_t err_size)
             return st;
         }
     }
+    *out_model = model;
+    *out_tmpl = tmpl;
+    return XLLM_OK;
+}
+
+static void publish(xllm_api_server *s, xllm_model *model, xllm_chat_template *tmpl) {
+    const xllm_tokenizer *tok = xllm_model_tokenizer(model);
+    s->model = model;
+    s->tok = tok;
+    s->tmpl = tmpl;
+    s->bos_text = token_text(tok, xllm_token_bos(tok));
+    s->eos_text = token_text(tok, xllm_token_eos(tok));
+}
+
+xllm_status xllm_api_server_load_remote(xllm_api_server *s, const xllm_api_backend_i *be,
+                                        void *be_ctx, int32_t n_ctx, char *err, size_t err_size) {
+    xllm_model *model = NULL;
+    xllm_chat_template *tmpl = NULL;
+    xllm_status st = load_model(s, &model, &tmpl, err, err_size);
+    if (st != XLLM_OK) return st;
+    pthread_rwlock_wrlock(&s->eng_lock);
+    publish(s, model, tmpl);
+    s->be = be;
+    s->be_ctx = be_ctx;
+    s->n_ctx = n_ctx > 0 ? n_ctx : XLLM_MIN(xllm_model_n_ctx_train(model), 4096);
+    if (atomic_load(&s->state) == XLLM_API_LOADING) atomic_store(&s->state, XLLM_API_READY);
+    pthread_rwlock_unlock(&s->eng_lock);
+    return XLLM_OK;
+}
+
+xllm_status xllm_api_server_load(xllm_api_server *s, char *err, size_t err_size) {
+    xllm_model *model = NULL;
+    xllm_chat_template *tmpl = NULL;
+    xllm_status st = load_model(s, &model, &tmpl, err, err_size);
+    if (st != XLLM_OK) return st;
     xllm_engine *engine = NULL;
     st = xllm_engine_new(model, &s->p.engine, &engine, err, err_size);
     if (st != XLLM_OK) {
@@ -719,12 +817,10 @@ xllm_status xllm_api_server_load(xllm_api_server *s, char *err, size_t err_size)
         return st;
     }
     pthread_rwlock_wrlock(&s->eng_lock);
-    s->model = model;
-    s->tok = tok;
-    s->tmpl = tmpl;
-    s->bos_text = token_text(tok, xllm_token_bos(tok));
-    s->eos_text = token_text(tok, xllm_token_eos(tok));
+    publish(s, model, tmpl);
     s->engine = engine;
+    s->be = &xllm_api_engine_backend;
+    s->be_ctx = engine;
     s->n_ctx = xllm_engine_n_ctx(engine);
     if (atomic_load(&s->state) == XLLM_API_LOADING) atomic_store(&s->state, XLLM_API_READY);
     pthread_rwlock_unlock(&s->eng_lock);
