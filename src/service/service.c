@@ -41,7 +41,7 @@ typedef struct rreq {
     int32_t n_ev, cap_ev, rd;
     bool ended;
     xllm_finish_reason finish;
-    char error[320];
+    char error[480];
     atomic_bool cancel;
     int refs;
     void (*notify)(void *);
@@ -351,7 +351,7 @@ static void *relay_main(void *arg) {
             ended = true;
         } else if (n_gen > before || n_gen > 0) {
             /* tokens already reached the client: a retry would repeat them */
-            char msg[400];
+            char msg[480];
             snprintf(msg, sizeof(msg), "instance %s failed mid-stream: %s", rt.run.name, why);
             atomic_fetch_add(&svc->midstream_failures, 1);
             end_req(q, XLLM_FINISH_ABORT, msg);
@@ -364,7 +364,7 @@ static void *relay_main(void *arg) {
         }
     }
     if (!ended) {
-        char msg[400];
+        char msg[480];
         snprintf(msg, sizeof(msg), "the request failed on every instance tried: %s", why);
         end_req(q, XLLM_FINISH_ABORT, msg);
     }

@@ -137,6 +137,35 @@ def main():
         ok(took, "a standby service took over as master (%.1f s)" % (time.time() - t0))
         for s in others:
             s.stop()
+
+        # PD routes: one prefill + one decode + one mixed instance behind one service; every
+        # policy routes both kinds (prefill/decode pair and mixed) and outputs equal xllm run
+        p1 = cl.engine(etcd, STORIES, "p1", "prefill")
+        d1 = cl.engine(etcd, STORIES, "d1", "decode")
+        for pol in ["round-robin", "least-load", "prefix", "slo"]:
+            s = cl.service(etcd, STORIES, "--policy", pol, "--id", "pd-" + pol)
+            ok(cl.wait_for(lambda: names(s) == ["d1", "m2", "p1"], 10), pol + ": sees p1 d1 m2")
+            res = []
+            for i in range(6):
+                st, ev, done = s.stream("/v1/completions", {"prompt": PROMPTS[i % 3],
+                                                           "max_tokens": N, "temperature": 0,
+                                                           "stream": True})
+                res.append(stream_text(ev)[0] == refs[PROMPTS[i % 3]] and done)
+                if pol in ("least-load", "slo") and i % 2 == 0:
+                    # keep the mixed instance busy so that the pair is chosen too
+                    threading.Thread(target=m2.post, args=("/v1/completions", {
+                        "prompt": PROMPTS[0], "max_tokens": 100, "ignore_eos": True})).start()
+            m = s.metrics()
+            ok(all(res), pol + ": PD cluster outputs equal xllm run", res)
+            kinds = (m.get('xllm_cluster_routes_total{kind="pd"}', 0),
+                     m.get('xllm_cluster_routes_total{kind="mixed"}', 0))
+            if pol == "round-robin":
+                ok(kinds[0] > 0 and kinds[1] > 0, pol + ": both PD pairs and mixed used", kinds)
+            else:
+                ok(sum(kinds) == 6, pol + ": every request routed", kinds)
+            s.stop()
+        p1.stop()
+        d1.stop()
         ok(m2.stop() == 0, "engine stops cleanly")
     finally:
         etcd.stop()
