@@ -136,7 +136,7 @@ def main():
         took = cl.wait_for(lambda: any(cl.cluster_json(s)["master"] for s in others), 5)
         ok(took, "a standby service took over as master (%.1f s)" % (time.time() - t0))
         for s in others:
-            s.stop()
+            ok(s.stop() == 0, "standby service stops cleanly", s.log[-5:])
 
         # PD routes: one prefill + one decode + one mixed instance behind one service; every
         # policy routes both kinds (prefill/decode pair and mixed) and outputs equal xllm run
@@ -163,9 +163,9 @@ def main():
                 ok(kinds[0] > 0 and kinds[1] > 0, pol + ": both PD pairs and mixed used", kinds)
             else:
                 ok(sum(kinds) == 6, pol + ": every request routed", kinds)
-            s.stop()
-        p1.stop()
-        d1.stop()
+            rc = s.stop()
+            ok(rc == 0, pol + ": service stops cleanly (no sanitizer report)", rc)
+        ok(p1.stop() == 0 and d1.stop() == 0, "prefill and decode engines stop cleanly")
         ok(m2.stop() == 0, "engine stops cleanly")
     finally:
         etcd.stop()
