@@ -99,5 +99,25 @@ for name, (mode, body) in seeds.items():
             f.write(bytes([mode, cut]) + body)
 PY
     ;;
+  fuzz_registry_json)
+    # One seed per parser (first byte picks it): instance value, range, watch, lease, txn, b64.
+    printf '\000{"name":"e1","incarnation":"00000000deadbeef","role":"decode","addr":"127.0.0.1:7000","attrs":{"model":"tiny"}}' >"$corpus/seed-instance"
+    printf '\001{"header":{"revision":"7"},"kvs":[{"key":"Zm9v","create_revision":"2","mod_revision":"6","version":"4","value":"YmFy","lease":"42"}],"count":"1"}' >"$corpus/seed-range"
+    printf '\002{"result":{"header":{"revision":"7"},"events":[{"kv":{"key":"Zm9v","mod_revision":"5","value":"YmFy"}},{"type":"DELETE","kv":{"key":"Zm9v","mod_revision":"7"}}]}}' >"$corpus/seed-watch"
+    printf '\002{"result":{"header":{"revision":"3"},"created":true}}' >"$corpus/seed-watch-created"
+    printf '\002{"result":{"header":{"revision":"9"},"canceled":true,"compact_revision":"5"}}' >"$corpus/seed-watch-compacted"
+    printf '\003{"result":{"header":{"revision":"1"},"ID":"4111120279692936711","TTL":"5"}}' >"$corpus/seed-lease"
+    printf '\004{"header":{"revision":"3"},"succeeded":true,"responses":[{"response_put":{}}]}' >"$corpus/seed-txn"
+    printf '\005L3hsbG0vZGVmYXVsdC9pbnN0YW5jZXMvZGVjb2RlL2Ux' >"$corpus/seed-b64"
+    printf '\003{"error":"etcdserver: requested lease not found","message":"etcdserver: requested lease not found","code":5}' >"$corpus/seed-error"
+    ;;
+  fuzz_api_request)
+    # valid bodies of both endpoints (first byte: 0 completions, 1 chat)
+    printf '0{"prompt":"Once upon a time","max_tokens":16,"stop":[" the","\\n"],"temperature":0}' >"$corpus/seed-completion"
+    printf '0{"prompt":[1,403,407],"n":2,"seed":7,"logprobs":3,"stream":true,"stream_options":{"include_usage":true}}' >"$corpus/seed-ids"
+    printf '0{"prompt":["a","b"],"stop":"ab","echo":true,"priority":-1,"offline":true,"ttft_slo_ms":100}' >"$corpus/seed-prompts"
+    printf '1{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi \\u5927\\u6d77"}],"max_completion_tokens":8,"stop":["<|im"],"logprobs":true,"top_logprobs":2}' >"$corpus/seed-chat"
+    printf '1{"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],"chat_template_kwargs":{"enable_thinking":false},"add_generation_prompt":true}' >"$corpus/seed-parts"
+    ;;
   *) ;;
 esac

@@ -10,6 +10,9 @@ static void usage(FILE *f) {
                "\n"
                "commands:\n"
                "  run      generate text from a prompt (xllm run -m MODEL -p PROMPT)\n"
+               "  serve    OpenAI-compatible HTTP server (xllm serve -m MODEL --port 8080)\n"
+               "  engine   cluster instance: serve + etcd registration (--role, --etcd)\n"
+               "  service  cluster front door and global scheduler over engine instances\n"
                "  logits   write the logits of given token ids to a file\n"
                "  info     print a model's architecture, shapes, tensors and tokenizer\n"
                "  tokenize print the token ids of stdin (xllm tokenize -m MODEL_OR_DIR)\n"
@@ -29,6 +32,9 @@ int main(int argc, char **argv) {
     }
     const char *cmd = argv[1];
     if (!strcmp(cmd, "run")) return xllm_cmd_run(argc - 1, argv + 1);
+    if (!strcmp(cmd, "serve")) return xllm_cmd_serve(argc - 1, argv + 1);
+    if (!strcmp(cmd, "engine")) return xllm_cmd_engine(argc - 1, argv + 1);
+    if (!strcmp(cmd, "service")) return xllm_cmd_service(argc - 1, argv + 1);
     if (!strcmp(cmd, "logits")) return xllm_cmd_logits(argc - 1, argv + 1);
     if (!strcmp(cmd, "info")) return xllm_cmd_info(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenize")) return xllm_cmd_tokenize(argc - 1, argv + 1);

@@ -55,8 +55,9 @@ xllm_status xllm_kv_sender_begin(xllm_kv_sender *s, uint64_t id, const int32_t *
 /* Copies the K and V rows of positions [0, n) of layer il of sequence seq (which must hold them)
  * into frames queued for the I/O thread, and returns: the caller may compute the next layer
  * while this one is on the wire. Each layer is sent once. Waits only when max_queue_bytes are
- * already queued. Returns the transfer's error when the receiver refused or cancelled it (the
- * caller should then stop and free its sequence). Engine thread. */
+ * already queued. Returns the transfer's error when the receiver refused or cancelled it or the
+ * connection dropped (the caller should then stop, forget the id with xllm_kv_sender_abort and
+ * free its sequence). Engine thread. */
 xllm_status xllm_kv_sender_send_layer(xllm_kv_sender *s, uint64_t id, int32_t seq, int32_t il);
 /* Ends the transfer: every layer must have been sent. first_token is the token sampled from the
  * last prompt position (the decode instance feeds it next) and logprob its log-probability.
