@@ -28,6 +28,11 @@ typedef struct xllm_engine_params {
     size_t kv_memory;         /* KV pool bytes; 0 = max_seqs full contexts */
     int32_t kv_block_tokens;  /* 0 = automatic */
     bool no_prefix_cache;
+    /* PD disaggregation, decode side: listen for KV transfers from prefill instances on
+     * kv_host:kv_port (port 0 = any free port; see xllm_engine_kv_port). */
+    bool kv_receiver;
+    const char *kv_host; /* default 127.0.0.1 */
+    int kv_port;
 } xllm_engine_params;
 
 xllm_engine_params xllm_engine_default_params(void);
@@ -52,6 +57,13 @@ typedef struct xllm_request_params {
     int32_t top_logprobs; /* alternatives reported per token, 0..20; -1 = no logprobs */
     int64_t ttft_slo_ms;  /* targets, recorded for schedulers and metrics (0 = none) */
     int64_t tpot_slo_ms;
+    /* PD, prefill side: once the prompt is computed, send its KV as transfer pd_export_id to
+     * the receiver at pd_export_to ("host:port"), emit the first token and finish. */
+    uint64_t pd_export_id;
+    const char *pd_export_to; /* copied */
+    /* PD, decode side: do not compute the prompt; wait for transfer pd_import_id (whose tokens
+     * must equal the prompt), import its KV, emit its first token, and continue decoding. */
+    uint64_t pd_import_id;
     /* Called from the engine thread once per step in which the stream changed (new tokens or
      * the end); may be NULL. Must not block or call back into the engine. */
     void (*notify)(void *user);
@@ -121,11 +133,17 @@ typedef struct xllm_engine_stats {
     uint64_t generated_tokens;
     uint64_t preemptions;
     uint64_t steps;
+    uint64_t kv_exports;       /* PD: prompts whose KV was sent to a decode instance */
+    uint64_t kv_imports;       /* PD: requests started from a received KV transfer */
+    uint64_t kv_import_tokens; /* prompt positions received instead of computed */
     xllm_histogram ttft, tpot, e2e;
     xllm_kv_stats kv;
     double kv_usage; /* used pages / pages */
 } xllm_engine_stats;
 void xllm_engine_get_stats(xllm_engine *e, xllm_engine_stats *st);
+
+/* The port of the KV receiver (0 when kv_receiver is off). */
+int xllm_engine_kv_port(const xllm_engine *e);
 
 /* The context length per request. */
 int32_t xllm_engine_n_ctx(const xllm_engine *e);

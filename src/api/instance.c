@@ -42,7 +42,7 @@ static bool get_num(json_t *o, const char *k, float *out) {
 
 /* Reads an RPC generate body into rp (prompt malloc'd into *ids). Returns false with a message. */
 static bool parse_generate(json_t *o, int32_t n_vocab, xllm_request_params *rp, int32_t **ids,
-                           char *err, size_t err_size) {
+                           char *pd_to, size_t pd_to_size, char *err, size_t err_size) {
     if (!json_is_object(o) || !rpc_header_ok(o)) {
         xllm_set_err(err, err_size, "not an xllm-rpc version %d message", RPC_VERSION);
         return false;
@@ -94,6 +94,27 @@ static bool parse_generate(json_t *o, int32_t n_vocab, xllm_request_params *rp, 
     sp->top_k = (int32_t)top_k;
     rp->ignore_eos = json_is_true(json_object_get(o, "ignore_eos"));
     rp->offline = json_is_true(json_object_get(o, "offline"));
+    /* PD: {"pd_export": {"id": "N", "to": "host:port"}} on the prefill leg,
+     * {"pd_import": {"id": "N"}} on the decode leg (ids are decimal strings: 64 bits) */
+    json_t *ex = json_object_get(o, "pd_export"), *im = json_object_get(o, "pd_import");
+    if (ex) {
+        const char *id = json_string_value(json_object_get(ex, "id"));
+        const char *to = json_string_value(json_object_get(ex, "to"));
+        if (!id || !to || !*to || strlen(to) >= pd_to_size ||
+            !(rp->pd_export_id = strtoull(id, NULL, 10))) {
+            xllm_set_err(err, err_size, "pd_export: needs a nonzero id and a receiver 'to'");
+            return false;
+        }
+        snprintf(pd_to, pd_to_size, "%s", to);
+        rp->pd_export_to = pd_to;
+    }
+    if (im) {
+        const char *id = json_string_value(json_object_get(im, "id"));
+        if (!id || !(rp->pd_import_id = strtoull(id, NULL, 10))) {
+            xllm_set_err(err, err_size, "pd_import: needs a nonzero id");
+            return false;
+        }
+    }
     return true;
 }
 
@@ -103,6 +124,7 @@ static bool parse_generate(json_t *o, int32_t n_vocab, xllm_request_params *rp, 
 
 typedef struct rpc_job {
     xllm_api_server *s;
+    char pd_to[128]; /* PD receiver address (copied out of the body) */
     xllm_request *req;
     int32_t *ids;
     xllm_api_waiter *w;
@@ -216,7 +238,8 @@ enum MHD_Result xllm_api_handle_instance_generate(xllm_api_server *s, struct MHD
     atomic_fetch_add(&s->in_flight, 1);
     xllm_request_params rp = xllm_request_default_params();
     char err[512];
-    bool ok = parse_generate(o, xllm_tokenizer_n_vocab(s->tok), &rp, &j->ids, err, sizeof(err));
+    bool ok = parse_generate(o, xllm_tokenizer_n_vocab(s->tok), &rp, &j->ids, j->pd_to,
+                             sizeof(j->pd_to), err, sizeof(err));
     json_decref(o);
     if (!ok) {
         rpc_job_free(j);

@@ -410,6 +410,13 @@ static enum MHD_Result handle_metrics(xllm_api_server *s, struct MHD_Connection 
                "Running requests preempted (KV freed, recomputed later).", (double)st.preemptions);
         metric(&b, "xllm_engine_steps_total", "counter", "Engine steps (forward passes).",
                (double)st.steps);
+        metric(&b, "xllm_kv_exports_total", "counter",
+               "PD: prompts whose KV was sent to a decode instance.", (double)st.kv_exports);
+        metric(&b, "xllm_kv_imports_total", "counter",
+               "PD: requests started from received KV instead of computing the prompt.",
+               (double)st.kv_imports);
+        metric(&b, "xllm_kv_import_tokens_total", "counter",
+               "PD: prompt positions received instead of computed.", (double)st.kv_import_tokens);
         metric_hist(&b, "xllm_time_to_first_token_seconds", "Time to first token.", &st.ttft);
         metric_hist(&b, "xllm_time_per_output_token_seconds",
                     "Time per output token after the "
@@ -708,6 +715,10 @@ xllm_status xllm_api_server_start(const xllm_api_params *params, xllm_api_server
     s->port = di ? di->port : params->port;
     *out = s;
     return XLLM_OK;
+}
+
+int xllm_api_server_kv_port(const xllm_api_server *s) {
+    return s->engine ? xllm_engine_kv_port(s->engine) : 0;
 }
 
 int32_t xllm_api_server_port(const xllm_api_server *s) {

@@ -53,6 +53,8 @@ static void usage_engine(FILE *f) {
                "  --lease-ttl-ms MS         lease TTL: a dead instance leaves routing within it\n"
                "                            (default 10000; etcd grants at least its minimum)\n"
                "  --advertise HOST          host others reach this instance at (default: --host)\n"
+               "  --kv-port P               port of the KV receiver for PD transfers (default:\n"
+               "                            any free port; published as kv_addr in the registry)\n"
                "and every option of xllm serve (see xllm serve --help).\n");
 }
 
@@ -121,7 +123,7 @@ static int serve_main(int argc, char **argv, bool engine) {
         }
         if (engine && (!strcmp(a, "--etcd") || !strcmp(a, "--role") || !strcmp(a, "--name") ||
                        !strcmp(a, "--cluster") || !strcmp(a, "--lease-ttl-ms") ||
-                       !strcmp(a, "--advertise"))) {
+                       !strcmp(a, "--advertise") || !strcmp(a, "--kv-port"))) {
             if (!(v = xllm_cli_value(cmd, argc, argv, &i))) return 1;
             if (!strcmp(a, "--etcd"))
                 etcd = v;
@@ -133,7 +135,12 @@ static int serve_main(int argc, char **argv, bool engine) {
                 cluster = v;
             else if (!strcmp(a, "--advertise"))
                 advertise = v;
-            else if (!xllm_cli_int(cmd, a, v, 100, 3600000, &ttl_ms))
+            else if (!strcmp(a, "--kv-port")) {
+                int64_t kp;
+                if (!xllm_cli_int(cmd, a, v, 0, 65535, &kp)) return 1;
+                p.engine.kv_receiver = true;
+                p.engine.kv_port = (int)kp;
+            } else if (!xllm_cli_int(cmd, a, v, 100, 3600000, &ttl_ms))
                 return 1;
             continue;
         }
@@ -241,6 +248,10 @@ static int serve_main(int argc, char **argv, bool engine) {
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    if (engine) { /* every instance can take transferred KV: roles change at run time */
+        p.engine.kv_receiver = true;
+        p.engine.kv_host = p.host ? p.host : "127.0.0.1";
+    }
     char err[1024];
     xllm_api_server *s = NULL;
     if (xllm_api_server_start(&p, &s, err, sizeof(err)) != XLLM_OK) {
@@ -286,8 +297,14 @@ static int serve_main(int argc, char **argv, bool engine) {
         const char *adv = advertise ? advertise : host;
         snprintf(addr, sizeof(addr), "%s%s%s:%d", strchr(adv, ':') ? "[" : "", adv,
                  strchr(adv, ':') ? "]" : "", xllm_api_server_port(s));
-        snprintf(attrs, sizeof(attrs), "{\"model\":\"%s\"}",
-                 p.served_model_name ? p.served_model_name : "model");
+        int kv_port = xllm_api_server_kv_port(s);
+        if (kv_port > 0)
+            snprintf(attrs, sizeof(attrs), "{\"model\":\"%s\",\"kv_addr\":\"%s%s%s:%d\"}",
+                     p.served_model_name ? p.served_model_name : "model",
+                     strchr(adv, ':') ? "[" : "", adv, strchr(adv, ':') ? "]" : "", kv_port);
+        else
+            snprintf(attrs, sizeof(attrs), "{\"model\":\"%s\"}",
+                     p.served_model_name ? p.served_model_name : "model");
         xllm_instance inst = {.name = self_name,
                               .incarnation = xllm_instance_new_incarnation(),
                               .role = role,

@@ -12,6 +12,7 @@
 #include <time.h>
 
 #include "engine/engine-impl.h"
+#include "transfer/transfer.h"
 #include "util/common.h"
 
 /* ---------------------------------------------------------------------------------------- */
@@ -40,6 +41,8 @@ struct xllm_request {
     xllm_sampler *sampler;
     bool changed; /* stream changed this step */
     bool admitted_once;
+    char pd_to[128];           /* copy of p.pd_export_to */
+    xllm_kv_transfer *pd_xfer; /* decode side: the received transfer, until imported */
 
     /* stream, shared with the consumer under mu */
     pthread_mutex_t mu;
@@ -79,6 +82,20 @@ struct xllm_engine {
     int32_t *chunk;       /* [max_seqs] rows given to each slot this step */
     int64_t *chunk_pages; /* [max_seqs] KV pages those rows take */
     float *probs;         /* [n_vocab] */
+    /* PD */
+    xllm_kv_receiver *receiver; /* decode side (NULL when off) */
+    xllm_kv_transfer **xfers;   /* received, not yet claimed by a request */
+    int32_t n_xfers, xfers_cap;
+    struct {
+        char to[128];
+        xllm_kv_sender *s;
+    } senders[16]; /* prefill side: one connection per decode instance */
+    int32_t n_senders;
+    struct {
+        xllm_kv_sender *s;
+        uint64_t id;
+    } sent[256]; /* ended transfers whose answer is still to be collected */
+    int32_t n_sent;
 };
 
 static double now_s(void) {
@@ -126,6 +143,7 @@ static void hist_add(xllm_histogram *h, double v) {
 static void request_unref(xllm_request *r) {
     if (atomic_fetch_sub(&r->refs, 1) != 1) return;
     xllm_sampler_free(r->sampler);
+    xllm_kv_transfer_free(r->pd_xfer);
     free(r->tokens);
     free(r->events);
     pthread_mutex_destroy(&r->mu);
@@ -286,6 +304,21 @@ xllm_status xllm_engine_submit(xllm_engine *e, const xllm_request_params *params
     r->e = e;
     r->p = *params;
     r->p.prompt = NULL;
+    if (params->pd_export_id) {
+        if (!params->pd_export_to || !*params->pd_export_to ||
+            strlen(params->pd_export_to) >= sizeof(r->pd_to)) {
+            free(r);
+            xllm_set_err(err, err_size, "pd_export needs a receiver address host:port");
+            return XLLM_ERR_INVALID_ARG;
+        }
+        snprintf(r->pd_to, sizeof(r->pd_to), "%s", params->pd_export_to);
+    }
+    r->p.pd_export_to = NULL;
+    if (params->pd_import_id && !e->receiver) {
+        free(r);
+        xllm_set_err(err, err_size, "pd_import: this engine has no KV receiver");
+        return XLLM_ERR_INVALID_ARG;
+    }
     atomic_init(&r->refs, 2);
     atomic_init(&r->cancelled, false);
     r->cap = n_ctx;
@@ -356,6 +389,12 @@ static void waiting_push(xllm_engine *e, xllm_request *r) {
     r->state = REQ_WAITING;
 }
 
+static int32_t waiting_index(const xllm_engine *e, const xllm_request *r) {
+    for (int32_t i = 0; i < e->n_waiting; i++)
+        if (e->waiting[i] == r) return i;
+    return 0;
+}
+
 static void waiting_remove(xllm_engine *e, int32_t i) {
     memmove(e->waiting + i, e->waiting + i + 1,
             (size_t)(e->n_waiting - i - 1) * sizeof(*e->waiting));
@@ -390,8 +429,56 @@ static void preempt(xllm_engine *e, xllm_request *r) {
     pthread_mutex_unlock(&e->mu);
 }
 
-static void admit(xllm_engine *e, int32_t wi, int32_t slot) {
+static void log_softmax_top(const float *logits, int32_t n_vocab, float *work, int32_t token,
+                            int32_t n_top, xllm_token_event *ev);
+
+/* Publishes a generated token (engine thread): history, stream, TTFT, counters. Returns false
+ * when the request ended with it (end of generation or length). */
+static bool emit_token(xllm_engine *e, xllm_request *r, int32_t tok, const float *logits,
+                       float logprob) {
+    double t = now_s();
+    if (r->t_first == 0) {
+        r->t_first = t;
+        pthread_mutex_lock(&r->mu);
+        r->st.t_first_ms = (t - r->t_submit) * 1e3;
+        pthread_mutex_unlock(&r->mu);
+        pthread_mutex_lock(&e->mu);
+        hist_add(&e->stats.ttft, t - r->t_submit);
+        pthread_mutex_unlock(&e->mu);
+    }
+    if (!r->p.ignore_eos && xllm_token_is_eog(xllm_model_tokenizer(e->model), tok)) {
+        request_finish(e, r, XLLM_FINISH_STOP);
+        return false;
+    }
+    xllm_sampler_accept(r->sampler, tok);
+    r->tokens[r->n_tokens++] = tok;
+    r->n_generated++;
+    pthread_mutex_lock(&e->mu);
+    e->stats.generated_tokens++;
+    pthread_mutex_unlock(&e->mu);
+    xllm_token_event ev = {.token = tok, .logprob = logprob};
+    if (r->p.top_logprobs >= 0 && logits)
+        log_softmax_top(logits, e->n_vocab, e->probs, tok, r->p.top_logprobs, &ev);
+    request_push(r, &ev);
+    if (r->n_tokens >= r->max_total) {
+        request_finish(e, r, XLLM_FINISH_LENGTH);
+        return false;
+    }
+    return true;
+}
+
+/* Gives waiting request wi the slot. A request that received its prompt's KV (PD) imports it
+ * and emits the transferred first token; returns false (request left waiting) when the KV
+ * memory cannot take it yet. */
+static bool admit(xllm_engine *e, int32_t wi, int32_t slot) {
     xllm_request *r = e->waiting[wi];
+    int32_t imported = 0;
+    if (r->pd_xfer) {
+        char err[160];
+        if (xllm_kv_transfer_import(r->pd_xfer, e->ctx, slot, err, sizeof(err)) != XLLM_OK)
+            return false;
+        imported = r->pd_xfer->n_tokens;
+    }
     waiting_remove(e, wi);
     pthread_mutex_lock(&e->mu);
     e->n_queued--;
@@ -401,7 +488,8 @@ static void admit(xllm_engine *e, int32_t wi, int32_t slot) {
     e->running[slot] = r;
     e->n_running++;
     /* the prefix cache may hold the start of the tokens (for a preempted request, often all) */
-    r->n_computed = xllm_seq_reuse_prefix(e->ctx, slot, r->tokens, r->n_tokens);
+    r->n_computed =
+        imported ? imported : xllm_seq_reuse_prefix(e->ctx, slot, r->tokens, r->n_tokens);
     if (!r->admitted_once) {
         r->admitted_once = true;
         r->t_admit = now_s();
@@ -411,9 +499,163 @@ static void admit(xllm_engine *e, int32_t wi, int32_t slot) {
         pthread_mutex_unlock(&r->mu);
         pthread_mutex_lock(&e->mu);
         e->stats.prompt_tokens += (uint64_t)r->n_prompt;
-        e->stats.cached_tokens += (uint64_t)r->n_computed;
+        e->stats.cached_tokens += (uint64_t)(imported ? 0 : r->n_computed);
+        if (imported) {
+            e->stats.kv_imports++;
+            e->stats.kv_import_tokens += (uint64_t)imported;
+        }
         pthread_mutex_unlock(&e->mu);
     }
+    if (imported) {
+        int32_t first = r->pd_xfer->first_token;
+        float lp = r->pd_xfer->first_logprob;
+        xllm_kv_transfer_free(r->pd_xfer);
+        r->pd_xfer = NULL;
+        if (emit_token(e, r, first, NULL, lp)) r->changed = true;
+    }
+    return true;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* PD: KV transfers                                                                          */
+/* ---------------------------------------------------------------------------------------- */
+
+/* Takes finished transfers from the receiver and hands each to the waiting request that asked
+ * for it; a failed transfer or one whose tokens differ from the prompt ends its request. */
+static void claim_transfers(xllm_engine *e, int timeout_ms) {
+    if (!e->receiver) return;
+    xllm_kv_transfer *t;
+    while ((t = xllm_kv_receiver_poll(e->receiver, timeout_ms))) {
+        timeout_ms = 0;
+        if (e->n_xfers == e->xfers_cap) {
+            e->xfers_cap = e->xfers_cap ? e->xfers_cap * 2 : 8;
+            e->xfers = xllm_xrealloc(e->xfers, (size_t)e->xfers_cap * sizeof(*e->xfers));
+        }
+        e->xfers[e->n_xfers++] = t;
+    }
+    for (int32_t i = 0; i < e->n_waiting;) {
+        xllm_request *r = e->waiting[i];
+        int32_t k = -1;
+        if (r->p.pd_import_id && !r->pd_xfer && !r->admitted_once)
+            for (int32_t j = 0; j < e->n_xfers && k < 0; j++)
+                if (e->xfers[j]->id == r->p.pd_import_id) k = j;
+        if (k < 0) {
+            i++;
+            continue;
+        }
+        t = e->xfers[k];
+        e->xfers[k] = e->xfers[--e->n_xfers];
+        bool match = t->status == XLLM_OK && t->n_tokens == r->n_prompt &&
+                     !memcmp(t->tokens, r->tokens, (size_t)r->n_prompt * sizeof(int32_t));
+        if (match) {
+            r->pd_xfer = t;
+            i++;
+        } else {
+            xllm_kv_transfer_free(t);
+            waiting_remove(e, i);
+            pthread_mutex_lock(&e->mu);
+            e->n_queued--;
+            pthread_mutex_unlock(&e->mu);
+            request_finish(e, r, XLLM_FINISH_ABORT);
+        }
+    }
+}
+
+/* True when a waiting request is only waiting for its KV to arrive. */
+static bool waiting_for_kv(const xllm_engine *e) {
+    for (int32_t i = 0; i < e->n_waiting; i++) {
+        const xllm_request *r = e->waiting[i];
+        if (r->p.pd_import_id && !r->pd_xfer && !r->admitted_once) return true;
+    }
+    return false;
+}
+
+static void drop_sent(xllm_engine *e, const xllm_kv_sender *s);
+
+static xllm_kv_sender *sender_for(xllm_engine *e, const char *to, char *err, size_t err_size) {
+    for (int32_t i = 0; i < e->n_senders; i++) {
+        if (strcmp(e->senders[i].to, to)) continue;
+        if (xllm_kv_sender_connected(e->senders[i].s)) return e->senders[i].s;
+        drop_sent(e, e->senders[i].s);
+        xllm_kv_sender_free(e->senders[i].s); /* reconnect */
+        e->senders[i] = e->senders[--e->n_senders];
+        break;
+    }
+    char host[128];
+    snprintf(host, sizeof(host), "%s", to);
+    char *colon = strrchr(host, ':');
+    if (!colon) {
+        xllm_set_err(err, err_size, "pd_export: '%s' is not host:port", to);
+        return NULL;
+    }
+    *colon = 0;
+    char *h = host;
+    if (*h == '[' && colon > h && colon[-1] == ']') { /* [ipv6]:port */
+        h++;
+        colon[-1] = 0;
+    }
+    xllm_kv_sender_params sp = xllm_kv_sender_default_params();
+    sp.host = h;
+    sp.port = atoi(colon + 1);
+    xllm_kv_sender *s = NULL;
+    if (xllm_kv_sender_new(e->ctx, &sp, &s, err, err_size) != XLLM_OK) return NULL;
+    if (e->n_senders == (int32_t)(sizeof(e->senders) / sizeof(e->senders[0]))) {
+        drop_sent(e, e->senders[0].s);
+        xllm_kv_sender_free(e->senders[0].s);
+        e->senders[0] = e->senders[--e->n_senders];
+    }
+    snprintf(e->senders[e->n_senders].to, sizeof(e->senders[0].to), "%s", to);
+    e->senders[e->n_senders++].s = s;
+    return s;
+}
+
+/* Sends the computed prompt of r (its KV, layer by layer, then the first token) to the decode
+ * instance. The layers are copied into the sender's queue here; its thread writes them while
+ * the engine goes on with the next steps. */
+static bool pd_export(xllm_engine *e, xllm_request *r, int32_t tok, float logprob) {
+    char err[256];
+    xllm_kv_sender *s = sender_for(e, r->pd_to, err, sizeof(err));
+    if (!s) return false;
+    uint64_t id = r->p.pd_export_id;
+    bool ok = xllm_kv_sender_begin(s, id, r->tokens, r->n_prompt) == XLLM_OK;
+    for (int32_t il = 0; ok && il < xllm_model_n_layer(e->model); il++)
+        ok = xllm_kv_sender_send_layer(s, id, r->slot, il) == XLLM_OK;
+    if (ok) ok = xllm_kv_sender_end(s, id, tok, logprob) == XLLM_OK;
+    if (!ok) xllm_kv_sender_abort(s, id, "prefill failed");
+    /* the sender's answer is not awaited: the decode side reports failures itself */
+    if (ok) {
+        if (e->n_sent == (int32_t)(sizeof(e->sent) / sizeof(e->sent[0]))) {
+            /* collect the oldest answer (it has long been sent) to make room */
+            xllm_kv_sender_wait(e->sent[0].s, e->sent[0].id, 1000, err, sizeof(err));
+            e->sent[0] = e->sent[--e->n_sent];
+        }
+        e->sent[e->n_sent].s = s;
+        e->sent[e->n_sent++].id = id;
+        pthread_mutex_lock(&e->mu);
+        e->stats.kv_exports++;
+        pthread_mutex_unlock(&e->mu);
+    }
+    return ok;
+}
+
+/* Collects the receivers' answers to ended transfers (the sender keeps each until asked). */
+static void reap_sent(xllm_engine *e) {
+    char err[160];
+    for (int32_t i = 0; i < e->n_sent;) {
+        if (xllm_kv_sender_wait(e->sent[i].s, e->sent[i].id, 0, err, sizeof(err)) != XLLM_ERR_BUSY)
+            e->sent[i] = e->sent[--e->n_sent];
+        else
+            i++;
+    }
+}
+
+/* Forgets the pending answers of a sender about to be freed. */
+static void drop_sent(xllm_engine *e, const xllm_kv_sender *s) {
+    for (int32_t i = 0; i < e->n_sent;)
+        if (e->sent[i].s == s)
+            e->sent[i] = e->sent[--e->n_sent];
+        else
+            i++;
 }
 
 static int32_t free_slot(const xllm_engine *e) {
@@ -460,28 +702,39 @@ static bool intake(xllm_engine *e) {
         }
     }
 
-    /* admission in class order; an online request may take the slot of running offline work */
-    while (e->n_waiting > 0) {
-        xllm_request *head = e->waiting[0];
+    /* PD: hand received KV to the requests waiting for it */
+    claim_transfers(e, 0);
+
+    /* admission in class order; an online request may take the slot of running offline work;
+     * a request still waiting for its transferred KV is passed over */
+    int32_t wi = 0;
+    while (wi < e->n_waiting) {
+        xllm_request *head = e->waiting[wi];
+        if (head->p.pd_import_id && !head->pd_xfer && !head->admitted_once) {
+            wi++;
+            continue;
+        }
         int32_t slot = free_slot(e);
         if (slot < 0) {
             xllm_request *victim = lowest_running(e);
             if (!victim || head->p.offline || !victim->p.offline) break;
             slot = victim->slot;
-            preempt(e, victim);
-            /* the victim is now in the queue behind the head */
+            preempt(e, victim); /* the victim is now in the queue behind the head */
+            wi = waiting_index(e, head);
         }
         /* pages for at least the first chunk, else wait (or preempt offline work) */
-        int32_t first = XLLM_MIN(head->n_tokens, e->p.max_batch_tokens);
+        int32_t first = head->pd_xfer ? head->pd_xfer->n_tokens + 1
+                                      : XLLM_MIN(head->n_tokens, e->p.max_batch_tokens);
         if (xllm_kv_pages_needed(e->ctx->kv, slot, first) > xllm_kv_pages_available(e->ctx->kv)) {
             xllm_request *victim = lowest_running(e);
             if (victim && victim->p.offline && !head->p.offline) {
                 preempt(e, victim);
+                wi = waiting_index(e, head);
                 continue;
             }
             if (e->n_running > 0) break;
         }
-        admit(e, 0, slot);
+        if (!admit(e, wi, slot)) break;
     }
     pthread_mutex_lock(&e->mu);
     e->stats.running = e->n_running;
@@ -612,38 +865,23 @@ static bool step(xllm_engine *e) {
         if (e->running[s]) e->running[s]->n_computed += e->chunk[s];
 
     /* sample and publish */
-    double t = now_s();
     for (int32_t row = 0; row < n; row++) {
         xllm_request *r = e->b_req[row];
         if (!r) continue;
         const float *logits = xllm_get_logits(e->ctx, row);
         int32_t tok = xllm_sampler_sample(r->sampler, logits);
-        xllm_sampler_accept(r->sampler, tok);
-        const xllm_tokenizer *tz = xllm_model_tokenizer(e->model);
-        bool eog = !r->p.ignore_eos && xllm_token_is_eog(tz, tok);
-        if (r->t_first == 0) {
-            r->t_first = t;
-            pthread_mutex_lock(&r->mu);
-            r->st.t_first_ms = (t - r->t_submit) * 1e3;
-            pthread_mutex_unlock(&r->mu);
-            pthread_mutex_lock(&e->mu);
-            hist_add(&e->stats.ttft, t - r->t_submit);
-            pthread_mutex_unlock(&e->mu);
-        }
-        if (eog) {
-            request_finish(e, r, XLLM_FINISH_STOP);
+        if (r->p.pd_export_id && r->n_generated == 0) {
+            /* PD prefill: ship the prompt's KV, hand over the first token, finish */
+            xllm_token_event lp = {0};
+            log_softmax_top(logits, e->n_vocab, e->probs, tok, 0, &lp);
+            if (!pd_export(e, r, tok, lp.logprob)) {
+                request_finish(e, r, XLLM_FINISH_ABORT);
+                continue;
+            }
+            if (emit_token(e, r, tok, logits, lp.logprob)) request_finish(e, r, XLLM_FINISH_LENGTH);
             continue;
         }
-        r->tokens[r->n_tokens++] = tok;
-        r->n_generated++;
-        pthread_mutex_lock(&e->mu);
-        e->stats.generated_tokens++;
-        pthread_mutex_unlock(&e->mu);
-        xllm_token_event ev = {.token = tok};
-        if (r->p.top_logprobs >= 0)
-            log_softmax_top(logits, e->n_vocab, e->probs, tok, r->p.top_logprobs, &ev);
-        request_push(r, &ev);
-        if (r->n_tokens >= r->max_total) request_finish(e, r, XLLM_FINISH_LENGTH);
+        emit_token(e, r, tok, logits, 0.0f);
     }
     /* one wake per request per step */
     for (int32_t s = 0; s < e->p.max_seqs; s++) {
@@ -665,7 +903,12 @@ static bool step(xllm_engine *e) {
 static void *engine_main(void *arg) {
     xllm_engine *e = arg;
     while (intake(e)) {
+        if (e->n_sent) reap_sent(e);
         if (!step(e) && e->n_running == 0 && e->n_waiting > 0) {
+            if (waiting_for_kv(e)) {
+                claim_transfers(e, 20); /* idle until a transfer arrives */
+                continue;
+            }
             /* nothing fits even alone: the head request can never run */
             xllm_request *r = e->waiting[0];
             waiting_remove(e, 0);
@@ -741,6 +984,16 @@ xllm_status xllm_engine_new(const xllm_model *model, const xllm_engine_params *p
     e->b_logits = xllm_xcalloc(B, 1);
     e->b_req = xllm_xcalloc(B, sizeof(*e->b_req));
     e->probs = xllm_xcalloc((size_t)e->n_vocab, sizeof(float));
+    if (p.kv_receiver) {
+        xllm_kv_receiver_params rp = xllm_kv_receiver_default_params();
+        if (p.kv_host) rp.host = p.kv_host;
+        rp.port = p.kv_port;
+        st = xllm_kv_receiver_new(e->ctx, &rp, &e->receiver, err, err_size);
+        if (st != XLLM_OK) {
+            xllm_engine_free(e);
+            return st;
+        }
+    }
     hist_init(&e->stats.ttft, 0.005, 2.0);
     hist_init(&e->stats.tpot, 0.001, 2.0);
     hist_init(&e->stats.e2e, 0.05, 2.0);
@@ -761,6 +1014,10 @@ void xllm_engine_free(xllm_engine *e) {
     pthread_cond_broadcast(&e->cv);
     pthread_mutex_unlock(&e->mu);
     if (e->thread_on) pthread_join(e->thread, NULL);
+    for (int32_t i = 0; i < e->n_senders; i++) xllm_kv_sender_free(e->senders[i].s);
+    xllm_kv_receiver_free(e->receiver);
+    for (int32_t i = 0; i < e->n_xfers; i++) xllm_kv_transfer_free(e->xfers[i]);
+    free(e->xfers);
     xllm_context_free(e->ctx);
     free(e->inbox);
     free(e->waiting);
@@ -785,6 +1042,10 @@ void xllm_engine_get_stats(xllm_engine *e, xllm_engine_stats *st) {
     pthread_mutex_unlock(&e->mu);
     xllm_context_kv_stats(e->ctx, &st->kv);
     st->kv_usage = st->kv.n_pages ? (double)st->kv.used_pages / (double)st->kv.n_pages : 0;
+}
+
+int xllm_engine_kv_port(const xllm_engine *e) {
+    return e->receiver ? xllm_kv_receiver_port(e->receiver) : 0;
 }
 
 int32_t xllm_engine_n_ctx(const xllm_engine *e) {

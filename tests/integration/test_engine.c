@@ -264,6 +264,91 @@ static void test_limits(void **state) {
     xllm_engine_free(e); /* with requests possibly still queued */
 }
 
+/* PD: a prefill engine computes the prompt and sends its KV to a decode engine, which emits the
+ * transferred first token and continues: the tokens of a one-engine greedy run. */
+static void test_pd_transfer(void **state) {
+    (void)state;
+    xllm_engine_params pp = xllm_engine_default_params(), dp = xllm_engine_default_params();
+    pp.n_ctx = dp.n_ctx = 256;
+    pp.n_threads = dp.n_threads = 1;
+    dp.kv_receiver = true;
+    dp.kv_layout = XLLM_KV_LAYOUT_PAGED; /* layouts may differ between the two sides */
+    xllm_engine *pe, *de;
+    char err[256];
+    assert_int_equal(xllm_engine_new(g_model, &pp, &pe, err, sizeof(err)), XLLM_OK);
+    assert_int_equal(xllm_engine_new(g_model, &dp, &de, err, sizeof(err)), XLLM_OK);
+    assert_int_equal(xllm_engine_kv_port(pe), 0);
+    int port = xllm_engine_kv_port(de);
+    assert_true(port > 0);
+    char to[64];
+    snprintf(to, sizeof(to), "127.0.0.1:%d", port);
+    for (int i = 0; i < 3; i++) {
+        int32_t want[NGEN];
+        reference(i, want, NGEN);
+        int32_t ids[80];
+        int32_t n = make_prompt(i, ids);
+        xllm_request_params rp = xllm_request_default_params();
+        rp.prompt = ids;
+        rp.n_prompt = n;
+        rp.sampling.temperature = 0;
+        rp.ignore_eos = true;
+        /* the decode side first: it waits for the KV */
+        rp.max_tokens = NGEN;
+        rp.pd_import_id = 100 + (uint64_t)i;
+        xllm_request *dr = NULL, *pr = NULL;
+        assert_int_equal(xllm_engine_submit(de, &rp, &dr, err, sizeof(err)), XLLM_OK);
+        rp.pd_import_id = 0;
+        rp.max_tokens = 1;
+        rp.pd_export_id = 100 + (uint64_t)i;
+        rp.pd_export_to = to;
+        assert_int_equal(xllm_engine_submit(pe, &rp, &pr, err, sizeof(err)), XLLM_OK);
+        int32_t first[2], got[NGEN + 4];
+        assert_int_equal(drain(pr, first, 2), 1);
+        assert_int_equal(xllm_request_finish_reason(pr), XLLM_FINISH_LENGTH);
+        assert_int_equal(first[0], want[0]);
+        assert_int_equal(drain(dr, got, NGEN + 4), NGEN);
+        assert_int_equal(xllm_request_finish_reason(dr), XLLM_FINISH_LENGTH);
+        assert_memory_equal(got, want, sizeof(want));
+        xllm_request_free(pr);
+        xllm_request_free(dr);
+    }
+    xllm_engine_stats ps, ds;
+    xllm_engine_get_stats(pe, &ps);
+    xllm_engine_get_stats(de, &ds);
+    assert_int_equal(ps.kv_exports, 3);
+    assert_int_equal(ds.kv_imports, 3);
+    assert_true(ds.kv_import_tokens > 0);
+    assert_int_equal(ds.kv.used_pages, 0);
+
+    /* a transfer whose tokens are not the decode request's prompt ends that request */
+    int32_t a[4] = {1, 400, 401, 402}, b[4] = {1, 400, 401, 403};
+    xllm_request_params rp = xllm_request_default_params();
+    rp.n_prompt = 4;
+    rp.max_tokens = 4;
+    rp.prompt = b;
+    rp.pd_import_id = 7;
+    xllm_request *dr = NULL, *pr = NULL;
+    assert_int_equal(xllm_engine_submit(de, &rp, &dr, err, sizeof(err)), XLLM_OK);
+    rp.prompt = a;
+    rp.pd_import_id = 0;
+    rp.pd_export_id = 7;
+    rp.pd_export_to = to;
+    rp.max_tokens = 1;
+    assert_int_equal(xllm_engine_submit(pe, &rp, &pr, err, sizeof(err)), XLLM_OK);
+    int32_t tmp[8];
+    drain(pr, tmp, 8);
+    assert_int_equal(drain(dr, tmp, 8), 0);
+    assert_int_equal(xllm_request_finish_reason(dr), XLLM_FINISH_ABORT);
+    xllm_request_free(pr);
+    xllm_request_free(dr);
+    /* an engine without a receiver refuses imports */
+    rp.pd_export_id = 0;
+    rp.pd_import_id = 9;
+    assert_int_equal(xllm_engine_submit(pe, &rp, &dr, err, sizeof(err)), XLLM_ERR_INVALID_ARG);
+    xllm_engine_free(pe);
+    xllm_engine_free(de);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_concurrent_greedy),
@@ -271,6 +356,7 @@ int main(void) {
         cmocka_unit_test(test_cancel),
         cmocka_unit_test(test_priorities),
         cmocka_unit_test(test_limits),
+        cmocka_unit_test(test_pd_transfer),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -165,6 +165,15 @@ def main():
                 ok(sum(kinds) == 6, pol + ": every request routed", kinds)
             rc = s.stop()
             ok(rc == 0, pol + ": service stops cleanly (no sanitizer report)", rc)
+        # the pairs really moved KV: the prefill instance exported, the decode instance imported
+        # exactly as many prompts and computed none of them itself
+        pm, dm = p1.metrics(), d1.metrics()
+        exports, imports = pm.get("xllm_kv_exports_total", 0), dm.get("xllm_kv_imports_total", 0)
+        ok(exports > 0 and imports == exports,
+           "PD pairs transfer the prompt's KV (exports %d, imports %d)" % (exports, imports))
+        ok(dm.get("xllm_kv_import_tokens_total", 0) > 0 and
+           dm.get("xllm_prompt_tokens_cached_total", 0) == 0,
+           "the decode instance received its prompts' KV", dm.get("xllm_kv_import_tokens_total"))
         ok(p1.stop() == 0 and d1.stop() == 0, "prefill and decode engines stop cleanly")
         ok(m2.stop() == 0, "engine stops cleanly")
     finally:
