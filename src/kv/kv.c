@@ -20,7 +20,7 @@
 #define OS_PAGE        4096
 #define HASH_SEED      0x786c6c6d6b763031ull /* "xllmkv01": the chain's root */
 #define MAP_SLACK      2048                  /* mappings left to the rest of the process */
-#define PREMAP_DIVISOR 8 /* pre-map the next page when <= B/8 rows are left in the last */
+#define PREMAP_DIVISOR 4 /* pre-map the next page when <= B/4 rows are left in the last */
 
 /* ---------------------------------------------------------------------------------------- */
 /* Structures                                                                                */
@@ -34,7 +34,7 @@ typedef struct page_info {
 } page_info;
 
 typedef struct kv_seq {
-    int32_t len;         /* committed positions */
+    atomic_int len;      /* committed positions; written by the engine, read by the mapper */
     atomic_int n_blocks; /* blocks with a page (mapped, for xtensor); read without the lock */
     int32_t n_hashed;    /* leading full blocks whose chained hash is known */
     int32_t runs;        /* maximal runs of blocks on consecutive pages (mappings per region) */
@@ -224,8 +224,9 @@ static bool map_block(xllm_kv *kv, kv_seq *s, int32_t b, int32_t page) {
         }
         for (int32_t j = 0; j < kv->n_regions; j++) {
             void *want = region_addr(kv, s, j, b);
-            void *got = mmap(want, kv->slice_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
-                             kv->fd, (off_t)pool_off(kv, j, page));
+            void *got =
+                mmap(want, kv->slice_bytes, PROT_READ | PROT_WRITE,
+                     MAP_SHARED | MAP_FIXED | MAP_POPULATE, kv->fd, (off_t)pool_off(kv, j, page));
             if (got == MAP_FAILED) {
                 snprintf(kv->last_err, sizeof(kv->last_err), "kv: mmap of a page failed: %s",
                          strerror(errno));
@@ -297,6 +298,20 @@ static int32_t premap_target(const xllm_kv *kv, const kv_seq *s) {
     return XLLM_MIN(need, kv->max_blocks);
 }
 
+/* Pre-faults the page tables of block b of seq (all regions) so that the engine's first writes
+ * do not fault. Runs without the lock: if the block is unmapped meanwhile, madvise fails on the
+ * reservation and nothing happens. */
+static void prefault_block(const xllm_kv *kv, const kv_seq *s, int32_t b) {
+#ifdef MADV_POPULATE_WRITE
+    for (int32_t j = 0; j < kv->n_regions; j++)
+        (void)madvise(region_addr(kv, s, j, b), kv->slice_bytes, MADV_POPULATE_WRITE);
+#else
+    (void)kv;
+    (void)s;
+    (void)b;
+#endif
+}
+
 static void *premapper_main(void *arg) {
     xllm_kv *kv = arg;
     pthread_mutex_lock(&kv->mu);
@@ -304,19 +319,22 @@ static void *premapper_main(void *arg) {
         bool did = false;
         for (int32_t i = 0; i < kv->p.n_seq && !kv->stop; i++) {
             kv_seq *s = &kv->seqs[i];
-            int32_t target = premap_target(kv, s);
-            while (s->n_blocks < target && kv->n_free > 0) {
-                int32_t b = s->n_blocks;
-                int32_t page = page_alloc(kv, b > 0 ? s->pages[b - 1] + 1 : -1, false);
-                if (page < 0 || !map_block(kv, s, b, page)) {
-                    if (page >= 0) {
-                        kv->pg[page].refs = 0;
-                        free_push(kv, page);
-                    }
-                    break;
-                }
-                kv->st.bg_maps++;
-                did = true;
+            if (s->n_blocks >= premap_target(kv, s) || kv->n_free == 0) continue;
+            /* one block at a time, so the engine thread gets the lock in between */
+            int32_t b = s->n_blocks;
+            int32_t page = page_alloc(kv, b > 0 ? s->pages[b - 1] + 1 : -1, false);
+            if (page < 0) continue;
+            if (!map_block(kv, s, b, page)) {
+                kv->pg[page].refs = 0;
+                free_push(kv, page);
+                continue;
+            }
+            kv->st.bg_maps++;
+            did = true;
+            if (kv->p.layout == XLLM_KV_LAYOUT_XTENSOR) {
+                pthread_mutex_unlock(&kv->mu);
+                prefault_block(kv, s, b);
+                pthread_mutex_lock(&kv->mu);
             }
         }
         if (!did) pthread_cond_wait(&kv->cv, &kv->mu);
@@ -577,6 +595,18 @@ static bool make_private(xllm_kv *kv, kv_seq *s, int32_t b) {
 void xllm_kv_seq_set_len(xllm_kv *kv, int32_t seq, int32_t n) {
     kv_seq *s = seq_of(kv, seq);
     XLLM_ASSERT(n >= 0 && n <= s->n_blocks * kv->B);
+    int32_t len = s->len;
+    if (n >= len && n / kv->B == len / kv->B) {
+        /* growing inside the last block (most decode steps): nothing shared changes, so no
+         * lock; wake the pre-mapper only when the next page should now be mapped ahead */
+        s->len = n;
+        if (kv->thread_on && s->n_blocks < premap_target(kv, s)) {
+            pthread_mutex_lock(&kv->mu);
+            pthread_cond_signal(&kv->cv);
+            pthread_mutex_unlock(&kv->mu);
+        }
+        return;
+    }
     pthread_mutex_lock(&kv->mu);
     if (n < s->len) {
         /* drop whole blocks past n; a partly kept block that is shared or cached becomes
