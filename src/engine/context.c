@@ -2,6 +2,7 @@
  * token ids, KV room) and then runs the forward pass. */
 #include <string.h>
 
+#include "compute/cpu/cpu.h"
 #include "engine/engine-impl.h"
 #include "util/common.h"
 
@@ -31,7 +32,7 @@ xllm_status xllm_context_new(const xllm_model *model, const xllm_context_params 
     if (p.n_ctx == 0) p.n_ctx = XLLM_MIN(hp->n_ctx_train > 0 ? hp->n_ctx_train : 4096, 4096);
     if (p.n_seq_max == 0) p.n_seq_max = 1;
     if (p.n_batch == 0) p.n_batch = 512;
-    if (p.n_threads == 0) p.n_threads = xllm_cpu_count();
+    if (p.n_threads == 0) p.n_threads = xllm_cpu_physical_cores();
 
     xllm_context *ctx = xllm_xcalloc(1, sizeof(*ctx));
     ctx->model = model;
@@ -75,7 +76,8 @@ xllm_status xllm_context_new(const xllm_model *model, const xllm_context_params 
     ws->rows = xllm_xcalloc(B, sizeof(int32_t));
     ws->gather = falloc(B * hp->n_embd);
     ws->exp_out = falloc(B * hp->n_embd);
-    ws->scratch = falloc((size_t)p.n_threads * ctx->max_cols);
+    ctx->mm = xllm_mm_new(ctx->tp, xllm_cpu_level_default(), B, ctx->max_cols);
+    ctx->kern = xllm_mm_kernels(ctx->mm);
     ws->att_scratch = falloc((size_t)p.n_threads * (p.n_ctx + hp->head_dim));
     ws->seq_next = xllm_xcalloc((size_t)p.n_seq_max, sizeof(int32_t));
     ws->seq_last = xllm_xcalloc((size_t)p.n_seq_max, sizeof(int32_t));
@@ -86,14 +88,14 @@ xllm_status xllm_context_new(const xllm_model *model, const xllm_context_params 
 
 void xllm_context_free(xllm_context *ctx) {
     if (!ctx) return;
+    xllm_mm_free(ctx->mm);
     xllm_threadpool_free(ctx->tp);
     xllm_kv_free(ctx->kv);
     xllm_workspace *ws = &ctx->ws;
-    void *bufs[] = {ws->x,        ws->xn,      ws->q,       ws->k,           ws->v,
-                    ws->att,      ws->ffn_a,   ws->ffn_b,   ws->out,         ws->rope_cos,
-                    ws->rope_sin, ws->router,  ws->exp_ids, ws->exp_w,       ws->rows,
-                    ws->gather,   ws->exp_out, ws->scratch, ws->att_scratch, ws->seq_next,
-                    ws->seq_last};
+    void *bufs[] = {ws->x,        ws->xn,      ws->q,           ws->k,        ws->v,
+                    ws->att,      ws->ffn_a,   ws->ffn_b,       ws->out,      ws->rope_cos,
+                    ws->rope_sin, ws->router,  ws->exp_ids,     ws->exp_w,    ws->rows,
+                    ws->gather,   ws->exp_out, ws->att_scratch, ws->seq_next, ws->seq_last};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     free(ctx->logits);
     free(ctx->out_row);

@@ -1,0 +1,837 @@
+/* AVX-512 kernels (F/BW/VL + VNNI, BF16 where present): 8-bit activation quantizer, direct
+ * decode GEMV per weight type, packed weight-stationary GEMM (int8 VNNI, bf16 dot, fp32 FMA),
+ * fused attention with online softmax, norms and activations. Compiled with AVX-512 flags;
+ * only called after run-time dispatch has checked the CPU. */
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "compute/cpu/kernels.h"
+#include "compute/dtype.h"
+#include "util/common.h"
+
+/* ---- helpers --------------------------------------------------------------------------- */
+
+static inline float h2f(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+static inline int32_t ld32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static inline __m512i load2x256(const void *a, const void *b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(a)), _mm256_loadu_si256(b),
+                              1);
+}
+
+static inline __mmask16 rows_mask(int nr) {
+    return (__mmask16)((1u << nr) - 1u);
+}
+
+/* exp(x) for a vector: range reduction to 2^n * exp(r), |r| <= ln2/2, degree-6 polynomial. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Loads 16 elements of a float-like row (F32, F16 or BF16) at element i as floats. */
+static inline __m512 load_f16(xllm_dtype t, const uint8_t *row, int64_t i) {
+    if (t == XLLM_DTYPE_F32) return _mm512_loadu_ps((const float *)row + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i));
+    if (t == XLLM_DTYPE_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Transposes 16 vectors of 16 dwords: r[i] lane j -> r[j] lane i. */
+static inline void transpose16(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int i = 0; i < 8; i++) {
+        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        b[4 * i + 0] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        const __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44);
+        const __m512i e1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+        const __m512i e2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+        const __m512i e3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+        r[c] = _mm512_shuffle_i32x4(e0, e2, 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(e0, e2, 0xDD);
+        r[8 + c] = _mm512_shuffle_i32x4(e1, e3, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(e1, e3, 0xDD);
+    }
+}
+
+static inline float hsum(__m512 v) {
+    return _mm512_reduce_add_ps(v);
+}
+
+/* ---- activation quantizer ---------------------------------------------------------------- */
+
+static void quant_row(const float *x, int64_t n, int B, int8_t *q, float *d, int16_t *s16) {
+    for (int64_t j = 0; j < n / B; j++) {
+        const float *xb = x + j * B;
+        __m512 mx = _mm512_setzero_ps();
+        for (int i = 0; i < B; i += 16)
+            mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
+        const float amax = _mm512_reduce_max_ps(mx);
+        const __m512 id = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        d[j] = amax / 127.0f;
+        for (int i = 0; i < B; i += 16) {
+            const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), id));
+            _mm_storeu_si128((__m128i *)(q + j * B + i), _mm512_cvtsepi32_epi8(v));
+            s16[(j * B + i) / 16] = (int16_t)_mm512_reduce_add_epi32(v);
+        }
+    }
+}
+
+/* ---- direct decode kernels (T <= XLLM_GEMV_MAX_T) ------------------------------------------ */
+
+static inline void put(float *y, int64_t idx, float v, bool acc) {
+    y[idx] = acc ? y[idx] + v : v;
+}
+
+static void gemv_float(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
+                       int64_t T, float *y, int64_t y_stride, bool acc) {
+    const int64_t K = w->n_cols;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+        __m512 s[XLLM_GEMV_MAX_T][2];
+        for (int t = 0; t < T; t++) s[t][0] = s[t][1] = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 32 <= K; i += 32) {
+            const __m512 w0 = load_f16(w->type, row, i), w1 = load_f16(w->type, row, i + 16);
+            for (int t = 0; t < T; t++) {
+                s[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * x_stride + i), s[t][0]);
+                s[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * x_stride + i + 16), s[t][1]);
+            }
+        }
+        for (; i + 16 <= K; i += 16) {
+            const __m512 w0 = load_f16(w->type, row, i);
+            for (int t = 0; t < T; t++)
+                s[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * x_stride + i), s[t][0]);
+        }
+        for (int t = 0; t < T; t++) {
+            float v = hsum(_mm512_add_ps(s[t][0], s[t][1]));
+            for (int64_t k = i; k < K; k++) {
+                float wk = w->type == XLLM_DTYPE_F32 ? ((const float *)row)[k]
+                           : w->type == XLLM_DTYPE_F16
+                               ? xllm_fp16_to_fp32(((const uint16_t *)row)[k])
+                               : xllm_bf16_to_fp32(((const uint16_t *)row)[k]);
+                v += wk * x[t * x_stride + k];
+            }
+            put(y, t * y_stride + r, v, acc);
+        }
+    }
+}
+
+/* Q8_0 weights x 8-bit activations with 32-element blocks: weights made unsigned (+128), the
+ * offset taken back with the activation block sums (a->g holds d and d * sum per block). */
+static void gemv_q8_0(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
+                      float *y, int64_t y_stride, bool acc) {
+    const int64_t K = w->n_cols, nb = K / 32;
+    const __m512i x80 = _mm512_set1_epi8((char)0x80);
+    const __m512i ilo = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i ihi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+        __m512 s[XLLM_GEMV_MAX_T];
+        for (int t = 0; t < T; t++) s[t] = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 2 <= nb; j += 2) {
+            const uint8_t *b0 = row + 34 * j, *b1 = b0 + 34;
+            const __m512i wq = _mm512_xor_si512(load2x256(b0 + 2, b1 + 2), x80);
+            const __m512 dw =
+                _mm512_insertf32x8(_mm512_set1_ps(h2f(b0)), _mm256_set1_ps(h2f(b1)), 1);
+            for (int t = 0; t < T; t++) {
+                const __m512i av = _mm512_loadu_si512(a->q + t * K + 32 * j);
+                const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, av);
+                /* g: (d_j, ds_j, d_j+1, ds_j+1) */
+                const __m512 g = _mm512_castps128_ps512(_mm_loadu_ps(a->g + (t * nb + j) * 2));
+                const __m512 da = _mm512_permutexvar_ps(ilo, g);
+                const __m512 ds =
+                    _mm512_mul_ps(_mm512_permutexvar_ps(ihi, g), _mm512_set1_ps(-128.0f / 8.0f));
+                s[t] = _mm512_fmadd_ps(dw, _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), da, ds), s[t]);
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            float v = hsum(s[t]);
+            for (int64_t jj = j; jj < nb; jj++) { /* odd block count */
+                const uint8_t *b = row + 34 * jj;
+                int sum = 0;
+                for (int i = 0; i < 32; i++) sum += (int8_t)b[2 + i] * a->q[t * K + 32 * jj + i];
+                v += h2f(b) * a->d[t * nb + jj] * (float)sum;
+            }
+            put(y, t * y_stride + r, v, acc);
+        }
+    }
+}
+
+/* Q4_K x 8-bit activations with 256-element blocks (one scale per super-block). */
+static void gemv_q4_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
+                      float *y, int64_t y_stride, bool acc) {
+    const int64_t K = w->n_cols, nsb = K / 256;
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m512i idx[4];
+    for (int c = 0; c < 4; c++) {
+        int16_t v[32];
+        for (int i = 0; i < 32; i++) v[i] = (int16_t)(2 * c + (i >= 16));
+        idx[c] = _mm512_loadu_si512(v);
+    }
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+        __m512 s[XLLM_GEMV_MAX_T];
+        __m256 sm[XLLM_GEMV_MAX_T];
+        for (int t = 0; t < T; t++) {
+            s[t] = _mm512_setzero_ps();
+            sm[t] = _mm256_setzero_ps();
+        }
+        for (int64_t sb = 0; sb < nsb; sb++) {
+            const uint8_t *b = row + 144 * sb;
+            const float d = h2f(b), dmin = h2f(b + 2);
+            const uint32_t u0 = (uint32_t)ld32(b + 4), u1 = (uint32_t)ld32(b + 8),
+                           u2 = (uint32_t)ld32(b + 12);
+            const uint64_t sc =
+                (uint64_t)(u0 & 0x3f3f3f3fu) |
+                ((uint64_t)((u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4)) << 32);
+            const uint64_t mn =
+                (uint64_t)(u1 & 0x3f3f3f3fu) |
+                ((uint64_t)(((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)) << 32);
+            const __m512i sc16 =
+                _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
+            const __m128i m8 = _mm_cvtsi64_si128((long long)mn);
+            const __m256i mdup = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
+            __m512i is[XLLM_GEMV_MAX_T];
+            for (int t = 0; t < T; t++) is[t] = _mm512_setzero_si512();
+            for (int c = 0; c < 4; c++) {
+                const __m256i qb = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * c));
+                const __m256i lo = _mm256_and_si256(qb, m4);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
+                const __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                const __m512i scv = _mm512_permutexvar_epi16(idx[c], sc16);
+                for (int t = 0; t < T; t++) {
+                    const __m512i av = _mm512_loadu_si512(a->q + t * K + 256 * sb + 64 * c);
+                    is[t] = _mm512_add_epi32(is[t],
+                                             _mm512_madd_epi16(_mm512_maddubs_epi16(wq, av), scv));
+                }
+            }
+            for (int t = 0; t < T; t++) {
+                const float da = a->d[t * nsb + sb];
+                s[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]), _mm512_set1_ps(d * da), s[t]);
+                const __m256i ms = _mm256_madd_epi16(
+                    _mm256_loadu_si256((const __m256i *)(a->s16 + t * (K / 16) + 16 * sb)), mdup);
+                sm[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ms), _mm256_set1_ps(dmin * da), sm[t]);
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(sm[t]), _mm256_extractf128_ps(sm[t], 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            put(y, t * y_stride + r, hsum(s[t]) - _mm_cvtss_f32(h), acc);
+        }
+    }
+}
+
+/* Q6_K x 8-bit activations with 256-element blocks. */
+static void gemv_q6_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
+                      float *y, int64_t y_stride, bool acc) {
+    const int64_t K = w->n_cols, nsb = K / 256;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03);
+    __m512i idx[4]; /* chunk c (64 elements of 4 groups of 16): words 8i..8i+7 -> group 4c+i */
+    for (int c = 0; c < 4; c++) {
+        int16_t v[32];
+        for (int i = 0; i < 32; i++) v[i] = (int16_t)(4 * c + i / 8);
+        idx[c] = _mm512_loadu_si512(v);
+    }
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+        __m512 s[XLLM_GEMV_MAX_T];
+        for (int t = 0; t < T; t++) s[t] = _mm512_setzero_ps();
+        for (int64_t sb = 0; sb < nsb; sb++) {
+            const uint8_t *b = row + 210 * sb;
+            const float d = h2f(b + 208);
+            const __m256i sc16y = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+            const __m512i sc16 = _mm512_castsi256_si512(sc16y);
+            const __m256i sc32 = _mm256_slli_epi16(sc16y, 5); /* 32 * scale, fits int16 */
+            __m512i is[XLLM_GEMV_MAX_T];
+            for (int t = 0; t < T; t++) {
+                const __m256i cs = _mm256_madd_epi16(
+                    _mm256_loadu_si256((const __m256i *)(a->s16 + t * (K / 16) + 16 * sb)), sc32);
+                is[t] = _mm512_castsi256_si512(_mm256_sub_epi32(_mm256_setzero_si256(), cs));
+                is[t] = _mm512_inserti64x4(is[t], _mm256_setzero_si256(), 1);
+            }
+            for (int h = 0; h < 2; h++) {
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
+                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
+                const __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+                const __m256i v0 = _mm256_or_si256(_mm256_and_si256(l0, m4),
+                                                   _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4));
+                const __m256i v1 = _mm256_or_si256(
+                    _mm256_and_si256(l1, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4));
+                const __m256i v2 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4));
+                const __m256i v3 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4));
+                const __m512i z0 = _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
+                const __m512i z1 = _mm512_inserti64x4(_mm512_castsi256_si512(v2), v3, 1);
+                const __m512i s0 = _mm512_permutexvar_epi16(idx[2 * h], sc16);
+                const __m512i s1 = _mm512_permutexvar_epi16(idx[2 * h + 1], sc16);
+                for (int t = 0; t < T; t++) {
+                    const int8_t *aq = a->q + t * K + 256 * sb + 128 * h;
+                    const __m512i p0 =
+                        _mm512_madd_epi16(_mm512_maddubs_epi16(z0, _mm512_loadu_si512(aq)), s0);
+                    const __m512i p1 = _mm512_madd_epi16(
+                        _mm512_maddubs_epi16(z1, _mm512_loadu_si512(aq + 64)), s1);
+                    is[t] = _mm512_add_epi32(is[t], _mm512_add_epi32(p0, p1));
+                }
+            }
+            for (int t = 0; t < T; t++)
+                s[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]),
+                                       _mm512_set1_ps(d * a->d[t * nsb + sb]), s[t]);
+        }
+        for (int t = 0; t < T; t++) put(y, t * y_stride + r, hsum(s[t]), acc);
+    }
+}
+
+static bool gemv(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
+                 const xllm_q8act *a, int64_t T, float *y, int64_t y_stride, bool acc) {
+    switch (w->type) {
+        case XLLM_DTYPE_F32:
+        case XLLM_DTYPE_F16:
+        case XLLM_DTYPE_BF16:
+            gemv_float(w, r0, r1, x, x_stride, T, y, y_stride, acc);
+            return true;
+        case XLLM_DTYPE_Q8_0:
+            gemv_q8_0(w, r0, r1, a, T, y, y_stride, acc);
+            return true;
+        case XLLM_DTYPE_Q4_K:
+            gemv_q4_k(w, r0, r1, a, T, y, y_stride, acc);
+            return true;
+        case XLLM_DTYPE_Q6_K:
+            gemv_q6_k(w, r0, r1, a, T, y, y_stride, acc);
+            return true;
+        default:
+            return false;
+    }
+}
+
+/* ---- packing ----------------------------------------------------------------------------- */
+
+/* Unpacks row r of a Q8_0 / Q4_K matrix to u8 (vectorized); other types use the portable
+ * unpacker. s, m: one value per group. */
+static void unpack_row(xllm_dtype t, const uint8_t *row, int64_t K, uint8_t *q, float *s,
+                       float *m) {
+    if (t == XLLM_DTYPE_Q8_0) {
+        const __m256i x80 = _mm256_set1_epi8((char)0x80);
+        for (int64_t j = 0; j < K / 32; j++) {
+            const uint8_t *b = row + 34 * j;
+            _mm256_storeu_si256(
+                (__m256i *)(q + 32 * j),
+                _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(b + 2)), x80));
+            s[j] = h2f(b);
+            m[j] = -128.0f * s[j];
+        }
+        return;
+    }
+    if (t == XLLM_DTYPE_Q4_K) {
+        const __m256i m4 = _mm256_set1_epi8(0x0f);
+        for (int64_t sb = 0; sb < K / 256; sb++) {
+            const uint8_t *b = row + 144 * sb;
+            const float d = h2f(b), dmin = h2f(b + 2);
+            for (int c = 0; c < 4; c++) {
+                const __m256i qb = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * c));
+                _mm256_storeu_si256((__m256i *)(q + 256 * sb + 64 * c), _mm256_and_si256(qb, m4));
+                _mm256_storeu_si256((__m256i *)(q + 256 * sb + 64 * c + 32),
+                                    _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4));
+            }
+            const uint8_t *sc = b + 4;
+            for (int j = 0; j < 8; j++) {
+                int scv, mnv;
+                if (j < 4) {
+                    scv = sc[j] & 63;
+                    mnv = sc[j + 4] & 63;
+                } else {
+                    scv = (sc[j + 4] & 0x0f) | ((sc[j - 4] >> 6) << 4);
+                    mnv = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+                }
+                s[sb * 8 + j] = d * (float)scv;
+                m[sb * 8 + j] = -(dmin * (float)mnv);
+            }
+        }
+        return;
+    }
+    xllm_unpack_row_q(t, row, K, q, s, m);
+}
+
+/* stage: 16 rows of K bytes (K rounded up to 64, zero tail). */
+static bool pack_q(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_qpanel *p) {
+    const int64_t K = w->n_cols, Kp = (K + 63) / 64 * 64;
+    const int G = xllm_panel_group(w->type), ng = (int)(K / G);
+    if (!xllm_act_block(w->type)) return false;
+    float sr[XLLM_QK_K / 16 * 64], mr[XLLM_QK_K / 16 * 64]; /* one row's groups, chunked */
+    p->G = G;
+    p->q_signed = false;
+    for (int r = 0; r < XLLM_PANEL; r++) {
+        uint8_t *qr = stage + (size_t)r * Kp;
+        if (r >= nr) {
+            memset(qr, 0, (size_t)Kp);
+            for (int g = 0; g < ng; g++) p->s[g * 16 + r] = p->m[g * 16 + r] = 0.0f;
+            continue;
+        }
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)(r0 + r) * w->row_bytes;
+        /* unpack in chunks of up to 1024 elements so sr / mr stay small */
+        const xllm_dtype_traits *tr = xllm_dtype_get_traits(w->type);
+        const int64_t chunk = 1024;
+        for (int64_t e = 0; e < K; e += chunk) {
+            const int64_t len = K - e < chunk ? K - e : chunk;
+            unpack_row(w->type, row + (size_t)(e / tr->block_size) * tr->block_bytes, len, qr + e,
+                       sr, mr);
+            for (int64_t g = 0; g < len / G; g++) {
+                p->s[(e / G + g) * 16 + r] = sr[g];
+                p->m[(e / G + g) * 16 + r] = mr[g];
+            }
+        }
+        if (Kp > K) memset(qr + K, 0, (size_t)(Kp - K));
+    }
+    for (int64_t kc = 0; kc < Kp / 64; kc++) {
+        __m512i v[16];
+        for (int r = 0; r < 16; r++) v[r] = _mm512_loadu_si512(stage + (size_t)r * Kp + 64 * kc);
+        transpose16(v);
+        for (int i = 0; i < 16; i++) _mm512_storeu_si512(p->q + (16 * kc + i) * 64, v[i]);
+    }
+    return true;
+}
+
+static void pack_f(const xllm_mat *w, int64_t r0, int nr, float *panel) {
+    const int64_t K = w->n_cols;
+    const uint8_t *base = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512i v[16];
+        for (int r = 0; r < 16; r++)
+            v[r] = r < nr
+                       ? _mm512_castps_si512(load_f16(w->type, base + (size_t)r * w->row_bytes, k))
+                       : _mm512_setzero_si512();
+        transpose16(v);
+        for (int i = 0; i < 16; i++) _mm512_storeu_si512(panel + (k + i) * 16, v[i]);
+    }
+    for (; k < K; k++)
+        for (int r = 0; r < 16; r++) {
+            float v = 0.0f;
+            if (r < nr) {
+                const uint8_t *row = base + (size_t)r * w->row_bytes;
+                v = w->type == XLLM_DTYPE_F32   ? ((const float *)row)[k]
+                    : w->type == XLLM_DTYPE_F16 ? xllm_fp16_to_fp32(((const uint16_t *)row)[k])
+                                                : xllm_bf16_to_fp32(((const uint16_t *)row)[k]);
+            }
+            panel[k * 16 + r] = v;
+        }
+}
+
+/* BF16 rows as dword pairs: panel (K/2, 16, 2); K even (the driver checks K % 32 == 0). */
+static void pack_bf16(const xllm_mat *w, int64_t r0, int nr, uint16_t *panel) {
+    const int64_t K = w->n_cols;
+    const uint8_t *base = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512i v[16];
+        for (int r = 0; r < 16; r++)
+            v[r] = r < nr ? _mm512_loadu_si512(base + (size_t)r * w->row_bytes + 2 * k)
+                          : _mm512_setzero_si512();
+        transpose16(v);
+        for (int i = 0; i < 16; i++) _mm512_storeu_si512(panel + (k / 2 + i) * 32, v[i]);
+    }
+}
+
+/* ---- GEMM microkernels: 16 rows x NT tokens ------------------------------------------------ */
+
+static inline void store_rows(float *y, __m512 v, int nr, bool acc) {
+    const __mmask16 mk = rows_mask(nr);
+    if (acc) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, y));
+    _mm512_mask_storeu_ps(y, mk, v);
+}
+
+static inline __attribute__((always_inline)) void gemm_q_tile(const xllm_qpanel *p, int64_t K,
+                                                              const xllm_q8act *a, int64_t t0,
+                                                              const int NT, int nr, float *y,
+                                                              int64_t y_stride, bool acc) {
+    const int G = p->G;
+    const int64_t ng = K / G;
+    __m512 s[8];
+    const int8_t *aq[8];
+    const float *ag[8];
+    for (int c = 0; c < NT; c++) {
+        s[c] = _mm512_setzero_ps();
+        aq[c] = a->q + (t0 + c) * K;
+        ag[c] = a->g + (t0 + c) * ng * 2;
+    }
+    const uint8_t *wq = p->q;
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i is[8];
+        for (int c = 0; c < NT; c++) is[c] = _mm512_setzero_si512();
+        for (int kk = 0; kk < G / 4; kk++, wq += 64) {
+            const __m512i wv = _mm512_loadu_si512(wq);
+            const int64_t off = g * G + 4 * kk;
+            for (int c = 0; c < NT; c++)
+                is[c] = _mm512_dpbusd_epi32(is[c], wv, _mm512_set1_epi32(ld32(aq[c] + off)));
+        }
+        const __m512 sv = _mm512_loadu_ps(p->s + g * 16), mv = _mm512_loadu_ps(p->m + g * 16);
+        for (int c = 0; c < NT; c++) {
+            s[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[c]),
+                                   _mm512_mul_ps(sv, _mm512_set1_ps(ag[c][2 * g])), s[c]);
+            s[c] = _mm512_fmadd_ps(mv, _mm512_set1_ps(ag[c][2 * g + 1]), s[c]);
+        }
+    }
+    for (int c = 0; c < NT; c++) store_rows(y + (t0 + c) * y_stride, s[c], nr, acc);
+}
+
+static void gemm_q(const xllm_qpanel *p, int64_t K, const xllm_q8act *a, int64_t T, int nr,
+                   float *y, int64_t y_stride, bool acc) {
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8) gemm_q_tile(p, K, a, t, 8, nr, y, y_stride, acc);
+    switch (T - t) {
+        case 7:
+            gemm_q_tile(p, K, a, t, 7, nr, y, y_stride, acc);
+            break;
+        case 6:
+            gemm_q_tile(p, K, a, t, 6, nr, y, y_stride, acc);
+            break;
+        case 5:
+            gemm_q_tile(p, K, a, t, 5, nr, y, y_stride, acc);
+            break;
+        case 4:
+            gemm_q_tile(p, K, a, t, 4, nr, y, y_stride, acc);
+            break;
+        case 3:
+            gemm_q_tile(p, K, a, t, 3, nr, y, y_stride, acc);
+            break;
+        case 2:
+            gemm_q_tile(p, K, a, t, 2, nr, y, y_stride, acc);
+            break;
+        case 1:
+            gemm_q_tile(p, K, a, t, 1, nr, y, y_stride, acc);
+            break;
+        default:
+            break;
+    }
+}
+
+static inline __attribute__((always_inline)) void
+gemm_f_tile(const float *panel, int64_t K, const float *x, int64_t x_stride, int64_t t0,
+            const int NT, int nr, float *y, int64_t y_stride, bool acc) {
+    __m512 s[8];
+    for (int c = 0; c < NT; c++) s[c] = _mm512_setzero_ps();
+    const float *xr = x + t0 * x_stride;
+    for (int64_t k = 0; k < K; k++) {
+        const __m512 wv = _mm512_loadu_ps(panel + k * 16);
+        for (int c = 0; c < NT; c++)
+            s[c] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xr[c * x_stride + k]), s[c]);
+    }
+    for (int c = 0; c < NT; c++) store_rows(y + (t0 + c) * y_stride, s[c], nr, acc);
+}
+
+static void gemm_f(const float *panel, int64_t K, const float *x, int64_t x_stride, int64_t T,
+                   int nr, float *y, int64_t y_stride, bool acc) {
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8) gemm_f_tile(panel, K, x, x_stride, t, 8, nr, y, y_stride, acc);
+    switch (T - t) {
+        case 7:
+            gemm_f_tile(panel, K, x, x_stride, t, 7, nr, y, y_stride, acc);
+            break;
+        case 6:
+            gemm_f_tile(panel, K, x, x_stride, t, 6, nr, y, y_stride, acc);
+            break;
+        case 5:
+            gemm_f_tile(panel, K, x, x_stride, t, 5, nr, y, y_stride, acc);
+            break;
+        case 4:
+            gemm_f_tile(panel, K, x, x_stride, t, 4, nr, y, y_stride, acc);
+            break;
+        case 3:
+            gemm_f_tile(panel, K, x, x_stride, t, 3, nr, y, y_stride, acc);
+            break;
+        case 2:
+            gemm_f_tile(panel, K, x, x_stride, t, 2, nr, y, y_stride, acc);
+            break;
+        case 1:
+            gemm_f_tile(panel, K, x, x_stride, t, 1, nr, y, y_stride, acc);
+            break;
+        default:
+            break;
+    }
+}
+
+__attribute__((target("avx512bf16"))) static inline __attribute__((always_inline)) void
+gemm_bf16_tile(const uint16_t *panel, int64_t K, const uint16_t *xb, int64_t t0, const int NT,
+               int nr, float *y, int64_t y_stride, bool acc) {
+    __m512 s[8];
+    for (int c = 0; c < NT; c++) s[c] = _mm512_setzero_ps();
+    const uint16_t *xr = xb + t0 * K;
+    for (int64_t k2 = 0; k2 < K / 2; k2++) {
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(panel + k2 * 32);
+        for (int c = 0; c < NT; c++)
+            s[c] =
+                _mm512_dpbf16_ps(s[c], wv, (__m512bh)_mm512_set1_epi32(ld32(xr + c * K + 2 * k2)));
+    }
+    for (int c = 0; c < NT; c++) store_rows(y + (t0 + c) * y_stride, s[c], nr, acc);
+}
+
+__attribute__((target("avx512bf16"))) static void gemm_bf16(const uint16_t *panel, int64_t K,
+                                                            const uint16_t *xb, int64_t T, int nr,
+                                                            float *y, int64_t y_stride, bool acc) {
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8) gemm_bf16_tile(panel, K, xb, t, 8, nr, y, y_stride, acc);
+    switch (T - t) {
+        case 7:
+            gemm_bf16_tile(panel, K, xb, t, 7, nr, y, y_stride, acc);
+            break;
+        case 6:
+            gemm_bf16_tile(panel, K, xb, t, 6, nr, y, y_stride, acc);
+            break;
+        case 5:
+            gemm_bf16_tile(panel, K, xb, t, 5, nr, y, y_stride, acc);
+            break;
+        case 4:
+            gemm_bf16_tile(panel, K, xb, t, 4, nr, y, y_stride, acc);
+            break;
+        case 3:
+            gemm_bf16_tile(panel, K, xb, t, 3, nr, y, y_stride, acc);
+            break;
+        case 2:
+            gemm_bf16_tile(panel, K, xb, t, 2, nr, y, y_stride, acc);
+            break;
+        case 1:
+            gemm_bf16_tile(panel, K, xb, t, 1, nr, y, y_stride, acc);
+            break;
+        default:
+            break;
+    }
+}
+
+__attribute__((target("avx512bf16"))) static void to_bf16(const float *x, uint16_t *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(y + i),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+    for (; i < n; i++) y[i] = xllm_fp32_to_bf16(x[i]);
+}
+
+/* ---- elementwise ------------------------------------------------------------------------- */
+
+static float dot_f32(const float *a, const float *b, int64_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    if (i + 16 <= n) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        i += 16;
+    }
+    if (i < n) {
+        const __mmask16 mk = (__mmask16)((1u << (n - i)) - 1u);
+        s1 =
+            _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + i), _mm512_maskz_loadu_ps(mk, b + i), s1);
+    }
+    return hsum(_mm512_add_ps(s0, s1));
+}
+
+static void rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) {
+    const float ss = dot_f32(x, x, n);
+    const __m512 sc = _mm512_set1_ps((float)(1.0 / sqrt((double)ss / (double)n + eps)));
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), sc),
+                                                _mm512_loadu_ps(w + i)));
+    if (i < n) {
+        const __mmask16 mk = (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(out + i, mk,
+                              _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + i), sc),
+                                            _mm512_maskz_loadu_ps(mk, w + i)));
+    }
+}
+
+static inline __m512 silu_mul(__m512 g, __m512 u) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+
+static void swiglu(float *out, const float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, silu_mul(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
+    if (i < n) {
+        const __mmask16 mk = (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(
+            out + i, mk,
+            silu_mul(_mm512_maskz_loadu_ps(mk, g + i), _mm512_maskz_loadu_ps(mk, u + i)));
+    }
+}
+
+/* ---- fused attention --------------------------------------------------------------------- */
+
+#define ATT_BLK 64
+
+/* Row of head_dim (multiple of 16, <= 256) K or V values as floats in registers' memory. */
+static inline void load_kv(float *dst, const uint8_t *src, xllm_dtype t, int D) {
+    for (int d = 0; d < D; d += 16)
+        _mm512_storeu_ps(dst + d, t == XLLM_DTYPE_F32
+                                      ? _mm512_loadu_ps((const float *)src + d)
+                                      : _mm512_cvtph_ps(_mm256_loadu_si256(
+                                            (const __m256i *)((const uint16_t *)src + d))));
+}
+
+static void attention(const xllm_attn_args *a) {
+    const int D = a->head_dim, nq = a->n_tok * a->group;
+    if (D % 16 != 0) {
+        xllm_op_attention_group(a);
+        return;
+    }
+    const size_t es = a->kv_type == XLLM_DTYPE_F32 ? 4 : 2;
+    float qf[XLLM_ATTN_MAX_Q][256] __attribute__((aligned(64)));
+    float o[XLLM_ATTN_MAX_Q][256] __attribute__((aligned(64)));
+    float sc[XLLM_ATTN_MAX_Q][ATT_BLK] __attribute__((aligned(64)));
+    float mx[XLLM_ATTN_MAX_Q], l[XLLM_ATTN_MAX_Q];
+    int32_t lim[XLLM_ATTN_MAX_Q];
+    float kr[256] __attribute__((aligned(64)));
+    for (int i = 0; i < nq; i++) {
+        const int tok = i / a->group, h = i % a->group;
+        const float *q = a->q + (size_t)tok * a->q_stride + (size_t)h * D;
+        for (int d = 0; d < D; d += 16)
+            _mm512_storeu_ps(qf[i] + d,
+                             _mm512_mul_ps(_mm512_loadu_ps(q + d), _mm512_set1_ps(a->scale)));
+        memset(o[i], 0, (size_t)D * sizeof(float));
+        mx[i] = -INFINITY;
+        l[i] = 0.0f;
+        lim[i] = a->n_pos + tok;
+    }
+    const int32_t n_max = a->n_pos + a->n_tok - 1;
+    const uint8_t *kb = (const uint8_t *)a->k + a->kv_off * es;
+    const uint8_t *vb = (const uint8_t *)a->v + a->kv_off * es;
+    for (int32_t p0 = 0; p0 < n_max; p0 += ATT_BLK) {
+        const int pb = n_max - p0 < ATT_BLK ? n_max - p0 : ATT_BLK;
+        for (int p = 0; p < pb; p++) {
+            load_kv(kr, kb + (size_t)(p0 + p) * a->row_bytes, a->kv_type, D);
+            for (int i = 0; i < nq; i++) {
+                if (p0 + p >= lim[i]) {
+                    sc[i][p] = -INFINITY;
+                    continue;
+                }
+                __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+                int d = 0;
+                for (; d + 32 <= D; d += 32) {
+                    s0 = _mm512_fmadd_ps(_mm512_load_ps(qf[i] + d), _mm512_load_ps(kr + d), s0);
+                    s1 = _mm512_fmadd_ps(_mm512_load_ps(qf[i] + d + 16),
+                                         _mm512_load_ps(kr + d + 16), s1);
+                }
+                if (d < D)
+                    s0 = _mm512_fmadd_ps(_mm512_load_ps(qf[i] + d), _mm512_load_ps(kr + d), s0);
+                sc[i][p] = hsum(_mm512_add_ps(s0, s1));
+            }
+        }
+        for (int i = 0; i < nq; i++) {
+            float m = mx[i];
+            for (int p = 0; p < pb; p++) m = sc[i][p] > m ? sc[i][p] : m;
+            const float alpha = expf(mx[i] - m); /* 0 on the first block (mx = -inf) */
+            mx[i] = m;
+            __m512 sum = _mm512_setzero_ps();
+            for (int p = 0; p < pb; p += 16) {
+                const __mmask16 mk = (__mmask16)(pb - p >= 16 ? 0xffffu : (1u << (pb - p)) - 1u);
+                const __m512 v = _mm512_maskz_loadu_ps(mk, sc[i] + p);
+                const __m512 e = _mm512_maskz_mov_ps(
+                    mk & _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ),
+                    exp512(_mm512_sub_ps(v, _mm512_set1_ps(m))));
+                _mm512_mask_storeu_ps(sc[i] + p, mk, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            l[i] = l[i] * alpha + hsum(sum);
+            if (alpha != 1.0f)
+                for (int d = 0; d < D; d += 16)
+                    _mm512_store_ps(o[i] + d,
+                                    _mm512_mul_ps(_mm512_load_ps(o[i] + d), _mm512_set1_ps(alpha)));
+        }
+        for (int p = 0; p < pb; p++) {
+            load_kv(kr, vb + (size_t)(p0 + p) * a->row_bytes, a->kv_type, D);
+            for (int i = 0; i < nq; i++) {
+                const float e = sc[i][p];
+                if (e == 0.0f) continue;
+                const __m512 ev = _mm512_set1_ps(e);
+                for (int d = 0; d < D; d += 16)
+                    _mm512_store_ps(o[i] + d, _mm512_fmadd_ps(ev, _mm512_load_ps(kr + d),
+                                                              _mm512_load_ps(o[i] + d)));
+            }
+        }
+    }
+    for (int i = 0; i < nq; i++) {
+        const int tok = i / a->group, h = i % a->group;
+        float *out = a->out + (size_t)tok * a->out_stride + (size_t)h * D;
+        const __m512 inv = _mm512_set1_ps(1.0f / l[i]);
+        for (int d = 0; d < D; d += 16)
+            _mm512_storeu_ps(out + d, _mm512_mul_ps(_mm512_load_ps(o[i] + d), inv));
+    }
+}
+
+/* ---- tables ------------------------------------------------------------------------------ */
+
+static const xllm_cpu_kernels k_avx512 = {
+    .level = XLLM_CPU_AVX512,
+    .bf16_dot = false,
+    .quant_row = quant_row,
+    .gemv = gemv,
+    .pack_q = pack_q,
+    .gemm_q = gemm_q,
+    .pack_f = pack_f,
+    .gemm_f = gemm_f,
+    .dot_f32 = dot_f32,
+    .rmsnorm = rmsnorm,
+    .swiglu = swiglu,
+    .attention = attention,
+};
+
+static const xllm_cpu_kernels k_avx512_bf16 = {
+    .level = XLLM_CPU_AVX512,
+    .bf16_dot = true,
+    .quant_row = quant_row,
+    .gemv = gemv,
+    .pack_q = pack_q,
+    .gemm_q = gemm_q,
+    .pack_f = pack_f,
+    .gemm_f = gemm_f,
+    .pack_bf16 = pack_bf16,
+    .gemm_bf16 = gemm_bf16,
+    .to_bf16 = to_bf16,
+    .dot_f32 = dot_f32,
+    .rmsnorm = rmsnorm,
+    .swiglu = swiglu,
+    .attention = attention,
+};
+
+const xllm_cpu_kernels *xllm_cpu_kernels_avx512(void) {
+    return xllm_cpu_has_bf16() ? &k_avx512_bf16 : &k_avx512;
+}
+#endif

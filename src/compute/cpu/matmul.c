@@ -1,0 +1,293 @@
+/* The matmul driver: picks a path per weight type and batch size (direct GEMV for a few
+ * tokens, packed weight-stationary GEMM for more), makes the input's 8-bit / bf16 forms once
+ * per input, and splits rows (or 16-row panels) across the thread pool. */
+#include <string.h>
+
+#include "compute/cpu/kernels.h"
+#include "compute/dtype.h"
+#include "util/common.h"
+
+enum {
+    FORM_Q32 = 1,     /* 8-bit, 32-element blocks, with g for groups of 32 */
+    FORM_Q256 = 2,    /* 8-bit, 256-element blocks */
+    FORM_G256_32 = 4, /* g of the 256 form for groups of 32 */
+    FORM_G256_16 = 8, /* ... and for groups of 16 */
+    FORM_BF16 = 16,
+};
+
+typedef struct mm_thread {
+    uint8_t *stage; /* (16, Kp) bytes */
+    uint8_t *pq;    /* (Kp / 4, 16, 4) panel values */
+    float *ps, *pm; /* (K / 16, 16) panel scales / offsets */
+    float *pf;      /* (K, 16) float panel; also the bf16 panel (K / 2, 16, 2) */
+    float *row;     /* (K) one dequantized row (portable paths) */
+} mm_thread;
+
+struct xllm_mm {
+    xllm_threadpool *tp;
+    const xllm_cpu_kernels *k;
+    int64_t max_T, max_cols;
+    int n_threads;
+    mm_thread *th;
+    /* the current input */
+    const float *x;
+    int64_t x_stride, T, n;
+    unsigned forms;
+    xllm_q8act q32, q256, q256_16; /* q256_16 shares q/d/s16 with q256, its own g */
+    uint16_t *xb;                  /* (max_T, max_cols) bf16 form */
+};
+
+static void *zalloc(size_t n) {
+    return xllm_xcalloc(n ? n : 1, 1);
+}
+
+xllm_mm *xllm_mm_new(xllm_threadpool *tp, xllm_cpu_level level, int64_t max_T, int64_t max_cols) {
+    xllm_mm *mm = xllm_xcalloc(1, sizeof(*mm));
+    mm->tp = tp;
+    mm->k = xllm_cpu_kernels_get(level);
+    mm->max_T = max_T;
+    mm->max_cols = max_cols;
+    mm->n_threads = xllm_threadpool_n_threads(tp);
+    const size_t K = (size_t)max_cols, Kp = (K + 63) / 64 * 64, T = (size_t)max_T;
+    mm->th = xllm_xcalloc((size_t)mm->n_threads, sizeof(mm_thread));
+    for (int i = 0; i < mm->n_threads; i++) {
+        mm_thread *t = &mm->th[i];
+        t->stage = zalloc(16 * Kp);
+        t->pq = zalloc(16 * Kp);
+        t->ps = zalloc((Kp / 16 + 1) * 16 * sizeof(float));
+        t->pm = zalloc((Kp / 16 + 1) * 16 * sizeof(float));
+        t->pf = zalloc(16 * Kp * sizeof(float));
+        t->row = zalloc(Kp * sizeof(float));
+    }
+    xllm_q8act *fs[2] = {&mm->q32, &mm->q256};
+    for (int i = 0; i < 2; i++) {
+        fs[i]->q = zalloc(T * Kp);
+        fs[i]->d = zalloc(T * (Kp / 32 + 1) * sizeof(float));
+        fs[i]->s16 = zalloc(T * (Kp / 16 + 1) * sizeof(int16_t));
+        fs[i]->g = zalloc(T * (Kp / 16 + 1) * 2 * sizeof(float));
+    }
+    mm->q32.B = 32;
+    mm->q32.G = 32;
+    mm->q256.B = 256;
+    mm->q256.G = 32;
+    mm->q256_16 = mm->q256;
+    mm->q256_16.g = zalloc(T * (Kp / 16 + 1) * 2 * sizeof(float));
+    mm->q256_16.G = 16;
+    mm->xb = zalloc(T * Kp * sizeof(uint16_t));
+    return mm;
+}
+
+void xllm_mm_free(xllm_mm *mm) {
+    if (!mm) return;
+    for (int i = 0; i < mm->n_threads; i++) {
+        mm_thread *t = &mm->th[i];
+        free(t->stage);
+        free(t->pq);
+        free(t->ps);
+        free(t->pm);
+        free(t->pf);
+        free(t->row);
+    }
+    free(mm->th);
+    xllm_q8act *fs[2] = {&mm->q32, &mm->q256};
+    for (int i = 0; i < 2; i++) {
+        free(fs[i]->q);
+        free(fs[i]->d);
+        free(fs[i]->s16);
+        free(fs[i]->g);
+    }
+    free(mm->q256_16.g);
+    free(mm->xb);
+    free(mm);
+}
+
+const xllm_cpu_kernels *xllm_mm_kernels(const xllm_mm *mm) {
+    return mm->k;
+}
+
+xllm_cpu_level xllm_mm_level(const xllm_mm *mm) {
+    return mm->k->level;
+}
+
+void xllm_mm_input(xllm_mm *mm, const float *x, int64_t x_stride, int64_t T, int64_t n) {
+    XLLM_ASSERT(T >= 0 && T <= mm->max_T && n <= mm->max_cols);
+    mm->x = x;
+    mm->x_stride = x_stride;
+    mm->T = T;
+    mm->n = n;
+    mm->forms = 0;
+}
+
+/* ---- input forms ------------------------------------------------------------------------ */
+
+typedef struct form_task {
+    xllm_mm *mm;
+    unsigned want;
+} form_task;
+
+/* g for tokens [lo, hi): per group of G, (d of its block, d * sum of its q). */
+static void make_g(const xllm_q8act *a, xllm_q8act *out, int64_t n, int64_t lo, int64_t hi) {
+    const int64_t ng = n / out->G, nb = n / a->B, n16 = n / 16;
+    for (int64_t t = lo; t < hi; t++)
+        for (int64_t g = 0; g < ng; g++) {
+            const float d = a->d[t * nb + (g * out->G) / a->B];
+            int sum = 0;
+            for (int i = 0; i < out->G / 16; i++) sum += a->s16[t * n16 + g * (out->G / 16) + i];
+            out->g[(t * ng + g) * 2] = d;
+            out->g[(t * ng + g) * 2 + 1] = d * (float)sum;
+        }
+}
+
+static void form_worker(void *arg, int ith, int nth) {
+    const form_task *f = arg;
+    xllm_mm *mm = f->mm;
+    const int64_t n = mm->n;
+    int64_t lo, hi;
+    xllm_split_range(mm->T, ith, nth, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        const float *x = mm->x + t * mm->x_stride;
+        if (f->want & FORM_Q32)
+            mm->k->quant_row(x, n, 32, mm->q32.q + t * n, mm->q32.d + t * (n / 32),
+                             mm->q32.s16 + t * (n / 16));
+        if (f->want & FORM_Q256)
+            mm->k->quant_row(x, n, 256, mm->q256.q + t * n, mm->q256.d + t * (n / 256),
+                             mm->q256.s16 + t * (n / 16));
+        if (f->want & FORM_BF16) mm->k->to_bf16(x, mm->xb + t * n, n);
+    }
+    if (f->want & FORM_Q32) make_g(&mm->q32, &mm->q32, n, lo, hi);
+    if (f->want & FORM_G256_32) make_g(&mm->q256, &mm->q256, n, lo, hi);
+    if (f->want & FORM_G256_16) make_g(&mm->q256, &mm->q256_16, n, lo, hi);
+}
+
+static void ensure_forms(xllm_mm *mm, unsigned want) {
+    if (want & (FORM_G256_32 | FORM_G256_16)) want |= FORM_Q256;
+    if ((mm->forms & FORM_Q256) && (want & FORM_Q256)) want &= ~(unsigned)FORM_Q256;
+    want &= ~mm->forms;
+    if (!want) return;
+    form_task f = {mm, want};
+    xllm_threadpool_run(mm->tp, form_worker, &f);
+    mm->forms |= want;
+}
+
+/* The 8-bit form (with g for groups of G) a quantized type reads. */
+static const xllm_q8act *q_form(xllm_mm *mm, xllm_dtype t, bool need_g16) {
+    if (xllm_act_block(t) == 32) {
+        ensure_forms(mm, FORM_Q32);
+        return &mm->q32;
+    }
+    if (need_g16) {
+        ensure_forms(mm, FORM_G256_16);
+        return &mm->q256_16;
+    }
+    ensure_forms(mm, FORM_G256_32);
+    return &mm->q256;
+}
+
+/* ---- paths ------------------------------------------------------------------------------ */
+
+typedef enum path { PATH_SCALAR, PATH_GEMV, PATH_GEMM_Q, PATH_GEMM_BF16, PATH_GEMM_F } path;
+
+typedef struct run_task {
+    xllm_mm *mm;
+    const xllm_mat *w;
+    const xllm_q8act *a;
+    float *y;
+    int64_t y_stride;
+    bool acc;
+    path p;
+} run_task;
+
+/* Dequantizes 16 rows to a float panel (K, 16) with the reference dequantizer. */
+static void pack_f_ref(const xllm_mat *w, int64_t r0, int nr, float *row, float *panel) {
+    const int64_t K = w->n_cols;
+    for (int r = 0; r < 16; r++) {
+        if (r < nr)
+            xllm_dequant_row_ref(
+                w->type, (const uint8_t *)w->data + (size_t)(r0 + r) * w->row_bytes, row, K);
+        for (int64_t k = 0; k < K; k++) panel[k * 16 + r] = r < nr ? row[k] : 0.0f;
+    }
+}
+
+static void run_worker(void *arg, int ith, int nth) {
+    const run_task *t = arg;
+    xllm_mm *mm = t->mm;
+    const xllm_mat *w = t->w;
+    const xllm_cpu_kernels *k = mm->k;
+    mm_thread *th = &mm->th[ith];
+    const int64_t K = w->n_cols, T = mm->T;
+    if (t->p == PATH_SCALAR || t->p == PATH_GEMV) {
+        int64_t lo, hi;
+        xllm_split_range(w->n_rows, ith, nth, &lo, &hi);
+        if (t->p == PATH_GEMV) {
+            k->gemv(w, lo, hi, mm->x, mm->x_stride, t->a, T, t->y, t->y_stride, t->acc);
+            return;
+        }
+        for (int64_t r = lo; r < hi; r++) {
+            const uint8_t *src = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+            const float *wr = (const float *)src;
+            if (w->type != XLLM_DTYPE_F32) {
+                xllm_dequant_row_ref(w->type, src, th->row, K);
+                wr = th->row;
+            }
+            for (int64_t i = 0; i < T; i++) {
+                const float v = k->dot_f32(wr, mm->x + i * mm->x_stride, K);
+                float *yp = t->y + i * t->y_stride + r;
+                *yp = t->acc ? *yp + v : v;
+            }
+        }
+        return;
+    }
+    const int64_t np = (w->n_rows + XLLM_PANEL - 1) / XLLM_PANEL;
+    int64_t lo, hi;
+    xllm_split_range(np, ith, nth, &lo, &hi);
+    for (int64_t pi = lo; pi < hi; pi++) {
+        const int64_t r0 = pi * XLLM_PANEL;
+        const int nr = (int)XLLM_MIN((int64_t)XLLM_PANEL, w->n_rows - r0);
+        float *y = t->y + r0;
+        switch (t->p) {
+            case PATH_GEMM_Q: {
+                xllm_qpanel p = {.q = th->pq, .s = th->ps, .m = th->pm};
+                k->pack_q(w, r0, nr, th->stage, &p);
+                k->gemm_q(&p, K, t->a, T, nr, y, t->y_stride, t->acc);
+                break;
+            }
+            case PATH_GEMM_BF16:
+                k->pack_bf16(w, r0, nr, (uint16_t *)th->pf);
+                k->gemm_bf16((const uint16_t *)th->pf, K, mm->xb, T, nr, y, t->y_stride, t->acc);
+                break;
+            default:
+                if (w->type == XLLM_DTYPE_F32 || w->type == XLLM_DTYPE_F16 ||
+                    w->type == XLLM_DTYPE_BF16)
+                    k->pack_f(w, r0, nr, th->pf);
+                else
+                    pack_f_ref(w, r0, nr, th->row, th->pf);
+                k->gemm_f(th->pf, K, mm->x, mm->x_stride, T, nr, y, t->y_stride, t->acc);
+                break;
+        }
+    }
+}
+
+void xllm_mm_run(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride, bool acc) {
+    XLLM_ASSERT(w->n_cols == mm->n);
+    if (mm->T == 0 || w->n_rows == 0) return;
+    const xllm_cpu_kernels *k = mm->k;
+    const int B = xllm_act_block(w->type);
+    const int64_t K = w->n_cols;
+    run_task t = {mm, w, NULL, y, y_stride, acc, PATH_SCALAR};
+    if (k->level == XLLM_CPU_SCALAR) {
+        t.p = PATH_SCALAR;
+    } else if (mm->T <= XLLM_GEMV_MAX_T && k->gemv &&
+               k->gemv(w, 0, 0, NULL, 0, NULL, 0, NULL, 0, false)) {
+        t.p = PATH_GEMV;
+        if (B) t.a = q_form(mm, w->type, false);
+    } else if (B && k->pack_q) {
+        t.p = PATH_GEMM_Q;
+        t.a = q_form(mm, w->type, xllm_panel_group(w->type) == 16);
+    } else if (w->type == XLLM_DTYPE_BF16 && k->gemm_bf16 && K % 32 == 0) {
+        t.p = PATH_GEMM_BF16;
+        ensure_forms(mm, FORM_BF16);
+    } else if (k->gemm_f) {
+        t.p = PATH_GEMM_F;
+    }
+    xllm_threadpool_run(mm->tp, run_worker, &t);
+}
