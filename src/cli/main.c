@@ -12,6 +12,8 @@ static void usage(FILE *f) {
                "  run      generate text from a prompt (xllm run -m MODEL -p PROMPT)\n"
                "  logits   write the logits of given token ids to a file\n"
                "  info     print a model's architecture, shapes, tensors and tokenizer\n"
+               "  bench    measure prompt, generation and batched decode speed (like llama-bench)\n"
+               "  gen-model  write a GGUF with random weights in a real model's shape\n"
                "  version  print the version\n"
                "\n"
                "Run 'xllm <command> --help' for a command's options.\n");
@@ -26,6 +28,8 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "run")) return xllm_cmd_run(argc - 1, argv + 1);
     if (!strcmp(cmd, "logits")) return xllm_cmd_logits(argc - 1, argv + 1);
     if (!strcmp(cmd, "info")) return xllm_cmd_info(argc - 1, argv + 1);
+    if (!strcmp(cmd, "bench")) return xllm_cmd_bench(argc - 1, argv + 1);
+    if (!strcmp(cmd, "gen-model")) return xllm_cmd_gen_model(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("xllm %s\n", xllm_version());
         return 0;
