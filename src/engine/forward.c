@@ -1,6 +1,7 @@
 /* The batched forward pass shared by the llama, qwen2, qwen3 and qwen3moe families: every
  * token of the batch goes through the same matrix products; attention is per sequence. */
 #include <math.h>
+#include <stdatomic.h>
 #include <string.h>
 
 #include "compute/cpu/ops.h"
@@ -44,20 +45,21 @@ typedef struct attn_task {
     xllm_context *ctx;
     const xllm_batch *b;
     int il;
+    atomic_int_fast64_t next; /* next work item to take (dynamic: robust to preemption) */
 } attn_task;
 
 /* Work items: runs of up to XLLM_ATTN_MAX_Q / group consecutive rows of one sequence (at
- * consecutive positions) times KV heads, dealt round-robin to threads (later positions cost
- * more, so contiguous ranges would load threads unevenly). */
+ * consecutive positions) times KV heads, taken by threads one at a time from a shared counter
+ * (later positions cost more, and a preempted thread must not stall the others). */
 static void attn_worker(void *arg, int ith, int nth) {
-    const attn_task *a = arg;
+    attn_task *a = arg;
     xllm_context *ctx = a->ctx;
     const xllm_hparams *hp = &ctx->model->hp;
     const int H = hp->n_head, HK = hp->n_head_kv, D = hp->head_dim, group = H / HK;
     const int max_tok = group <= XLLM_ATTN_MAX_Q ? XLLM_ATTN_MAX_Q / group : 1;
     const float scale = 1.0f / sqrtf((float)D);
     const xllm_batch *b = a->b;
-    int64_t item = 0;
+    int64_t item = 0, mine = atomic_fetch_add(&a->next, 1);
     for (int32_t t0 = 0; t0 < b->n_tokens;) {
         int32_t n = 1;
         while (t0 + n < b->n_tokens && n < max_tok && b->seq_id[t0 + n] == b->seq_id[t0] &&
@@ -65,7 +67,8 @@ static void attn_worker(void *arg, int ith, int nth) {
             n++;
         const int32_t s = b->seq_id[t0];
         for (int g = 0; g < HK; g++, item++) {
-            if (item % nth != ith) continue;
+            if (item != mine) continue;
+            mine = atomic_fetch_add(&a->next, 1);
             xllm_attn_args at = {
                 .q = ctx->ws.q + ((size_t)t0 * H + (size_t)g * group) * D,
                 .q_stride = (int64_t)H * D,
@@ -154,7 +157,8 @@ static void attention_block(xllm_context *ctx, const xllm_batch *b, int il) {
                      ws->rope_sin + t * half, neox);
     }
     store_kv(ctx, b, il);
-    attn_task a = {ctx, b, il};
+    attn_task a = {.ctx = ctx, .b = b, .il = il};
+    atomic_init(&a.next, 0);
     xllm_threadpool_run(ctx->tp, attn_worker, &a);
     /* x += att @ Wo^T: the residual add is fused into the matmul's store */
     mm_input(ctx, ws->att, T, nq);

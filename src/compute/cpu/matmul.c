@@ -1,6 +1,7 @@
 /* The matmul driver: picks a path per weight type and batch size (direct GEMV for a few
  * tokens, packed weight-stationary GEMM for more), makes the input's 8-bit / bf16 forms once
  * per input, and splits rows (or 16-row panels) across the thread pool. */
+#include <stdatomic.h>
 #include <string.h>
 
 #include "compute/cpu/kernels.h"
@@ -195,6 +196,9 @@ typedef struct run_task {
     int64_t y_stride;
     bool acc;
     path p;
+    int64_t n_chunks, chunk;  /* work units: chunk rows (row paths) or panels (GEMM paths) */
+    atomic_int_fast64_t next; /* next unit to take: threads take units dynamically, so a thread
+                                 the OS preempts does not hold the others at the barrier */
 } run_task;
 
 /* Dequantizes 16 rows to a float panel (K, 16) with the reference dequantizer. */
@@ -209,39 +213,37 @@ static void pack_f_ref(const xllm_mat *w, int64_t r0, int nr, float *row, float 
 }
 
 static void run_worker(void *arg, int ith, int nth) {
-    const run_task *t = arg;
+    run_task *t = arg;
     xllm_mm *mm = t->mm;
     const xllm_mat *w = t->w;
     const xllm_cpu_kernels *k = mm->k;
     mm_thread *th = &mm->th[ith];
     const int64_t K = w->n_cols, T = mm->T;
-    if (t->p == PATH_SCALAR || t->p == PATH_GEMV) {
-        int64_t lo, hi;
-        xllm_split_range(w->n_rows, ith, nth, &lo, &hi);
-        if (t->p == PATH_GEMV) {
-            k->gemv(w, lo, hi, mm->x, mm->x_stride, t->a, T, t->y, t->y_stride, t->acc);
-            return;
-        }
-        for (int64_t r = lo; r < hi; r++) {
-            const uint8_t *src = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
-            const float *wr = (const float *)src;
-            if (w->type != XLLM_DTYPE_F32) {
-                xllm_dequant_row_ref(w->type, src, th->row, K);
-                wr = th->row;
+    for (;;) {
+        const int64_t c = atomic_fetch_add_explicit(&t->next, 1, memory_order_relaxed);
+        if (c >= t->n_chunks) break;
+        if (t->p == PATH_SCALAR || t->p == PATH_GEMV) {
+            const int64_t lo = c * t->chunk, hi = XLLM_MIN(lo + t->chunk, w->n_rows);
+            if (t->p == PATH_GEMV) {
+                k->gemv(w, lo, hi, mm->x, mm->x_stride, t->a, T, t->y, t->y_stride, t->acc);
+                continue;
             }
-            for (int64_t i = 0; i < T; i++) {
-                const float v = k->dot_f32(wr, mm->x + i * mm->x_stride, K);
-                float *yp = t->y + i * t->y_stride + r;
-                *yp = t->acc ? *yp + v : v;
+            for (int64_t r = lo; r < hi; r++) {
+                const uint8_t *src = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+                const float *wr = (const float *)src;
+                if (w->type != XLLM_DTYPE_F32) {
+                    xllm_dequant_row_ref(w->type, src, th->row, K);
+                    wr = th->row;
+                }
+                for (int64_t i = 0; i < T; i++) {
+                    const float v = k->dot_f32(wr, mm->x + i * mm->x_stride, K);
+                    float *yp = t->y + i * t->y_stride + r;
+                    *yp = t->acc ? *yp + v : v;
+                }
             }
+            continue;
         }
-        return;
-    }
-    const int64_t np = (w->n_rows + XLLM_PANEL - 1) / XLLM_PANEL;
-    int64_t lo, hi;
-    xllm_split_range(np, ith, nth, &lo, &hi);
-    for (int64_t pi = lo; pi < hi; pi++) {
-        const int64_t r0 = pi * XLLM_PANEL;
+        const int64_t r0 = c * XLLM_PANEL;
         const int nr = (int)XLLM_MIN((int64_t)XLLM_PANEL, w->n_rows - r0);
         float *y = t->y + r0;
         switch (t->p) {
@@ -273,7 +275,7 @@ void xllm_mm_run(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride, boo
     const xllm_cpu_kernels *k = mm->k;
     const int B = xllm_act_block(w->type);
     const int64_t K = w->n_cols;
-    run_task t = {mm, w, NULL, y, y_stride, acc, PATH_SCALAR};
+    run_task t = {.mm = mm, .w = w, .y = y, .y_stride = y_stride, .acc = acc, .p = PATH_SCALAR};
     if (k->level == XLLM_CPU_SCALAR) {
         t.p = PATH_SCALAR;
     } else if (mm->T <= XLLM_GEMV_MAX_T && k->gemv &&
@@ -289,5 +291,15 @@ void xllm_mm_run(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride, boo
     } else if (k->gemm_f) {
         t.p = PATH_GEMM_F;
     }
+    if (t.p == PATH_SCALAR || t.p == PATH_GEMV) {
+        /* ~8 units per thread, whole multiples of 16 rows */
+        t.chunk = (w->n_rows / (8 * mm->n_threads) + 15) / 16 * 16;
+        if (t.chunk < 16) t.chunk = 16;
+        t.n_chunks = (w->n_rows + t.chunk - 1) / t.chunk;
+    } else {
+        t.chunk = XLLM_PANEL;
+        t.n_chunks = (w->n_rows + XLLM_PANEL - 1) / XLLM_PANEL;
+    }
+    atomic_init(&t.next, 0);
     xllm_threadpool_run(mm->tp, run_worker, &t);
 }
