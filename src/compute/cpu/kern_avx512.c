@@ -149,33 +149,46 @@ static void gemv_float(const xllm_mat *w, int64_t r0, int64_t r1, const float *x
 
 /* Q8_0 weights x 8-bit activations with 32-element blocks: weights made unsigned (+128), the
  * offset taken back with the activation block sums (a->g holds d and d * sum per block). */
-static void gemv_q8_0(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
-                      float *y, int64_t y_stride, bool acc) {
-    const int64_t K = w->n_cols, nb = K / 32;
+/* One pair of blocks (j, j + 1) of a Q8_0 row against T tokens, into s[0..T). */
+static inline __attribute__((always_inline)) void q8_pair(const uint8_t *row, int64_t j,
+                                                          const xllm_q8act *a, int64_t K,
+                                                          int64_t nb, const int T, __m512 *s) {
     const __m512i x80 = _mm512_set1_epi8((char)0x80);
     const __m512i ilo = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i ihi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1);
+    const uint8_t *b0 = row + 34 * j, *b1 = b0 + 34;
+    const __m512i wq = _mm512_xor_si512(load2x256(b0 + 2, b1 + 2), x80);
+    const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(h2f(b0)), _mm256_set1_ps(h2f(b1)), 1);
+    for (int t = 0; t < T; t++) {
+        const __m512i av = _mm512_loadu_si512(a->q + t * K + 32 * j);
+        const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, av);
+        /* g: (d_j, ds_j, d_j+1, ds_j+1) */
+        const __m512 g = _mm512_castps128_ps512(_mm_loadu_ps(a->g + (t * nb + j) * 2));
+        const __m512 da = _mm512_permutexvar_ps(ilo, g);
+        const __m512 ds = _mm512_mul_ps(_mm512_permutexvar_ps(ihi, g), _mm512_set1_ps(-128.0f / 8.0f));
+        s[t] = _mm512_fmadd_ps(dw, _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), da, ds), s[t]);
+    }
+}
+
+/* Q8_0 weights x 8-bit activations with 32-element blocks: weights made unsigned (+128), the
+ * offset taken back with the activation block sums (a->g holds d and d * sum per block).
+ * Inlined per T so the accumulators stay in registers; two sets break the FMA chain. */
+static inline __attribute__((always_inline)) void gemv_q8_0_t(const xllm_mat *w, int64_t r0,
+                                                              int64_t r1, const xllm_q8act *a,
+                                                              const int T, float *y,
+                                                              int64_t y_stride, bool acc) {
+    const int64_t K = w->n_cols, nb = K / 32;
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
-        __m512 s[XLLM_GEMV_MAX_T];
-        for (int t = 0; t < T; t++) s[t] = _mm512_setzero_ps();
+        __m512 s[XLLM_GEMV_MAX_T], s2[XLLM_GEMV_MAX_T];
+        for (int t = 0; t < T; t++) s[t] = s2[t] = _mm512_setzero_ps();
         int64_t j = 0;
-        for (; j + 2 <= nb; j += 2) {
-            const uint8_t *b0 = row + 34 * j, *b1 = b0 + 34;
-            const __m512i wq = _mm512_xor_si512(load2x256(b0 + 2, b1 + 2), x80);
-            const __m512 dw =
-                _mm512_insertf32x8(_mm512_set1_ps(h2f(b0)), _mm256_set1_ps(h2f(b1)), 1);
-            for (int t = 0; t < T; t++) {
-                const __m512i av = _mm512_loadu_si512(a->q + t * K + 32 * j);
-                const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, av);
-                /* g: (d_j, ds_j, d_j+1, ds_j+1) */
-                const __m512 g = _mm512_castps128_ps512(_mm_loadu_ps(a->g + (t * nb + j) * 2));
-                const __m512 da = _mm512_permutexvar_ps(ilo, g);
-                const __m512 ds =
-                    _mm512_mul_ps(_mm512_permutexvar_ps(ihi, g), _mm512_set1_ps(-128.0f / 8.0f));
-                s[t] = _mm512_fmadd_ps(dw, _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), da, ds), s[t]);
-            }
+        for (; j + 4 <= nb; j += 4) {
+            q8_pair(row, j, a, K, nb, T, s);
+            q8_pair(row, j + 2, a, K, nb, T, s2);
         }
+        for (; j + 2 <= nb; j += 2) q8_pair(row, j, a, K, nb, T, s);
+        for (int t = 0; t < T; t++) s[t] = _mm512_add_ps(s[t], s2[t]);
         for (int t = 0; t < T; t++) {
             float v = hsum(s[t]);
             for (int64_t jj = j; jj < nb; jj++) { /* odd block count */
@@ -195,8 +208,10 @@ static void gemv_q8_0(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8ac
 }
 
 /* Q4_K x 8-bit activations with 256-element blocks (one scale per super-block). */
-static void gemv_q4_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
-                      float *y, int64_t y_stride, bool acc) {
+static inline __attribute__((always_inline)) void gemv_q4_k_t(const xllm_mat *w, int64_t r0,
+                                                              int64_t r1, const xllm_q8act *a,
+                                                              const int T, float *y,
+                                                              int64_t y_stride, bool acc) {
     const int64_t K = w->n_cols, nsb = K / 256;
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m512i idx[4];
@@ -260,8 +275,10 @@ static void gemv_q4_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8ac
 }
 
 /* Q6_K x 8-bit activations with 256-element blocks. */
-static void gemv_q6_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
-                      float *y, int64_t y_stride, bool acc) {
+static inline __attribute__((always_inline)) void gemv_q6_k_t(const xllm_mat *w, int64_t r0,
+                                                              int64_t r1, const xllm_q8act *a,
+                                                              const int T, float *y,
+                                                              int64_t y_stride, bool acc) {
     const int64_t K = w->n_cols, nsb = K / 256;
     const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03);
     __m512i idx[4]; /* chunk c (64 elements of 4 groups of 16): words 8i..8i+7 -> group 4c+i */
@@ -323,13 +340,41 @@ static void gemv_q6_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8ac
     }
 }
 
+static void gemv_q8_0(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
+                      float *y, int64_t y_stride, bool acc) {
+    if (T == 1) gemv_q8_0_t(w, r0, r1, a, 1, y, y_stride, acc);
+    else if (T == 2) gemv_q8_0_t(w, r0, r1, a, 2, y, y_stride, acc);
+    else gemv_q8_0_t(w, r0, r1, a, 3, y, y_stride, acc);
+}
+
+static void gemv_q4_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
+                      float *y, int64_t y_stride, bool acc) {
+    if (T == 1) gemv_q4_k_t(w, r0, r1, a, 1, y, y_stride, acc);
+    else if (T == 2) gemv_q4_k_t(w, r0, r1, a, 2, y, y_stride, acc);
+    else gemv_q4_k_t(w, r0, r1, a, 3, y, y_stride, acc);
+}
+
+static void gemv_q6_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
+                      float *y, int64_t y_stride, bool acc) {
+    if (T == 1) gemv_q6_k_t(w, r0, r1, a, 1, y, y_stride, acc);
+    else if (T == 2) gemv_q6_k_t(w, r0, r1, a, 2, y, y_stride, acc);
+    else gemv_q6_k_t(w, r0, r1, a, 3, y, y_stride, acc);
+}
+
+static void gemv_f(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
+                   int64_t T, float *y, int64_t y_stride, bool acc) {
+    if (T == 1) gemv_float(w, r0, r1, x, x_stride, 1, y, y_stride, acc);
+    else if (T == 2) gemv_float(w, r0, r1, x, x_stride, 2, y, y_stride, acc);
+    else gemv_float(w, r0, r1, x, x_stride, 3, y, y_stride, acc);
+}
+
 static bool gemv(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
                  const xllm_q8act *a, int64_t T, float *y, int64_t y_stride, bool acc) {
     switch (w->type) {
         case XLLM_DTYPE_F32:
         case XLLM_DTYPE_F16:
         case XLLM_DTYPE_BF16:
-            gemv_float(w, r0, r1, x, x_stride, T, y, y_stride, acc);
+            gemv_f(w, r0, r1, x, x_stride, T, y, y_stride, acc);
             return true;
         case XLLM_DTYPE_Q8_0:
             gemv_q8_0(w, r0, r1, a, T, y, y_stride, acc);
