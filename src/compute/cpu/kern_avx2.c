@@ -68,19 +68,19 @@ static inline __attribute__((always_inline)) void
 gemm_f_tile(const float *panel, int64_t K, const float *x, int64_t x_stride, int64_t t0,
             const int NT, int nr, float *y, int64_t y_stride, bool acc) {
     __m256 s[4][2];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int c = 0; c < NT; c++) s[c][0] = s[c][1] = _mm256_setzero_ps();
     const float *xr = x + t0 * x_stride;
     for (int64_t k = 0; k < K; k++) {
         const __m256 w0 = _mm256_loadu_ps(panel + k * 16), w1 = _mm256_loadu_ps(panel + k * 16 + 8);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NT; c++) {
             const __m256 xv = _mm256_broadcast_ss(xr + c * x_stride + k);
             s[c][0] = _mm256_fmadd_ps(w0, xv, s[c][0]);
             s[c][1] = _mm256_fmadd_ps(w1, xv, s[c][1]);
         }
     }
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int c = 0; c < NT; c++) {
         float v[16];
         _mm256_storeu_ps(v, s[c][0]);

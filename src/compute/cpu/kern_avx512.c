@@ -119,12 +119,12 @@ static void gemv_float(const xllm_mat *w, int64_t r0, int64_t r1, const float *x
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
         __m512 s[XLLM_GEMV_MAX_T][2];
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < XLLM_GEMV_MAX_T; t++) s[t][0] = s[t][1] = _mm512_setzero_ps();
         int64_t i = 0;
         for (; i + 32 <= K; i += 32) {
             const __m512 w0 = load_f16(w->type, row, i), w1 = load_f16(w->type, row, i + 16);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
                 s[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * x_stride + i), s[t][0]);
                 s[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * x_stride + i + 16), s[t][1]);
@@ -132,11 +132,11 @@ static void gemv_float(const xllm_mat *w, int64_t r0, int64_t r1, const float *x
         }
         for (; i + 16 <= K; i += 16) {
             const __m512 w0 = load_f16(w->type, row, i);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int t = 0; t < T; t++)
                 s[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * x_stride + i), s[t][0]);
         }
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
             float v = hsum(_mm512_add_ps(s[t][0], s[t][1]));
             for (int64_t k = i; k < K; k++) {
@@ -163,14 +163,15 @@ static inline __attribute__((always_inline)) void q8_pair(const uint8_t *row, in
     const uint8_t *b0 = row + 34 * j, *b1 = b0 + 34;
     const __m512i wq = _mm512_xor_si512(load2x256(b0 + 2, b1 + 2), x80);
     const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(h2f(b0)), _mm256_set1_ps(h2f(b1)), 1);
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int t = 0; t < T; t++) {
         const __m512i av = _mm512_loadu_si512(a->q + t * K + 32 * j);
         const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, av);
         /* g: (d_j, ds_j, d_j+1, ds_j+1) */
         const __m512 g = _mm512_castps128_ps512(_mm_loadu_ps(a->g + (t * nb + j) * 2));
         const __m512 da = _mm512_permutexvar_ps(ilo, g);
-        const __m512 ds = _mm512_mul_ps(_mm512_permutexvar_ps(ihi, g), _mm512_set1_ps(-128.0f / 8.0f));
+        const __m512 ds =
+            _mm512_mul_ps(_mm512_permutexvar_ps(ihi, g), _mm512_set1_ps(-128.0f / 8.0f));
         s[t] = _mm512_fmadd_ps(dw, _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), da, ds), s[t]);
     }
 }
@@ -186,7 +187,7 @@ static inline __attribute__((always_inline)) void gemv_q8_0_t(const xllm_mat *w,
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
         __m512 s[XLLM_GEMV_MAX_T], s2[XLLM_GEMV_MAX_T];
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < XLLM_GEMV_MAX_T; t++) s[t] = s2[t] = _mm512_setzero_ps();
         int64_t j = 0;
         for (; j + 4 <= nb; j += 4) {
@@ -194,9 +195,9 @@ static inline __attribute__((always_inline)) void gemv_q8_0_t(const xllm_mat *w,
             q8_pair(row, j + 2, a, K, nb, T, s2);
         }
         for (; j + 2 <= nb; j += 2) q8_pair(row, j, a, K, nb, T, s);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < T; t++) s[t] = _mm512_add_ps(s[t], s2[t]);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
             float v = hsum(s[t]);
             for (int64_t jj = j; jj < nb; jj++) { /* odd block count */
@@ -232,7 +233,7 @@ static inline __attribute__((always_inline)) void gemv_q4_k_t(const xllm_mat *w,
         const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
         __m512 s[XLLM_GEMV_MAX_T];
         __m256 sm[XLLM_GEMV_MAX_T];
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
             s[t] = _mm512_setzero_ps();
             sm[t] = _mm256_setzero_ps();
@@ -253,7 +254,7 @@ static inline __attribute__((always_inline)) void gemv_q4_k_t(const xllm_mat *w,
             const __m128i m8 = _mm_cvtsi64_si128((long long)mn);
             const __m256i mdup = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
             __m512i is[XLLM_GEMV_MAX_T];
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int t = 0; t < T; t++) is[t] = _mm512_setzero_si512();
             for (int c = 0; c < 4; c++) {
                 const __m256i qb = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * c));
@@ -261,14 +262,14 @@ static inline __attribute__((always_inline)) void gemv_q4_k_t(const xllm_mat *w,
                 const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
                 const __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
                 const __m512i scv = _mm512_permutexvar_epi16(idx[c], sc16);
-                #pragma GCC unroll 8
+#pragma GCC unroll 8
                 for (int t = 0; t < T; t++) {
                     const __m512i av = _mm512_loadu_si512(a->q + t * K + 256 * sb + 64 * c);
                     is[t] = _mm512_add_epi32(is[t],
                                              _mm512_madd_epi16(_mm512_maddubs_epi16(wq, av), scv));
                 }
             }
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
                 const float da = a->d[t * nsb + sb];
                 s[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]), _mm512_set1_ps(d * da), s[t]);
@@ -277,7 +278,7 @@ static inline __attribute__((always_inline)) void gemv_q4_k_t(const xllm_mat *w,
                 sm[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ms), _mm256_set1_ps(dmin * da), sm[t]);
             }
         }
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
             __m128 h = _mm_add_ps(_mm256_castps256_ps128(sm[t]), _mm256_extractf128_ps(sm[t], 1));
             h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -303,7 +304,7 @@ static inline __attribute__((always_inline)) void gemv_q6_k_t(const xllm_mat *w,
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
         __m512 s[XLLM_GEMV_MAX_T];
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < T; t++) s[t] = _mm512_setzero_ps();
         for (int64_t sb = 0; sb < nsb; sb++) {
             const uint8_t *b = row + 210 * sb;
@@ -312,7 +313,7 @@ static inline __attribute__((always_inline)) void gemv_q6_k_t(const xllm_mat *w,
             const __m512i sc16 = _mm512_castsi256_si512(sc16y);
             const __m256i sc32 = _mm256_slli_epi16(sc16y, 5); /* 32 * scale, fits int16 */
             __m512i is[XLLM_GEMV_MAX_T];
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
                 const __m256i cs = _mm256_madd_epi16(
                     _mm256_loadu_si256((const __m256i *)(a->s16 + t * (K / 16) + 16 * sb)), sc32);
@@ -338,7 +339,7 @@ static inline __attribute__((always_inline)) void gemv_q6_k_t(const xllm_mat *w,
                 const __m512i z1 = _mm512_inserti64x4(_mm512_castsi256_si512(v2), v3, 1);
                 const __m512i s0 = _mm512_permutexvar_epi16(idx[2 * h], sc16);
                 const __m512i s1 = _mm512_permutexvar_epi16(idx[2 * h + 1], sc16);
-                #pragma GCC unroll 8
+#pragma GCC unroll 8
                 for (int t = 0; t < T; t++) {
                     const int8_t *aq = a->q + t * K + 256 * sb + 128 * h;
                     const __m512i p0 =
@@ -348,42 +349,54 @@ static inline __attribute__((always_inline)) void gemv_q6_k_t(const xllm_mat *w,
                     is[t] = _mm512_add_epi32(is[t], _mm512_add_epi32(p0, p1));
                 }
             }
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int t = 0; t < T; t++)
                 s[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]),
                                        _mm512_set1_ps(d * a->d[t * nsb + sb]), s[t]);
         }
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < T; t++) put(y, t * y_stride + r, hsum(s[t]), acc);
     }
 }
 
 static void gemv_q8_0(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
                       float *y, int64_t y_stride, bool acc) {
-    if (T == 1) gemv_q8_0_t(w, r0, r1, a, 1, y, y_stride, acc);
-    else if (T == 2) gemv_q8_0_t(w, r0, r1, a, 2, y, y_stride, acc);
-    else gemv_q8_0_t(w, r0, r1, a, 3, y, y_stride, acc);
+    if (T == 1)
+        gemv_q8_0_t(w, r0, r1, a, 1, y, y_stride, acc);
+    else if (T == 2)
+        gemv_q8_0_t(w, r0, r1, a, 2, y, y_stride, acc);
+    else
+        gemv_q8_0_t(w, r0, r1, a, 3, y, y_stride, acc);
 }
 
 static void gemv_q4_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
                       float *y, int64_t y_stride, bool acc) {
-    if (T == 1) gemv_q4_k_t(w, r0, r1, a, 1, y, y_stride, acc);
-    else if (T == 2) gemv_q4_k_t(w, r0, r1, a, 2, y, y_stride, acc);
-    else gemv_q4_k_t(w, r0, r1, a, 3, y, y_stride, acc);
+    if (T == 1)
+        gemv_q4_k_t(w, r0, r1, a, 1, y, y_stride, acc);
+    else if (T == 2)
+        gemv_q4_k_t(w, r0, r1, a, 2, y, y_stride, acc);
+    else
+        gemv_q4_k_t(w, r0, r1, a, 3, y, y_stride, acc);
 }
 
 static void gemv_q6_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
                       float *y, int64_t y_stride, bool acc) {
-    if (T == 1) gemv_q6_k_t(w, r0, r1, a, 1, y, y_stride, acc);
-    else if (T == 2) gemv_q6_k_t(w, r0, r1, a, 2, y, y_stride, acc);
-    else gemv_q6_k_t(w, r0, r1, a, 3, y, y_stride, acc);
+    if (T == 1)
+        gemv_q6_k_t(w, r0, r1, a, 1, y, y_stride, acc);
+    else if (T == 2)
+        gemv_q6_k_t(w, r0, r1, a, 2, y, y_stride, acc);
+    else
+        gemv_q6_k_t(w, r0, r1, a, 3, y, y_stride, acc);
 }
 
 static void gemv_f(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
                    int64_t T, float *y, int64_t y_stride, bool acc) {
-    if (T == 1) gemv_float(w, r0, r1, x, x_stride, 1, y, y_stride, acc);
-    else if (T == 2) gemv_float(w, r0, r1, x, x_stride, 2, y, y_stride, acc);
-    else gemv_float(w, r0, r1, x, x_stride, 3, y, y_stride, acc);
+    if (T == 1)
+        gemv_float(w, r0, r1, x, x_stride, 1, y, y_stride, acc);
+    else if (T == 2)
+        gemv_float(w, r0, r1, x, x_stride, 2, y, y_stride, acc);
+    else
+        gemv_float(w, r0, r1, x, x_stride, 3, y, y_stride, acc);
 }
 
 static bool gemv(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
@@ -543,91 +556,135 @@ static inline void store_rows(float *y, __m512 v, int nr, bool acc) {
     _mm512_mask_storeu_ps(y, mk, v);
 }
 
-static inline __attribute__((always_inline)) void gemm_q_tile(const xllm_qpanel *p, int64_t K,
-                                                              const xllm_q8act *a, int64_t t0,
-                                                              const int NT, int nr, float *y,
-                                                              int64_t y_stride, bool acc) {
-    const int G = p->G;
+/* NP panels (16 rows each) x NT tokens, groups of G elements: per group, int32 dot products
+ * by VNNI, then y += s * d_a * dot + m * d_a * sum_a in fp32. */
+static inline __attribute__((always_inline)) void
+gemm_q_tile(const xllm_qpanel *p, const int NP, const int G, int64_t K, const xllm_q8act *a,
+            int64_t t0, const int NT, int nr, float *y, int64_t y_stride, bool acc) {
     const int64_t ng = K / G;
-    __m512 s[8];
+    __m512 s[2][8];
     const int8_t *aq[8];
     const float *ag[8];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int c = 0; c < NT; c++) {
-        s[c] = _mm512_setzero_ps();
         aq[c] = a->q + (t0 + c) * K;
         ag[c] = a->g + (t0 + c) * ng * 2;
+#pragma GCC unroll 2
+        for (int i = 0; i < NP; i++) s[i][c] = _mm512_setzero_ps();
     }
-    const uint8_t *wq = p->q;
+    const uint8_t *wq0 = p[0].q, *wq1 = NP > 1 ? p[1].q : p[0].q;
     for (int64_t g = 0; g < ng; g++) {
-        __m512i is[8];
-        #pragma GCC unroll 8
-        for (int c = 0; c < NT; c++) is[c] = _mm512_setzero_si512();
-        #pragma GCC unroll 8
-        for (int kk = 0; kk < G / 4; kk++, wq += 64) {
-            const __m512i wv = _mm512_loadu_si512(wq);
+        __m512i is[2][8];
+#pragma GCC unroll 8
+        for (int c = 0; c < NT; c++)
+#pragma GCC unroll 2
+            for (int i = 0; i < NP; i++) is[i][c] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int kk = 0; kk < G / 4; kk++) {
+            const __m512i w0 = _mm512_loadu_si512(wq0 + (g * (G / 4) + kk) * 64);
+            const __m512i w1 = NP > 1 ? _mm512_loadu_si512(wq1 + (g * (G / 4) + kk) * 64) : w0;
             const int64_t off = g * G + 4 * kk;
-            #pragma GCC unroll 8
-            for (int c = 0; c < NT; c++)
-                is[c] = _mm512_dpbusd_epi32(is[c], wv, _mm512_set1_epi32(ld32(aq[c] + off)));
+#pragma GCC unroll 8
+            for (int c = 0; c < NT; c++) {
+                const __m512i av = _mm512_set1_epi32(ld32(aq[c] + off));
+                is[0][c] = _mm512_dpbusd_epi32(is[0][c], w0, av);
+                if (NP > 1) is[1][c] = _mm512_dpbusd_epi32(is[1][c], w1, av);
+            }
         }
-        const __m512 sv = _mm512_loadu_ps(p->s + g * 16), mv = _mm512_loadu_ps(p->m + g * 16);
-        #pragma GCC unroll 8
-        for (int c = 0; c < NT; c++) {
-            s[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[c]),
-                                   _mm512_mul_ps(sv, _mm512_set1_ps(ag[c][2 * g])), s[c]);
-            s[c] = _mm512_fmadd_ps(mv, _mm512_set1_ps(ag[c][2 * g + 1]), s[c]);
+#pragma GCC unroll 2
+        for (int i = 0; i < NP; i++) {
+            const __m512 sv = _mm512_loadu_ps(p[i].s + g * 16),
+                         mv = _mm512_loadu_ps(p[i].m + g * 16);
+#pragma GCC unroll 8
+            for (int c = 0; c < NT; c++) {
+                s[i][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[i][c]),
+                                          _mm512_mul_ps(sv, _mm512_set1_ps(ag[c][2 * g])), s[i][c]);
+                s[i][c] = _mm512_fmadd_ps(mv, _mm512_set1_ps(ag[c][2 * g + 1]), s[i][c]);
+            }
         }
     }
-    #pragma GCC unroll 8
-    for (int c = 0; c < NT; c++) store_rows(y + (t0 + c) * y_stride, s[c], nr, acc);
+#pragma GCC unroll 8
+    for (int c = 0; c < NT; c++)
+#pragma GCC unroll 2
+        for (int i = 0; i < NP; i++)
+            if (nr > 16 * i)
+                store_rows(y + (t0 + c) * y_stride + 16 * i, s[i][c],
+                           nr - 16 * i > 16 ? 16 : nr - 16 * i, acc);
 }
 
-static void gemm_q(const xllm_qpanel *p, int64_t K, const xllm_q8act *a, int64_t T, int nr,
-                   float *y, int64_t y_stride, bool acc) {
+/* All T tokens against np (1 or 2) panels, in tiles of NT tokens. */
+static inline __attribute__((always_inline)) void gemm_q_g(const xllm_qpanel *p, int np,
+                                                           const int G, int64_t K,
+                                                           const xllm_q8act *a, int64_t T, int nr,
+                                                           float *y, int64_t y_stride, bool acc) {
     int64_t t = 0;
-    for (; t + 8 <= T; t += 8) gemm_q_tile(p, K, a, t, 8, nr, y, y_stride, acc);
+    if (np == 2) {
+        for (; t + 4 <= T; t += 4) gemm_q_tile(p, 2, G, K, a, t, 4, nr, y, y_stride, acc);
+        switch (T - t) {
+            case 3:
+                gemm_q_tile(p, 2, G, K, a, t, 3, nr, y, y_stride, acc);
+                break;
+            case 2:
+                gemm_q_tile(p, 2, G, K, a, t, 2, nr, y, y_stride, acc);
+                break;
+            case 1:
+                gemm_q_tile(p, 2, G, K, a, t, 1, nr, y, y_stride, acc);
+                break;
+            default:
+                break;
+        }
+        return;
+    }
+    for (; t + 8 <= T; t += 8) gemm_q_tile(p, 1, G, K, a, t, 8, nr, y, y_stride, acc);
     switch (T - t) {
         case 7:
-            gemm_q_tile(p, K, a, t, 7, nr, y, y_stride, acc);
+            gemm_q_tile(p, 1, G, K, a, t, 7, nr, y, y_stride, acc);
             break;
         case 6:
-            gemm_q_tile(p, K, a, t, 6, nr, y, y_stride, acc);
+            gemm_q_tile(p, 1, G, K, a, t, 6, nr, y, y_stride, acc);
             break;
         case 5:
-            gemm_q_tile(p, K, a, t, 5, nr, y, y_stride, acc);
+            gemm_q_tile(p, 1, G, K, a, t, 5, nr, y, y_stride, acc);
             break;
         case 4:
-            gemm_q_tile(p, K, a, t, 4, nr, y, y_stride, acc);
+            gemm_q_tile(p, 1, G, K, a, t, 4, nr, y, y_stride, acc);
             break;
         case 3:
-            gemm_q_tile(p, K, a, t, 3, nr, y, y_stride, acc);
+            gemm_q_tile(p, 1, G, K, a, t, 3, nr, y, y_stride, acc);
             break;
         case 2:
-            gemm_q_tile(p, K, a, t, 2, nr, y, y_stride, acc);
+            gemm_q_tile(p, 1, G, K, a, t, 2, nr, y, y_stride, acc);
             break;
         case 1:
-            gemm_q_tile(p, K, a, t, 1, nr, y, y_stride, acc);
+            gemm_q_tile(p, 1, G, K, a, t, 1, nr, y, y_stride, acc);
             break;
         default:
             break;
     }
 }
 
+static void gemm_q(const xllm_qpanel *p, int np, int64_t K, const xllm_q8act *a, int64_t T, int nr,
+                   float *y, int64_t y_stride, bool acc) {
+    if (p[0].G == 32)
+        gemm_q_g(p, np, 32, K, a, T, nr, y, y_stride, acc);
+    else
+        gemm_q_g(p, np, 16, K, a, T, nr, y, y_stride, acc);
+}
+
 static inline __attribute__((always_inline)) void
 gemm_f_tile(const float *panel, int64_t K, const float *x, int64_t x_stride, int64_t t0,
             const int NT, int nr, float *y, int64_t y_stride, bool acc) {
     __m512 s[8];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int c = 0; c < NT; c++) s[c] = _mm512_setzero_ps();
     const float *xr = x + t0 * x_stride;
     for (int64_t k = 0; k < K; k++) {
         const __m512 wv = _mm512_loadu_ps(panel + k * 16);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int c = 0; c < NT; c++)
             s[c] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xr[c * x_stride + k]), s[c]);
     }
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int c = 0; c < NT; c++) store_rows(y + (t0 + c) * y_stride, s[c], nr, acc);
 }
 
@@ -662,54 +719,74 @@ static void gemm_f(const float *panel, int64_t K, const float *x, int64_t x_stri
     }
 }
 
+/* NP bf16 panels (consecutive, K * 16 values apart) x NT tokens with vdpbf16ps. */
 __attribute__((target("avx512bf16"))) static inline __attribute__((always_inline)) void
-gemm_bf16_tile(const uint16_t *panel, int64_t K, const uint16_t *xb, int64_t t0, const int NT,
-               int nr, float *y, int64_t y_stride, bool acc) {
-    __m512 s[8];
-    #pragma GCC unroll 8
-    for (int c = 0; c < NT; c++) s[c] = _mm512_setzero_ps();
-    const uint16_t *xr = xb + t0 * K;
+gemm_bf16_tile(const uint16_t *panel, const int NP, int64_t K, const uint16_t *xb, int64_t t0,
+               const int NT, int nr, float *y, int64_t y_stride, bool acc) {
+    __m512 s[2][8];
+#pragma GCC unroll 8
+    for (int c = 0; c < NT; c++)
+#pragma GCC unroll 2
+        for (int i = 0; i < NP; i++) s[i][c] = _mm512_setzero_ps();
+    const uint16_t *xr = xb + t0 * K, *p1 = panel + K * 16;
     for (int64_t k2 = 0; k2 < K / 2; k2++) {
-        const __m512bh wv = (__m512bh)_mm512_loadu_si512(panel + k2 * 32);
-        #pragma GCC unroll 8
-        for (int c = 0; c < NT; c++)
-            s[c] =
-                _mm512_dpbf16_ps(s[c], wv, (__m512bh)_mm512_set1_epi32(ld32(xr + c * K + 2 * k2)));
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + k2 * 32);
+        const __m512bh w1 = NP > 1 ? (__m512bh)_mm512_loadu_si512(p1 + k2 * 32) : w0;
+#pragma GCC unroll 8
+        for (int c = 0; c < NT; c++) {
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(ld32(xr + c * K + 2 * k2));
+            s[0][c] = _mm512_dpbf16_ps(s[0][c], w0, xv);
+            if (NP > 1) s[1][c] = _mm512_dpbf16_ps(s[1][c], w1, xv);
+        }
     }
-    #pragma GCC unroll 8
-    for (int c = 0; c < NT; c++) store_rows(y + (t0 + c) * y_stride, s[c], nr, acc);
+#pragma GCC unroll 8
+    for (int c = 0; c < NT; c++)
+#pragma GCC unroll 2
+        for (int i = 0; i < NP; i++)
+            if (nr > 16 * i)
+                store_rows(y + (t0 + c) * y_stride + 16 * i, s[i][c],
+                           nr - 16 * i > 16 ? 16 : nr - 16 * i, acc);
 }
 
-__attribute__((target("avx512bf16"))) static void gemm_bf16(const uint16_t *panel, int64_t K,
-                                                            const uint16_t *xb, int64_t T, int nr,
-                                                            float *y, int64_t y_stride, bool acc) {
+#define BF16_TILES(NP_)                                                                            \
+    do {                                                                                           \
+        for (; t + 8 <= T; t += 8) gemm_bf16_tile(panel, NP_, K, xb, t, 8, nr, y, y_stride, acc);  \
+        switch (T - t) {                                                                           \
+            case 7:                                                                                \
+                gemm_bf16_tile(panel, NP_, K, xb, t, 7, nr, y, y_stride, acc);                     \
+                break;                                                                             \
+            case 6:                                                                                \
+                gemm_bf16_tile(panel, NP_, K, xb, t, 6, nr, y, y_stride, acc);                     \
+                break;                                                                             \
+            case 5:                                                                                \
+                gemm_bf16_tile(panel, NP_, K, xb, t, 5, nr, y, y_stride, acc);                     \
+                break;                                                                             \
+            case 4:                                                                                \
+                gemm_bf16_tile(panel, NP_, K, xb, t, 4, nr, y, y_stride, acc);                     \
+                break;                                                                             \
+            case 3:                                                                                \
+                gemm_bf16_tile(panel, NP_, K, xb, t, 3, nr, y, y_stride, acc);                     \
+                break;                                                                             \
+            case 2:                                                                                \
+                gemm_bf16_tile(panel, NP_, K, xb, t, 2, nr, y, y_stride, acc);                     \
+                break;                                                                             \
+            case 1:                                                                                \
+                gemm_bf16_tile(panel, NP_, K, xb, t, 1, nr, y, y_stride, acc);                     \
+                break;                                                                             \
+            default:                                                                               \
+                break;                                                                             \
+        }                                                                                          \
+    } while (0)
+
+__attribute__((target("avx512bf16"))) static void gemm_bf16(const uint16_t *panel, int np,
+                                                            int64_t K, const uint16_t *xb,
+                                                            int64_t T, int nr, float *y,
+                                                            int64_t y_stride, bool acc) {
     int64_t t = 0;
-    for (; t + 8 <= T; t += 8) gemm_bf16_tile(panel, K, xb, t, 8, nr, y, y_stride, acc);
-    switch (T - t) {
-        case 7:
-            gemm_bf16_tile(panel, K, xb, t, 7, nr, y, y_stride, acc);
-            break;
-        case 6:
-            gemm_bf16_tile(panel, K, xb, t, 6, nr, y, y_stride, acc);
-            break;
-        case 5:
-            gemm_bf16_tile(panel, K, xb, t, 5, nr, y, y_stride, acc);
-            break;
-        case 4:
-            gemm_bf16_tile(panel, K, xb, t, 4, nr, y, y_stride, acc);
-            break;
-        case 3:
-            gemm_bf16_tile(panel, K, xb, t, 3, nr, y, y_stride, acc);
-            break;
-        case 2:
-            gemm_bf16_tile(panel, K, xb, t, 2, nr, y, y_stride, acc);
-            break;
-        case 1:
-            gemm_bf16_tile(panel, K, xb, t, 1, nr, y, y_stride, acc);
-            break;
-        default:
-            break;
-    }
+    if (np == 2)
+        BF16_TILES(2);
+    else
+        BF16_TILES(1);
 }
 
 __attribute__((target("avx512bf16"))) static void to_bf16(const float *x, uint16_t *y, int64_t n) {

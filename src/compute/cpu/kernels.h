@@ -74,8 +74,9 @@ typedef struct xllm_cpu_kernels {
     /* Packs nr <= 16 rows starting at r0 of a quantized w into p (buffers sized by the
      * driver); stage: 16 * K bytes of scratch. False for a type it does not handle. */
     bool (*pack_q)(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_qpanel *p);
-    /* y (T, nr) (+)= panel . a for tokens [0, T). */
-    void (*gemm_q)(const xllm_qpanel *p, int64_t K, const xllm_q8act *a, int64_t T, int nr,
+    /* y (T, nr) (+)= panels . a for tokens [0, T): np (1 or 2) panels p[0..np) of 16 rows
+     * each, nr <= 16 * np rows in all. */
+    void (*gemm_q)(const xllm_qpanel *p, int np, int64_t K, const xllm_q8act *a, int64_t T, int nr,
                    float *y, int64_t y_stride, bool acc);
     /* Float panels: nr rows of w (F32/F16/BF16) as (K, 16) floats. */
     void (*pack_f)(const xllm_mat *w, int64_t r0, int nr, float *panel);
@@ -83,8 +84,9 @@ typedef struct xllm_cpu_kernels {
                    int nr, float *y, int64_t y_stride, bool acc);
     /* BF16 panels (K / 2, 16, 2) and activations as bf16 (T, K) (optional: NULL). */
     void (*pack_bf16)(const xllm_mat *w, int64_t r0, int nr, uint16_t *panel);
-    void (*gemm_bf16)(const uint16_t *panel, int64_t K, const uint16_t *xb, int64_t T, int nr,
-                      float *y, int64_t y_stride, bool acc);
+    /* np (1 or 2) consecutive panels, K * 16 values apart */
+    void (*gemm_bf16)(const uint16_t *panel, int np, int64_t K, const uint16_t *xb, int64_t T,
+                      int nr, float *y, int64_t y_stride, bool acc);
     void (*to_bf16)(const float *x, uint16_t *y, int64_t n);
     /* Elementwise and small ops. */
     float (*dot_f32)(const float *a, const float *b, int64_t n);

@@ -18,9 +18,9 @@ enum {
 
 typedef struct mm_thread {
     uint8_t *stage; /* (16, Kp) bytes */
-    uint8_t *pq;    /* (Kp / 4, 16, 4) panel values */
-    float *ps, *pm; /* (K / 16, 16) panel scales / offsets */
-    float *pf;      /* (K, 16) float panel; also the bf16 panel (K / 2, 16, 2) */
+    uint8_t *pq;    /* 2 x (Kp / 4, 16, 4) panel values */
+    float *ps, *pm; /* 2 x (Kp / 16 + 1, 16) panel scales / offsets */
+    float *pf;      /* 2 x (Kp, 16) float panels; also bf16 panels (K / 2, 16, 2) */
     float *row;     /* (K) one dequantized row (portable paths) */
 } mm_thread;
 
@@ -54,10 +54,10 @@ xllm_mm *xllm_mm_new(xllm_threadpool *tp, xllm_cpu_level level, int64_t max_T, i
     for (int i = 0; i < mm->n_threads; i++) {
         mm_thread *t = &mm->th[i];
         t->stage = zalloc(16 * Kp);
-        t->pq = zalloc(16 * Kp);
-        t->ps = zalloc((Kp / 16 + 1) * 16 * sizeof(float));
-        t->pm = zalloc((Kp / 16 + 1) * 16 * sizeof(float));
-        t->pf = zalloc(16 * Kp * sizeof(float));
+        t->pq = zalloc(2 * 16 * Kp);
+        t->ps = zalloc(2 * (Kp / 16 + 1) * 16 * sizeof(float));
+        t->pm = zalloc(2 * (Kp / 16 + 1) * 16 * sizeof(float));
+        t->pf = zalloc(2 * 16 * Kp * sizeof(float));
         t->row = zalloc(Kp * sizeof(float));
     }
     xllm_q8act *fs[2] = {&mm->q32, &mm->q256};
@@ -243,28 +243,39 @@ static void run_worker(void *arg, int ith, int nth) {
             }
             continue;
         }
-        const int64_t r0 = c * XLLM_PANEL;
-        const int nr = (int)XLLM_MIN((int64_t)XLLM_PANEL, w->n_rows - r0);
+        /* a unit is two panels (32 rows) on the GEMM paths */
+        const int64_t r0 = c * 2 * XLLM_PANEL;
+        const int nr = (int)XLLM_MIN((int64_t)2 * XLLM_PANEL, w->n_rows - r0);
+        const int np = nr > XLLM_PANEL ? 2 : 1;
+        const size_t Kp = (size_t)(mm->max_cols + 63) / 64 * 64;
         float *y = t->y + r0;
-        switch (t->p) {
-            case PATH_GEMM_Q: {
-                xllm_qpanel p = {.q = th->pq, .s = th->ps, .m = th->pm};
-                k->pack_q(w, r0, nr, th->stage, &p);
-                k->gemm_q(&p, K, t->a, T, nr, y, t->y_stride, t->acc);
-                break;
+        if (t->p == PATH_GEMM_Q) {
+            xllm_qpanel p[2];
+            for (int i = 0; i < np; i++) {
+                p[i] = (xllm_qpanel){.q = th->pq + i * 16 * Kp,
+                                     .s = th->ps + i * (Kp / 16 + 1) * 16,
+                                     .m = th->pm + i * (Kp / 16 + 1) * 16};
+                k->pack_q(w, r0 + i * XLLM_PANEL, XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
+                          th->stage, &p[i]);
             }
-            case PATH_GEMM_BF16:
-                k->pack_bf16(w, r0, nr, (uint16_t *)th->pf);
-                k->gemm_bf16((const uint16_t *)th->pf, K, mm->xb, T, nr, y, t->y_stride, t->acc);
-                break;
-            default:
+            k->gemm_q(p, np, K, t->a, T, nr, y, t->y_stride, t->acc);
+        } else if (t->p == PATH_GEMM_BF16) {
+            uint16_t *pb = (uint16_t *)th->pf;
+            for (int i = 0; i < np; i++)
+                k->pack_bf16(w, r0 + i * XLLM_PANEL, XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
+                             pb + (size_t)i * (size_t)K * 16);
+            k->gemm_bf16(pb, np, K, mm->xb, T, nr, y, t->y_stride, t->acc);
+        } else {
+            for (int i = 0; i < np; i++) {
+                const int nri = XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL);
                 if (w->type == XLLM_DTYPE_F32 || w->type == XLLM_DTYPE_F16 ||
                     w->type == XLLM_DTYPE_BF16)
-                    k->pack_f(w, r0, nr, th->pf);
+                    k->pack_f(w, r0 + i * XLLM_PANEL, nri, th->pf);
                 else
-                    pack_f_ref(w, r0, nr, th->row, th->pf);
-                k->gemm_f(th->pf, K, mm->x, mm->x_stride, T, nr, y, t->y_stride, t->acc);
-                break;
+                    pack_f_ref(w, r0 + i * XLLM_PANEL, nri, th->row, th->pf);
+                k->gemm_f(th->pf, K, mm->x, mm->x_stride, T, nri, y + i * XLLM_PANEL, t->y_stride,
+                          t->acc);
+            }
         }
     }
 }
@@ -297,8 +308,8 @@ void xllm_mm_run(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride, boo
         if (t.chunk < 16) t.chunk = 16;
         t.n_chunks = (w->n_rows + t.chunk - 1) / t.chunk;
     } else {
-        t.chunk = XLLM_PANEL;
-        t.n_chunks = (w->n_rows + XLLM_PANEL - 1) / XLLM_PANEL;
+        t.chunk = 2 * XLLM_PANEL;
+        t.n_chunks = (w->n_rows + 2 * XLLM_PANEL - 1) / (2 * XLLM_PANEL);
     }
     atomic_init(&t.next, 0);
     xllm_threadpool_run(mm->tp, run_worker, &t);
