@@ -11,6 +11,16 @@
 #include "util/common.h"
 
 #define SPIN_ITERS 20000
+/* After this many pause iterations a waiting thread also yields its core: on an oversubscribed
+ * machine the thread it waits for may be the one that needs it. */
+#define SPIN_YIELD 2000
+
+static inline void spin_pause(int spins) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+    if (spins > SPIN_YIELD && (spins & 63) == 0) sched_yield();
+}
 
 typedef struct worker {
     xllm_threadpool *tp;
@@ -40,10 +50,7 @@ static void *worker_main(void *p) {
         int spins = 0;
         while ((gen = atomic_load_explicit(&tp->generation, memory_order_acquire)) == seen &&
                !atomic_load(&tp->stop) && spins < SPIN_ITERS) {
-            spins++;
-#if defined(__x86_64__)
-            __builtin_ia32_pause();
-#endif
+            spin_pause(++spins);
         }
         if (gen == seen && !atomic_load(&tp->stop)) {
             pthread_mutex_lock(&tp->mu);
@@ -115,12 +122,8 @@ void xllm_threadpool_run(xllm_threadpool *tp, xllm_task_fn fn, void *arg) {
     pthread_mutex_unlock(&tp->mu);
     fn(arg, 0, tp->n_threads);
     int spins = 0;
-    while (atomic_load_explicit(&tp->pending, memory_order_acquire) > 0 && spins < SPIN_ITERS) {
-        spins++;
-#if defined(__x86_64__)
-        __builtin_ia32_pause();
-#endif
-    }
+    while (atomic_load_explicit(&tp->pending, memory_order_acquire) > 0 && spins < SPIN_ITERS)
+        spin_pause(++spins);
     if (atomic_load(&tp->pending) > 0) {
         pthread_mutex_lock(&tp->mu);
         while (atomic_load(&tp->pending) > 0) pthread_cond_wait(&tp->cv_done, &tp->mu);

@@ -114,11 +114,8 @@ static void store_kv(xllm_context *ctx, const xllm_batch *b, int il) {
             memcpy(kd, ks, (size_t)n * sizeof(float));
             memcpy(vd, vs, (size_t)n * sizeof(float));
         } else {
-            uint16_t *kh = (uint16_t *)kd, *vh = (uint16_t *)vd;
-            for (int64_t i = 0; i < n; i++) {
-                kh[i] = xllm_fp32_to_fp16(ks[i]);
-                vh[i] = xllm_fp32_to_fp16(vs[i]);
-            }
+            xllm_cpu_to_f16(ctx->kern, ks, (uint16_t *)kd, n);
+            xllm_cpu_to_f16(ctx->kern, vs, (uint16_t *)vd, n);
         }
     }
 }

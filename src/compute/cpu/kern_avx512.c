@@ -797,6 +797,14 @@ __attribute__((target("avx512bf16"))) static void to_bf16(const float *x, uint16
     for (; i < n; i++) y[i] = xllm_fp32_to_bf16(x[i]);
 }
 
+static void to_f16(const float *x, uint16_t *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(y + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) y[i] = xllm_fp32_to_fp16(x[i]);
+}
+
 /* ---- elementwise ------------------------------------------------------------------------- */
 
 static float dot_f32(const float *a, const float *b, int64_t n) {
@@ -968,6 +976,7 @@ static const xllm_cpu_kernels k_avx512 = {
     .rmsnorm = rmsnorm,
     .swiglu = swiglu,
     .attention = attention,
+    .to_f16 = to_f16,
 };
 
 static const xllm_cpu_kernels k_avx512_bf16 = {
@@ -986,6 +995,7 @@ static const xllm_cpu_kernels k_avx512_bf16 = {
     .rmsnorm = rmsnorm,
     .swiglu = swiglu,
     .attention = attention,
+    .to_f16 = to_f16,
 };
 
 const xllm_cpu_kernels *xllm_cpu_kernels_avx512(void) {

@@ -154,6 +154,14 @@ void xllm_quant_row_q8_scalar(const float *x, int64_t n, int B, int8_t *q, float
     }
 }
 
+static void to_f16_scalar(const float *x, uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = xllm_fp32_to_fp16(x[i]);
+}
+
+void xllm_cpu_to_f16(const xllm_cpu_kernels *k, const float *x, uint16_t *y, int64_t n) {
+    (k->to_f16 ? k->to_f16 : to_f16_scalar)(x, y, n);
+}
+
 static const xllm_cpu_kernels k_scalar = {
     .level = XLLM_CPU_SCALAR,
     .quant_row = xllm_quant_row_q8_scalar,

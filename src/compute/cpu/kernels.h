@@ -88,6 +88,8 @@ typedef struct xllm_cpu_kernels {
     void (*gemm_bf16)(const uint16_t *panel, int np, int64_t K, const uint16_t *xb, int64_t T,
                       int nr, float *y, int64_t y_stride, bool acc);
     void (*to_bf16)(const float *x, uint16_t *y, int64_t n);
+    /* fp32 -> IEEE half, round to nearest even (KV stores) */
+    void (*to_f16)(const float *x, uint16_t *y, int64_t n);
     /* Elementwise and small ops. */
     float (*dot_f32)(const float *a, const float *b, int64_t n);
     void (*rmsnorm)(float *out, const float *x, const float *w, int64_t n, float eps);

@@ -88,6 +88,8 @@ void xllm_cpu_swiglu(const xllm_cpu_kernels *k, float *out, const float *g, cons
                      int64_t n);
 float xllm_cpu_dot_f32(const xllm_cpu_kernels *k, const float *a, const float *b, int64_t n);
 void xllm_cpu_attention(const xllm_cpu_kernels *k, const xllm_attn_args *a);
+/* y (n) = fp16(x (n)), round to nearest even. */
+void xllm_cpu_to_f16(const xllm_cpu_kernels *k, const float *x, uint16_t *y, int64_t n);
 
 /* A matmul engine: the kernels of one level, the pool, and workspaces sized at creation for
  * inputs of up to max_T rows of up to max_cols floats (no allocation per call). One thread
