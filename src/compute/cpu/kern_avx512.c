@@ -723,8 +723,8 @@ static void gemm_f(const float *panel, int64_t K, const float *x, int64_t x_stri
 __attribute__((target("avx512bf16"))) static inline __attribute__((always_inline)) void
 gemm_bf16_tile(const uint16_t *panel, const int NP, int64_t K, const uint16_t *xb, int64_t t0,
                const int NT, int nr, float *y, int64_t y_stride, bool acc) {
-    __m512 s[2][8];
-#pragma GCC unroll 8
+    __m512 s[2][12];
+#pragma GCC unroll 12
     for (int c = 0; c < NT; c++)
 #pragma GCC unroll 2
         for (int i = 0; i < NP; i++) s[i][c] = _mm512_setzero_ps();
@@ -732,14 +732,14 @@ gemm_bf16_tile(const uint16_t *panel, const int NP, int64_t K, const uint16_t *x
     for (int64_t k2 = 0; k2 < K / 2; k2++) {
         const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + k2 * 32);
         const __m512bh w1 = NP > 1 ? (__m512bh)_mm512_loadu_si512(p1 + k2 * 32) : w0;
-#pragma GCC unroll 8
+#pragma GCC unroll 12
         for (int c = 0; c < NT; c++) {
             const __m512bh xv = (__m512bh)_mm512_set1_epi32(ld32(xr + c * K + 2 * k2));
             s[0][c] = _mm512_dpbf16_ps(s[0][c], w0, xv);
             if (NP > 1) s[1][c] = _mm512_dpbf16_ps(s[1][c], w1, xv);
         }
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 12
     for (int c = 0; c < NT; c++)
 #pragma GCC unroll 2
         for (int i = 0; i < NP; i++)
@@ -783,6 +783,8 @@ __attribute__((target("avx512bf16"))) static void gemm_bf16(const uint16_t *pane
                                                             int64_t T, int nr, float *y,
                                                             int64_t y_stride, bool acc) {
     int64_t t = 0;
+    if (np == 2)
+        for (; t + 12 <= T; t += 12) gemm_bf16_tile(panel, 2, K, xb, t, 12, nr, y, y_stride, acc);
     if (np == 2)
         BF16_TILES(2);
     else
@@ -860,15 +862,66 @@ static void swiglu(float *out, const float *g, const float *u, int64_t n) {
 
 /* ---- fused attention --------------------------------------------------------------------- */
 
-#define ATT_BLK 64
+/* Positions per block: K is transposed per block so a query's 16 scores come out of D FMAs
+ * as one vector (no horizontal sums); V rows of the block are converted once and reused by
+ * every query of the call. */
+#define ATT_BLK 16
 
-/* Row of head_dim (multiple of 16, <= 256) K or V values as floats in registers' memory. */
-static inline void load_kv(float *dst, const uint8_t *src, xllm_dtype t, int D) {
-    for (int d = 0; d < D; d += 16)
-        _mm512_storeu_ps(dst + d, t == XLLM_DTYPE_F32
-                                      ? _mm512_loadu_ps((const float *)src + d)
-                                      : _mm512_cvtph_ps(_mm256_loadu_si256(
-                                            (const __m256i *)((const uint16_t *)src + d))));
+/* Converts 16 elements of a K/V row (F32 or F16) to floats. */
+static inline __m512 kv16(const uint8_t *row, xllm_dtype t, int d) {
+    return t == XLLM_DTYPE_F32
+               ? _mm512_loadu_ps((const float *)row + d)
+               : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + d)));
+}
+
+/* One query against one block: scores, online-softmax update, o += p V. DV = D / 16 when the
+ * caller knows it (registers hold o), 0 for the general loop. */
+static inline __attribute__((always_inline)) void att_query(const int DV, int D, const float *q,
+                                                            const float (*kt)[16],
+                                                            const float (*vb)[256], int cnt,
+                                                            float *m, float *l, float *o) {
+    /* 8 independent FMA chains (D is a multiple of 16) */
+    __m512 sc[8];
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; u++) sc[u] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+#pragma GCC unroll 8
+        for (int u = 0; u < 8; u++)
+            sc[u] = _mm512_fmadd_ps(_mm512_set1_ps(q[d + u]), _mm512_load_ps(kt[d + u]), sc[u]);
+    }
+    const __m512 s01 = _mm512_add_ps(_mm512_add_ps(sc[0], sc[1]), _mm512_add_ps(sc[2], sc[3]));
+    const __m512 s23 = _mm512_add_ps(_mm512_add_ps(sc[4], sc[5]), _mm512_add_ps(sc[6], sc[7]));
+    const __mmask16 valid = (__mmask16)(cnt >= 16 ? 0xffffu : (1u << cnt) - 1u);
+    const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_add_ps(s01, s23));
+    const float bm = _mm512_reduce_max_ps(s);
+    const float mnew = bm > *m ? bm : *m;
+    const float alpha = expf(*m - mnew); /* 0 on the first block (m = -inf) */
+    const __m512 p = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(s, _mm512_set1_ps(mnew))));
+    *l = *l * alpha + _mm512_reduce_add_ps(p);
+    *m = mnew;
+    float pv[16] __attribute__((aligned(64)));
+    _mm512_store_ps(pv, p);
+    const __m512 av = _mm512_set1_ps(alpha);
+    if (DV > 0) {
+        __m512 ov[16];
+#pragma GCC unroll 16
+        for (int j = 0; j < DV; j++) ov[j] = _mm512_mul_ps(_mm512_load_ps(o + 16 * j), av);
+        for (int pp = 0; pp < cnt; pp++) {
+            const __m512 w = _mm512_set1_ps(pv[pp]);
+#pragma GCC unroll 16
+            for (int j = 0; j < DV; j++)
+                ov[j] = _mm512_fmadd_ps(w, _mm512_load_ps(vb[pp] + 16 * j), ov[j]);
+        }
+#pragma GCC unroll 16
+        for (int j = 0; j < DV; j++) _mm512_store_ps(o + 16 * j, ov[j]);
+    } else {
+        for (int j = 0; j < D; j += 16) {
+            __m512 ov = _mm512_mul_ps(_mm512_load_ps(o + j), av);
+            for (int pp = 0; pp < cnt; pp++)
+                ov = _mm512_fmadd_ps(_mm512_set1_ps(pv[pp]), _mm512_load_ps(vb[pp] + j), ov);
+            _mm512_store_ps(o + j, ov);
+        }
+    }
 }
 
 static void attention(const xllm_attn_args *a) {
@@ -880,16 +933,16 @@ static void attention(const xllm_attn_args *a) {
     const size_t es = a->kv_type == XLLM_DTYPE_F32 ? 4 : 2;
     float qf[XLLM_ATTN_MAX_Q][256] __attribute__((aligned(64)));
     float o[XLLM_ATTN_MAX_Q][256] __attribute__((aligned(64)));
-    float sc[XLLM_ATTN_MAX_Q][ATT_BLK] __attribute__((aligned(64)));
+    float kt[256][16] __attribute__((aligned(64)));      /* K block transposed: (D, 16 positions) */
+    float vb[ATT_BLK][256] __attribute__((aligned(64))); /* V block: (16 positions, D) */
     float mx[XLLM_ATTN_MAX_Q], l[XLLM_ATTN_MAX_Q];
     int32_t lim[XLLM_ATTN_MAX_Q];
-    float kr[256] __attribute__((aligned(64)));
     for (int i = 0; i < nq; i++) {
         const int tok = i / a->group, h = i % a->group;
         const float *q = a->q + (size_t)tok * a->q_stride + (size_t)h * D;
         for (int d = 0; d < D; d += 16)
-            _mm512_storeu_ps(qf[i] + d,
-                             _mm512_mul_ps(_mm512_loadu_ps(q + d), _mm512_set1_ps(a->scale)));
+            _mm512_store_ps(qf[i] + d,
+                            _mm512_mul_ps(_mm512_loadu_ps(q + d), _mm512_set1_ps(a->scale)));
         memset(o[i], 0, (size_t)D * sizeof(float));
         mx[i] = -INFINITY;
         l[i] = 0.0f;
@@ -897,59 +950,34 @@ static void attention(const xllm_attn_args *a) {
     }
     const int32_t n_max = a->n_pos + a->n_tok - 1;
     const uint8_t *kb = (const uint8_t *)a->k + a->kv_off * es;
-    const uint8_t *vb = (const uint8_t *)a->v + a->kv_off * es;
+    const uint8_t *vbase = (const uint8_t *)a->v + a->kv_off * es;
     for (int32_t p0 = 0; p0 < n_max; p0 += ATT_BLK) {
         const int pb = n_max - p0 < ATT_BLK ? n_max - p0 : ATT_BLK;
+        for (int d = 0; d < D; d += 16) {
+            __m512i r[16];
+            for (int p = 0; p < 16; p++)
+                r[p] = p < pb ? _mm512_castps_si512(
+                                    kv16(kb + (size_t)(p0 + p) * a->row_bytes, a->kv_type, d))
+                              : _mm512_setzero_si512();
+            transpose16(r);
+            for (int j = 0; j < 16; j++) _mm512_store_si512(kt[d + j], r[j]);
+        }
         for (int p = 0; p < pb; p++) {
-            load_kv(kr, kb + (size_t)(p0 + p) * a->row_bytes, a->kv_type, D);
-            for (int i = 0; i < nq; i++) {
-                if (p0 + p >= lim[i]) {
-                    sc[i][p] = -INFINITY;
-                    continue;
-                }
-                __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-                int d = 0;
-                for (; d + 32 <= D; d += 32) {
-                    s0 = _mm512_fmadd_ps(_mm512_load_ps(qf[i] + d), _mm512_load_ps(kr + d), s0);
-                    s1 = _mm512_fmadd_ps(_mm512_load_ps(qf[i] + d + 16),
-                                         _mm512_load_ps(kr + d + 16), s1);
-                }
-                if (d < D)
-                    s0 = _mm512_fmadd_ps(_mm512_load_ps(qf[i] + d), _mm512_load_ps(kr + d), s0);
-                sc[i][p] = hsum(_mm512_add_ps(s0, s1));
-            }
+            const uint8_t *vr = vbase + (size_t)(p0 + p) * a->row_bytes;
+            for (int d = 0; d < D; d += 16) _mm512_store_ps(vb[p] + d, kv16(vr, a->kv_type, d));
         }
         for (int i = 0; i < nq; i++) {
-            float m = mx[i];
-            for (int p = 0; p < pb; p++) m = sc[i][p] > m ? sc[i][p] : m;
-            const float alpha = expf(mx[i] - m); /* 0 on the first block (mx = -inf) */
-            mx[i] = m;
-            __m512 sum = _mm512_setzero_ps();
-            for (int p = 0; p < pb; p += 16) {
-                const __mmask16 mk = (__mmask16)(pb - p >= 16 ? 0xffffu : (1u << (pb - p)) - 1u);
-                const __m512 v = _mm512_maskz_loadu_ps(mk, sc[i] + p);
-                const __m512 e = _mm512_maskz_mov_ps(
-                    mk & _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ),
-                    exp512(_mm512_sub_ps(v, _mm512_set1_ps(m))));
-                _mm512_mask_storeu_ps(sc[i] + p, mk, e);
-                sum = _mm512_add_ps(sum, e);
-            }
-            l[i] = l[i] * alpha + hsum(sum);
-            if (alpha != 1.0f)
-                for (int d = 0; d < D; d += 16)
-                    _mm512_store_ps(o[i] + d,
-                                    _mm512_mul_ps(_mm512_load_ps(o[i] + d), _mm512_set1_ps(alpha)));
-        }
-        for (int p = 0; p < pb; p++) {
-            load_kv(kr, vb + (size_t)(p0 + p) * a->row_bytes, a->kv_type, D);
-            for (int i = 0; i < nq; i++) {
-                const float e = sc[i][p];
-                if (e == 0.0f) continue;
-                const __m512 ev = _mm512_set1_ps(e);
-                for (int d = 0; d < D; d += 16)
-                    _mm512_store_ps(o[i] + d, _mm512_fmadd_ps(ev, _mm512_load_ps(kr + d),
-                                                              _mm512_load_ps(o[i] + d)));
-            }
+            const int cnt = lim[i] - p0 < pb ? lim[i] - p0 : pb;
+            if (cnt <= 0) continue;
+            if (D == 128)
+                att_query(8, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt, &mx[i],
+                          &l[i], o[i]);
+            else if (D == 64)
+                att_query(4, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt, &mx[i],
+                          &l[i], o[i]);
+            else
+                att_query(0, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt, &mx[i],
+                          &l[i], o[i]);
         }
     }
     for (int i = 0; i < nq; i++) {
