@@ -60,7 +60,7 @@ static inline __m512 load_f16(xllm_dtype t, const uint8_t *row, int64_t i) {
 }
 
 /* Transposes 16 vectors of 16 dwords: r[i] lane j -> r[j] lane i. */
-static inline void transpose16(__m512i r[16]) {
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
     __m512i a[16], b[16];
     for (int i = 0; i < 8; i++) {
         a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
@@ -469,6 +469,154 @@ static void unpack_row(xllm_dtype t, const uint8_t *row, int64_t K, uint8_t *q, 
     xllm_unpack_row_q(t, row, K, q, s, m);
 }
 
+/* Transposes 16 row vectors and stores them as chunk kc of the panel (16 x 64 bytes). */
+static inline __attribute__((always_inline)) void put_chunk(__m512i v[16], uint8_t *q, int64_t kc) {
+    transpose16(v);
+    for (int i = 0; i < 16; i++) _mm512_storeu_si512(q + (16 * kc + i) * 64, v[i]);
+}
+
+/* v[r] holds row r's values of n_g consecutive groups (lanes 0..n_g-1); stores them in the
+ * panel's (group, row) layout at dst + g0 * 16, and mul * them at dst2 (when non-NULL). */
+static inline __attribute__((always_inline)) void put_groups(__m512i v[16], float *dst, float *dst2,
+                                                             float mul, int64_t g0, int n_g) {
+    transpose16(v);
+    for (int i = 0; i < n_g; i++) {
+        const __m512 x = _mm512_castsi512_ps(v[i]);
+        _mm512_storeu_ps(dst + (g0 + i) * 16, x);
+        if (dst2) _mm512_storeu_ps(dst2 + (g0 + i) * 16, _mm512_mul_ps(x, _mm512_set1_ps(mul)));
+    }
+}
+
+static inline uint16_t ld16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+/* Direct packers of the common types: no staging copy, one transpose per 64 elements. */
+static void pack_q8_0(const xllm_mat *w, int64_t r0, int nr, xllm_qpanel *p) {
+    const int64_t K = w->n_cols, nb = K / 32;
+    const uint8_t *base = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+    const __m512i x80 = _mm512_set1_epi8((char)0x80);
+    for (int64_t kc = 0; kc < (K + 63) / 64; kc++) {
+        __m512i v[16];
+        for (int r = 0; r < 16; r++) {
+            if (r >= nr) {
+                v[r] = _mm512_setzero_si512();
+                continue;
+            }
+            const uint8_t *b = base + (size_t)r * w->row_bytes + 68 * kc;
+            _mm_prefetch((const char *)b + 68 * 16, _MM_HINT_T0);
+            v[r] = 2 * kc + 1 < nb
+                       ? load2x256(b + 2, b + 36)
+                       : _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b + 2)));
+            v[r] = _mm512_xor_si512(v[r], x80);
+        }
+        put_chunk(v, p->q, kc);
+    }
+    for (int64_t j0 = 0; j0 < nb; j0 += 16) {
+        const int ng = nb - j0 < 16 ? (int)(nb - j0) : 16;
+        __m512i v[16];
+        for (int r = 0; r < 16; r++) {
+            uint16_t h[16] = {0};
+            if (r < nr) {
+                const uint8_t *b = base + (size_t)r * w->row_bytes + 34 * j0;
+                for (int i = 0; i < ng; i++) h[i] = ld16(b + 34 * i);
+            }
+            v[r] = _mm512_castps_si512(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h)));
+        }
+        put_groups(v, p->s, p->m, -128.0f, j0, ng);
+    }
+}
+
+static void pack_q4_k(const xllm_mat *w, int64_t r0, int nr, xllm_qpanel *p) {
+    const int64_t K = w->n_cols, nsb = K / 256;
+    const uint8_t *base = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        for (int c = 0; c < 4; c++) {
+            __m512i v[16];
+            for (int r = 0; r < 16; r++) {
+                if (r >= nr) {
+                    v[r] = _mm512_setzero_si512();
+                    continue;
+                }
+                const __m256i qb = _mm256_loadu_si256(
+                    (const __m256i *)(base + (size_t)r * w->row_bytes + 144 * sb + 16 + 32 * c));
+                v[r] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(qb, m4)),
+                                          _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), 1);
+            }
+            put_chunk(v, p->q, sb * 4 + c);
+        }
+        for (int r = 0; r < 16; r++) {
+            if (r >= nr) {
+                for (int j = 0; j < 8; j++)
+                    p->s[(sb * 8 + j) * 16 + r] = p->m[(sb * 8 + j) * 16 + r] = 0.0f;
+                continue;
+            }
+            const uint8_t *b = base + (size_t)r * w->row_bytes + 144 * sb;
+            const float d = h2f(b), dmin = h2f(b + 2);
+            const uint32_t u0 = (uint32_t)ld32(b + 4), u1 = (uint32_t)ld32(b + 8),
+                           u2 = (uint32_t)ld32(b + 12);
+            const uint32_t sc[2] = {u0 & 0x3f3f3f3fu,
+                                    (u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4)};
+            const uint32_t mn[2] = {u1 & 0x3f3f3f3fu,
+                                    ((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)};
+            for (int j = 0; j < 8; j++) {
+                p->s[(sb * 8 + j) * 16 + r] = d * (float)((sc[j >> 2] >> (8 * (j & 3))) & 0xff);
+                p->m[(sb * 8 + j) * 16 + r] =
+                    -(dmin * (float)((mn[j >> 2] >> (8 * (j & 3))) & 0xff));
+            }
+        }
+    }
+}
+
+static void pack_q6_k(const xllm_mat *w, int64_t r0, int nr, xllm_qpanel *p) {
+    const int64_t K = w->n_cols, nsb = K / 256;
+    const uint8_t *base = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03);
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        for (int h = 0; h < 2; h++) {
+            __m512i v0[16], v1[16];
+            for (int r = 0; r < 16; r++) {
+                if (r >= nr) {
+                    v0[r] = v1[r] = _mm512_setzero_si512();
+                    continue;
+                }
+                const uint8_t *b = base + (size_t)r * w->row_bytes + 210 * sb;
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
+                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
+                const __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+                const __m256i a0 = _mm256_or_si256(_mm256_and_si256(l0, m4),
+                                                   _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4));
+                const __m256i a1 = _mm256_or_si256(
+                    _mm256_and_si256(l1, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4));
+                const __m256i a2 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4));
+                const __m256i a3 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4));
+                v0[r] = _mm512_inserti64x4(_mm512_castsi256_si512(a0), a1, 1);
+                v1[r] = _mm512_inserti64x4(_mm512_castsi256_si512(a2), a3, 1);
+            }
+            put_chunk(v0, p->q, sb * 4 + 2 * h);
+            put_chunk(v1, p->q, sb * 4 + 2 * h + 1);
+        }
+        __m512i v[16];
+        for (int r = 0; r < 16; r++) {
+            const uint8_t *b = base + (size_t)r * w->row_bytes + 210 * sb;
+            v[r] = r < nr ? _mm512_castps_si512(
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                  _mm_loadu_si128((const __m128i *)(b + 192)))),
+                                              _mm512_set1_ps(h2f(b + 208))))
+                          : _mm512_setzero_si512();
+        }
+        put_groups(v, p->s, p->m, -32.0f, sb * 16, 16);
+    }
+}
+
 /* stage: 16 rows of K bytes (K rounded up to 64, zero tail). */
 static bool pack_q(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_qpanel *p) {
     const int64_t K = w->n_cols, Kp = (K + 63) / 64 * 64;
@@ -477,6 +625,19 @@ static bool pack_q(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_q
     float sr[XLLM_QK_K / 16 * 64], mr[XLLM_QK_K / 16 * 64]; /* one row's groups, chunked */
     p->G = G;
     p->q_signed = false;
+    switch (w->type) {
+        case XLLM_DTYPE_Q8_0:
+            pack_q8_0(w, r0, nr, p);
+            return true;
+        case XLLM_DTYPE_Q4_K:
+            pack_q4_k(w, r0, nr, p);
+            return true;
+        case XLLM_DTYPE_Q6_K:
+            pack_q6_k(w, r0, nr, p);
+            return true;
+        default:
+            break;
+    }
     for (int r = 0; r < XLLM_PANEL; r++) {
         uint8_t *qr = stage + (size_t)r * Kp;
         if (r >= nr) {
