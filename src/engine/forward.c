@@ -30,6 +30,16 @@ static void matmul(xllm_context *ctx, const xllm_weight *w, int64_t expert, floa
     xllm_mm_run(ctx->mm, &m, y, m.n_rows, acc);
 }
 
+/* Two or three matmuls on the current input in one parallel region (c may be NULL). */
+static void matmul3(xllm_context *ctx, const xllm_weight *a, const xllm_weight *b,
+                    const xllm_weight *c, float *ya, float *yb, float *yc) {
+    xllm_mat m[3] = {mat_of(a, 0), mat_of(b, 0), c ? mat_of(c, 0) : mat_of(a, 0)};
+    const xllm_mat *w[3] = {&m[0], &m[1], &m[2]};
+    float *y[3] = {ya, yb, yc};
+    int64_t ys[3] = {m[0].n_rows, m[1].n_rows, m[2].n_rows};
+    xllm_mm_run_multi(ctx->mm, c ? 3 : 2, w, y, ys, false);
+}
+
 static void add_bias(float *y, const xllm_weight *b, int64_t T, int64_t n) {
     if (!b->data) return;
     const float *bv = b->data;
@@ -133,9 +143,7 @@ static void attention_block(xllm_context *ctx, const xllm_batch *b, int il) {
         xllm_cpu_rmsnorm(ctx->kern, ws->xn + t * E, ws->x + t * E, ly->attn_norm.data, E,
                          hp->norm_eps);
     mm_input(ctx, ws->xn, T, E);
-    matmul(ctx, &ly->wq, 0, ws->q, false);
-    matmul(ctx, &ly->wk, 0, ws->k, false);
-    matmul(ctx, &ly->wv, 0, ws->v, false);
+    matmul3(ctx, &ly->wq, &ly->wk, &ly->wv, ws->q, ws->k, ws->v);
     add_bias(ws->q, &ly->bq, T, nq);
     add_bias(ws->k, &ly->bk, T, nk);
     add_bias(ws->v, &ly->bv, T, nk);
@@ -170,8 +178,7 @@ static void dense_ffn(xllm_context *ctx, const xllm_layer *ly, int64_t T) {
     xllm_workspace *ws = &ctx->ws;
     const int64_t F = ctx->model->hp.n_ff, E = ctx->model->hp.n_embd;
     mm_input(ctx, ws->xn, T, E);
-    matmul(ctx, &ly->ffn_gate, 0, ws->ffn_a, false);
-    matmul(ctx, &ly->ffn_up, 0, ws->ffn_b, false);
+    matmul3(ctx, &ly->ffn_gate, &ly->ffn_up, NULL, ws->ffn_a, ws->ffn_b, NULL);
     xllm_cpu_swiglu(ctx->kern, ws->ffn_a, ws->ffn_a, ws->ffn_b, T * F);
     /* x += ffn_a @ Wdown^T (residual fused) */
     mm_input(ctx, ws->ffn_a, T, F);

@@ -166,7 +166,10 @@ static void ensure_forms(xllm_mm *mm, unsigned want) {
     want &= ~mm->forms;
     if (!want) return;
     form_task f = {mm, want};
-    xllm_threadpool_run(mm->tp, form_worker, &f);
+    if (mm->T <= 4)
+        form_worker(&f, 0, 1); /* a few rows: not worth waking the pool (one barrier less) */
+    else
+        xllm_threadpool_run(mm->tp, form_worker, &f);
     mm->forms |= want;
 }
 
@@ -188,15 +191,24 @@ static const xllm_q8act *q_form(xllm_mm *mm, xllm_dtype t, bool need_g16) {
 
 typedef enum path { PATH_SCALAR, PATH_GEMV, PATH_GEMM_Q, PATH_GEMM_BF16, PATH_GEMM_F } path;
 
-typedef struct run_task {
-    xllm_mm *mm;
+/* One matrix of a run: its path and how its rows are cut into work units. */
+typedef struct mm_job {
     const xllm_mat *w;
     const xllm_q8act *a;
     float *y;
     int64_t y_stride;
-    bool acc;
     path p;
-    int64_t n_chunks, chunk;  /* work units: chunk rows (row paths) or panels (GEMM paths) */
+    int64_t n_chunks, chunk; /* work units: chunk rows (row paths) or 32-row panel pairs */
+} mm_job;
+
+#define MM_MAX_JOBS 4
+
+typedef struct run_task {
+    xllm_mm *mm;
+    mm_job job[MM_MAX_JOBS]; /* matrices sharing the input, run in one parallel region */
+    int n_jobs;
+    int64_t total; /* units over all jobs */
+    bool acc;
     atomic_int_fast64_t next; /* next unit to take: threads take units dynamically, so a thread
                                  the OS preempts does not hold the others at the barrier */
 } run_task;
@@ -213,19 +225,23 @@ static void pack_f_ref(const xllm_mat *w, int64_t r0, int nr, float *row, float 
 }
 
 static void run_worker(void *arg, int ith, int nth) {
-    run_task *t = arg;
-    xllm_mm *mm = t->mm;
-    const xllm_mat *w = t->w;
+    run_task *rt = arg;
+    xllm_mm *mm = rt->mm;
     const xllm_cpu_kernels *k = mm->k;
     mm_thread *th = &mm->th[ith];
-    const int64_t K = w->n_cols, T = mm->T;
+    const int64_t T = mm->T;
+    const bool acc = rt->acc;
     for (;;) {
-        const int64_t c = atomic_fetch_add_explicit(&t->next, 1, memory_order_relaxed);
-        if (c >= t->n_chunks) break;
+        int64_t c = atomic_fetch_add_explicit(&rt->next, 1, memory_order_relaxed);
+        if (c >= rt->total) break;
+        const mm_job *t = rt->job;
+        while (c >= t->n_chunks) c -= (t++)->n_chunks;
+        const xllm_mat *w = t->w;
+        const int64_t K = w->n_cols;
         if (t->p == PATH_SCALAR || t->p == PATH_GEMV) {
             const int64_t lo = c * t->chunk, hi = XLLM_MIN(lo + t->chunk, w->n_rows);
             if (t->p == PATH_GEMV) {
-                k->gemv(w, lo, hi, mm->x, mm->x_stride, t->a, T, t->y, t->y_stride, t->acc);
+                k->gemv(w, lo, hi, mm->x, mm->x_stride, t->a, T, t->y, t->y_stride, acc);
                 continue;
             }
             for (int64_t r = lo; r < hi; r++) {
@@ -238,7 +254,7 @@ static void run_worker(void *arg, int ith, int nth) {
                 for (int64_t i = 0; i < T; i++) {
                     const float v = k->dot_f32(wr, mm->x + i * mm->x_stride, K);
                     float *yp = t->y + i * t->y_stride + r;
-                    *yp = t->acc ? *yp + v : v;
+                    *yp = acc ? *yp + v : v;
                 }
             }
             continue;
@@ -258,13 +274,13 @@ static void run_worker(void *arg, int ith, int nth) {
                 k->pack_q(w, r0 + i * XLLM_PANEL, XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
                           th->stage, &p[i]);
             }
-            k->gemm_q(p, np, K, t->a, T, nr, y, t->y_stride, t->acc);
+            k->gemm_q(p, np, K, t->a, T, nr, y, t->y_stride, acc);
         } else if (t->p == PATH_GEMM_BF16) {
             uint16_t *pb = (uint16_t *)th->pf;
             for (int i = 0; i < np; i++)
                 k->pack_bf16(w, r0 + i * XLLM_PANEL, XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
                              pb + (size_t)i * (size_t)K * 16);
-            k->gemm_bf16(pb, np, K, mm->xb, T, nr, y, t->y_stride, t->acc);
+            k->gemm_bf16(pb, np, K, mm->xb, T, nr, y, t->y_stride, acc);
         } else {
             for (int i = 0; i < np; i++) {
                 const int nri = XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL);
@@ -274,19 +290,19 @@ static void run_worker(void *arg, int ith, int nth) {
                 else
                     pack_f_ref(w, r0 + i * XLLM_PANEL, nri, th->row, th->pf);
                 k->gemm_f(th->pf, K, mm->x, mm->x_stride, T, nri, y + i * XLLM_PANEL, t->y_stride,
-                          t->acc);
+                          acc);
             }
         }
     }
 }
 
-void xllm_mm_run(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride, bool acc) {
+/* Picks the path of one matrix on the current input and makes the input forms it reads. */
+static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
     XLLM_ASSERT(w->n_cols == mm->n);
-    if (mm->T == 0 || w->n_rows == 0) return;
     const xllm_cpu_kernels *k = mm->k;
     const int B = xllm_act_block(w->type);
     const int64_t K = w->n_cols;
-    run_task t = {.mm = mm, .w = w, .y = y, .y_stride = y_stride, .acc = acc, .p = PATH_SCALAR};
+    mm_job t = {.w = w, .y = y, .y_stride = y_stride, .p = PATH_SCALAR};
     if (k->level == XLLM_CPU_SCALAR) {
         t.p = PATH_SCALAR;
     } else if (mm->T <= XLLM_GEMV_MAX_T && k->gemv &&
@@ -311,6 +327,24 @@ void xllm_mm_run(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride, boo
         t.chunk = 2 * XLLM_PANEL;
         t.n_chunks = (w->n_rows + 2 * XLLM_PANEL - 1) / (2 * XLLM_PANEL);
     }
+    return t;
+}
+
+void xllm_mm_run_multi(xllm_mm *mm, int n, const xllm_mat *const *w, float *const *y,
+                       const int64_t *y_stride, bool acc) {
+    XLLM_ASSERT(n >= 1 && n <= MM_MAX_JOBS);
+    if (mm->T == 0) return;
+    run_task t = {.mm = mm, .acc = acc};
+    for (int i = 0; i < n; i++) {
+        if (w[i]->n_rows == 0) continue;
+        t.job[t.n_jobs] = plan(mm, w[i], y[i], y_stride[i]);
+        t.total += t.job[t.n_jobs++].n_chunks;
+    }
+    if (t.total == 0) return;
     atomic_init(&t.next, 0);
     xllm_threadpool_run(mm->tp, run_worker, &t);
+}
+
+void xllm_mm_run(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride, bool acc) {
+    xllm_mm_run_multi(mm, 1, &w, &y, &y_stride, acc);
 }

@@ -108,5 +108,9 @@ xllm_cpu_level xllm_mm_level(const xllm_mm *mm);
 void xllm_mm_input(xllm_mm *mm, const float *x, int64_t x_stride, int64_t T, int64_t n);
 /* y (T, n_rows) = input @ W^T (acc: y +=, which fuses a residual add). */
 void xllm_mm_run(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride, bool acc);
+/* n (<= 4) matmuls on the same input in one parallel region (Q, K and V; gate and up): one
+ * barrier instead of n. */
+void xllm_mm_run_multi(xllm_mm *mm, int n, const xllm_mat *const *w, float *const *y,
+                       const int64_t *y_stride, bool acc);
 
 #endif
