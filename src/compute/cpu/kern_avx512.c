@@ -365,8 +365,10 @@ static void gemv_q8_0(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8ac
         gemv_q8_0_t(w, r0, r1, a, 1, y, y_stride, acc);
     else if (T == 2)
         gemv_q8_0_t(w, r0, r1, a, 2, y, y_stride, acc);
-    else
+    else if (T == 3)
         gemv_q8_0_t(w, r0, r1, a, 3, y, y_stride, acc);
+    else
+        gemv_q8_0_t(w, r0, r1, a, 4, y, y_stride, acc);
 }
 
 static void gemv_q4_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
@@ -375,8 +377,10 @@ static void gemv_q4_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8ac
         gemv_q4_k_t(w, r0, r1, a, 1, y, y_stride, acc);
     else if (T == 2)
         gemv_q4_k_t(w, r0, r1, a, 2, y, y_stride, acc);
-    else
+    else if (T == 3)
         gemv_q4_k_t(w, r0, r1, a, 3, y, y_stride, acc);
+    else
+        gemv_q4_k_t(w, r0, r1, a, 4, y, y_stride, acc);
 }
 
 static void gemv_q6_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
@@ -385,8 +389,10 @@ static void gemv_q6_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8ac
         gemv_q6_k_t(w, r0, r1, a, 1, y, y_stride, acc);
     else if (T == 2)
         gemv_q6_k_t(w, r0, r1, a, 2, y, y_stride, acc);
-    else
+    else if (T == 3)
         gemv_q6_k_t(w, r0, r1, a, 3, y, y_stride, acc);
+    else
+        gemv_q6_k_t(w, r0, r1, a, 4, y, y_stride, acc);
 }
 
 static void gemv_f(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
@@ -395,8 +401,10 @@ static void gemv_f(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, in
         gemv_float(w, r0, r1, x, x_stride, 1, y, y_stride, acc);
     else if (T == 2)
         gemv_float(w, r0, r1, x, x_stride, 2, y, y_stride, acc);
-    else
+    else if (T == 3)
         gemv_float(w, r0, r1, x, x_stride, 3, y, y_stride, acc);
+    else
+        gemv_float(w, r0, r1, x, x_stride, 4, y, y_stride, acc);
 }
 
 static bool gemv(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
@@ -624,16 +632,18 @@ static bool pack_q(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_q
     if (!xllm_act_block(w->type)) return false;
     float sr[XLLM_QK_K / 16 * 64], mr[XLLM_QK_K / 16 * 64]; /* one row's groups, chunked */
     p->G = G;
-    p->q_signed = false;
+    p->sym = 0;
     switch (w->type) {
         case XLLM_DTYPE_Q8_0:
             pack_q8_0(w, r0, nr, p);
+            p->sym = 128;
             return true;
         case XLLM_DTYPE_Q4_K:
             pack_q4_k(w, r0, nr, p);
             return true;
         case XLLM_DTYPE_Q6_K:
             pack_q6_k(w, r0, nr, p);
+            p->sym = 32;
             return true;
         default:
             break;
@@ -660,6 +670,10 @@ static bool pack_q(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_q
         }
         if (Kp > K) memset(qr + K, 0, (size_t)(Kp - K));
     }
+    p->sym = w->type == XLLM_DTYPE_Q4_0   ? 8
+             : w->type == XLLM_DTYPE_Q5_0 ? 16
+             : w->type == XLLM_DTYPE_Q3_K ? 4
+                                          : 0;
     for (int64_t kc = 0; kc < Kp / 64; kc++) {
         __m512i v[16];
         for (int r = 0; r < 16; r++) v[r] = _mm512_loadu_si512(stage + (size_t)r * Kp + 64 * kc);
@@ -719,9 +733,11 @@ static inline void store_rows(float *y, __m512 v, int nr, bool acc) {
 
 /* NP panels (16 rows each) x NT tokens, groups of G elements: per group, int32 dot products
  * by VNNI, then y += s * d_a * dot + m * d_a * sum_a in fp32. */
-static inline __attribute__((always_inline)) void
-gemm_q_tile(const xllm_qpanel *p, const int NP, const int G, int64_t K, const xllm_q8act *a,
-            int64_t t0, const int NT, int nr, float *y, int64_t y_stride, bool acc) {
+static inline __attribute__((always_inline)) void gemm_q_tile(const xllm_qpanel *p, const int NP,
+                                                              const int G, const int SYM, int64_t K,
+                                                              const xllm_q8act *a, int64_t t0,
+                                                              const int NT, int nr, float *y,
+                                                              int64_t y_stride, bool acc) {
     const int64_t ng = K / G;
     __m512 s[2][8];
     const int8_t *aq[8];
@@ -737,9 +753,17 @@ gemm_q_tile(const xllm_qpanel *p, const int NP, const int G, int64_t K, const xl
     for (int64_t g = 0; g < ng; g++) {
         __m512i is[2][8];
 #pragma GCC unroll 8
-        for (int c = 0; c < NT; c++)
+        for (int c = 0; c < NT; c++) {
+            /* symmetric types start from -sym * sum(a): the offset costs no float op */
+            __m512i init = _mm512_setzero_si512();
+            if (SYM) {
+                const int16_t *s16 = a->s16 + (t0 + c) * (K / 16) + g * (G / 16);
+                const int sum = G == 32 ? s16[0] + s16[1] : s16[0];
+                init = _mm512_set1_epi32(-SYM * sum);
+            }
 #pragma GCC unroll 2
-            for (int i = 0; i < NP; i++) is[i][c] = _mm512_setzero_si512();
+            for (int i = 0; i < NP; i++) is[i][c] = init;
+        }
 #pragma GCC unroll 8
         for (int kk = 0; kk < G / 4; kk++) {
             const __m512i w0 = _mm512_loadu_si512(wq0 + (g * (G / 4) + kk) * 64);
@@ -754,13 +778,14 @@ gemm_q_tile(const xllm_qpanel *p, const int NP, const int G, int64_t K, const xl
         }
 #pragma GCC unroll 2
         for (int i = 0; i < NP; i++) {
-            const __m512 sv = _mm512_loadu_ps(p[i].s + g * 16),
-                         mv = _mm512_loadu_ps(p[i].m + g * 16);
+            const __m512 sv = _mm512_loadu_ps(p[i].s + g * 16);
 #pragma GCC unroll 8
             for (int c = 0; c < NT; c++) {
                 s[i][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[i][c]),
                                           _mm512_mul_ps(sv, _mm512_set1_ps(ag[c][2 * g])), s[i][c]);
-                s[i][c] = _mm512_fmadd_ps(mv, _mm512_set1_ps(ag[c][2 * g + 1]), s[i][c]);
+                if (!SYM)
+                    s[i][c] = _mm512_fmadd_ps(_mm512_loadu_ps(p[i].m + g * 16),
+                                              _mm512_set1_ps(ag[c][2 * g + 1]), s[i][c]);
             }
         }
     }
@@ -775,49 +800,49 @@ gemm_q_tile(const xllm_qpanel *p, const int NP, const int G, int64_t K, const xl
 
 /* All T tokens against np (1 or 2) panels, in tiles of NT tokens. */
 static inline __attribute__((always_inline)) void gemm_q_g(const xllm_qpanel *p, int np,
-                                                           const int G, int64_t K,
+                                                           const int G, const int SYM, int64_t K,
                                                            const xllm_q8act *a, int64_t T, int nr,
                                                            float *y, int64_t y_stride, bool acc) {
     int64_t t = 0;
     if (np == 2) {
-        for (; t + 4 <= T; t += 4) gemm_q_tile(p, 2, G, K, a, t, 4, nr, y, y_stride, acc);
+        for (; t + 4 <= T; t += 4) gemm_q_tile(p, 2, G, SYM, K, a, t, 4, nr, y, y_stride, acc);
         switch (T - t) {
             case 3:
-                gemm_q_tile(p, 2, G, K, a, t, 3, nr, y, y_stride, acc);
+                gemm_q_tile(p, 2, G, SYM, K, a, t, 3, nr, y, y_stride, acc);
                 break;
             case 2:
-                gemm_q_tile(p, 2, G, K, a, t, 2, nr, y, y_stride, acc);
+                gemm_q_tile(p, 2, G, SYM, K, a, t, 2, nr, y, y_stride, acc);
                 break;
             case 1:
-                gemm_q_tile(p, 2, G, K, a, t, 1, nr, y, y_stride, acc);
+                gemm_q_tile(p, 2, G, SYM, K, a, t, 1, nr, y, y_stride, acc);
                 break;
             default:
                 break;
         }
         return;
     }
-    for (; t + 8 <= T; t += 8) gemm_q_tile(p, 1, G, K, a, t, 8, nr, y, y_stride, acc);
+    for (; t + 8 <= T; t += 8) gemm_q_tile(p, 1, G, SYM, K, a, t, 8, nr, y, y_stride, acc);
     switch (T - t) {
         case 7:
-            gemm_q_tile(p, 1, G, K, a, t, 7, nr, y, y_stride, acc);
+            gemm_q_tile(p, 1, G, SYM, K, a, t, 7, nr, y, y_stride, acc);
             break;
         case 6:
-            gemm_q_tile(p, 1, G, K, a, t, 6, nr, y, y_stride, acc);
+            gemm_q_tile(p, 1, G, SYM, K, a, t, 6, nr, y, y_stride, acc);
             break;
         case 5:
-            gemm_q_tile(p, 1, G, K, a, t, 5, nr, y, y_stride, acc);
+            gemm_q_tile(p, 1, G, SYM, K, a, t, 5, nr, y, y_stride, acc);
             break;
         case 4:
-            gemm_q_tile(p, 1, G, K, a, t, 4, nr, y, y_stride, acc);
+            gemm_q_tile(p, 1, G, SYM, K, a, t, 4, nr, y, y_stride, acc);
             break;
         case 3:
-            gemm_q_tile(p, 1, G, K, a, t, 3, nr, y, y_stride, acc);
+            gemm_q_tile(p, 1, G, SYM, K, a, t, 3, nr, y, y_stride, acc);
             break;
         case 2:
-            gemm_q_tile(p, 1, G, K, a, t, 2, nr, y, y_stride, acc);
+            gemm_q_tile(p, 1, G, SYM, K, a, t, 2, nr, y, y_stride, acc);
             break;
         case 1:
-            gemm_q_tile(p, 1, G, K, a, t, 1, nr, y, y_stride, acc);
+            gemm_q_tile(p, 1, G, SYM, K, a, t, 1, nr, y, y_stride, acc);
             break;
         default:
             break;
@@ -826,10 +851,24 @@ static inline __attribute__((always_inline)) void gemm_q_g(const xllm_qpanel *p,
 
 static void gemm_q(const xllm_qpanel *p, int np, int64_t K, const xllm_q8act *a, int64_t T, int nr,
                    float *y, int64_t y_stride, bool acc) {
-    if (p[0].G == 32)
-        gemm_q_g(p, np, 32, K, a, T, nr, y, y_stride, acc);
-    else
-        gemm_q_g(p, np, 16, K, a, T, nr, y, y_stride, acc);
+    /* both panels of a call come from one matrix: same G and sym */
+    if (p[0].G == 32) {
+        if (p[0].sym == 128)
+            gemm_q_g(p, np, 32, 128, K, a, T, nr, y, y_stride, acc);
+        else if (p[0].sym == 8)
+            gemm_q_g(p, np, 32, 8, K, a, T, nr, y, y_stride, acc);
+        else if (p[0].sym == 16)
+            gemm_q_g(p, np, 32, 16, K, a, T, nr, y, y_stride, acc);
+        else
+            gemm_q_g(p, np, 32, 0, K, a, T, nr, y, y_stride, acc);
+    } else {
+        if (p[0].sym == 32)
+            gemm_q_g(p, np, 16, 32, K, a, T, nr, y, y_stride, acc);
+        else if (p[0].sym == 4)
+            gemm_q_g(p, np, 16, 4, K, a, T, nr, y, y_stride, acc);
+        else
+            gemm_q_g(p, np, 16, 0, K, a, T, nr, y, y_stride, acc);
+    }
 }
 
 static inline __attribute__((always_inline)) void

@@ -13,7 +13,7 @@
 /* Rows of weights in one panel of the batched (GEMM) path. */
 #define XLLM_PANEL 16
 /* Largest token count the direct (GEMV) kernels take; bigger batches pack panels. */
-#define XLLM_GEMV_MAX_T 3
+#define XLLM_GEMV_MAX_T 4
 
 /* 8-bit form of T activation rows of n floats (n a multiple of 32, or of 256 when B = 256):
  * row t is x[t] ~ d[t][j] * q[t][i] for i in block j of B elements. */
@@ -29,11 +29,11 @@ typedef struct xllm_q8act {
 /* A panel of XLLM_PANEL weight rows of K elements in the common 8-bit form: row r, element e
  * is s[e / G][r] * q + m[e / G][r], with q (u8) at q[(e / 4) * 64 + r * 4 + e % 4]. */
 typedef struct xllm_qpanel {
-    uint8_t *q;    /* (K / 4, 16, 4) */
-    float *s;      /* (K / G, 16) */
-    float *m;      /* (K / G, 16) */
-    int G;         /* 16 or 32 */
-    bool q_signed; /* q holds int8 values (Q8_0 on AVX2), m is zero */
+    uint8_t *q; /* (K / 4, 16, 4) */
+    float *s;   /* (K / G, 16) */
+    float *m;   /* (K / G, 16) */
+    int G;      /* 16 or 32 */
+    int sym;    /* > 0: a symmetric type, m = -sym * s (the offset is taken in int32) */
 } xllm_qpanel;
 
 /* Activation form a weight type wants: block size of its 8-bit activations, 0 for float. */
