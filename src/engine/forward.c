@@ -76,7 +76,10 @@ static void attn_worker(void *arg, int ith, int nth) {
                b->pos[t0 + n] == b->pos[t0] + n)
             n++;
         const int32_t s = b->seq_id[t0];
-        for (int g = 0; g < HK; g++, item++) {
+        /* all KV heads in one item (whole K / V rows read once) when the batch has enough
+         * items for the threads anyway */
+        const int nkv = b->n_tokens >= 2 * nth && n * group * HK <= XLLM_ATTN_MAX_Q ? HK : 1;
+        for (int g = 0; g < HK; g += nkv, item++) {
             if (item != mine) continue;
             mine = atomic_fetch_add(&a->next, 1);
             xllm_attn_args at = {
@@ -94,6 +97,7 @@ static void attn_worker(void *arg, int ith, int nth) {
                 .scale = scale,
                 .out = ctx->ws.att + ((size_t)t0 * H + (size_t)g * group) * D,
                 .out_stride = (int64_t)H * D,
+                .n_kv = nkv,
             };
             if (group <= XLLM_ATTN_MAX_Q) {
                 xllm_cpu_attention(ctx->kern, &at);

@@ -1076,23 +1076,50 @@ static inline __m512 kv16(const uint8_t *row, xllm_dtype t, int d) {
 
 /* One query against one block: scores, online-softmax update, o += p V. DV = D / 16 when the
  * caller knows it (registers hold o), 0 for the general loop. */
-static inline __attribute__((always_inline)) void att_query(const int DV, int D, const float *q,
-                                                            const float (*kt)[16],
-                                                            const float (*vb)[256], int cnt,
-                                                            float *m, float *l, float *o) {
-    /* 8 independent FMA chains (D is a multiple of 16) */
-    __m512 sc[8];
-#pragma GCC unroll 8
-    for (int u = 0; u < 8; u++) sc[u] = _mm512_setzero_ps();
-    for (int d = 0; d < D; d += 8) {
-#pragma GCC unroll 8
-        for (int u = 0; u < 8; u++)
-            sc[u] = _mm512_fmadd_ps(_mm512_set1_ps(q[d + u]), _mm512_load_ps(kt[d + u]), sc[u]);
-    }
-    const __m512 s01 = _mm512_add_ps(_mm512_add_ps(sc[0], sc[1]), _mm512_add_ps(sc[2], sc[3]));
-    const __m512 s23 = _mm512_add_ps(_mm512_add_ps(sc[4], sc[5]), _mm512_add_ps(sc[6], sc[7]));
+static inline __attribute__((always_inline)) void
+att_query(const int DV, int D, const float *q, const float (*kt)[16], const float (*vb)[256],
+          int cnt, float *m, float *l, float *o, const float (*kr)[256]) {
     const __mmask16 valid = (__mmask16)(cnt >= 16 ? 0xffffu : (1u << cnt) - 1u);
-    const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_add_ps(s01, s23));
+    __m512 s;
+    if (kr) {
+        /* few queries: dot products against K rows, then one transpose adds the 16 partial
+         * vectors into a vector of 16 scores */
+        __m512i acc[16];
+        for (int pp = 0; pp < 16; pp++) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            if (pp < cnt) {
+                int d = 0;
+                for (; d + 32 <= D; d += 32) {
+                    a0 = _mm512_fmadd_ps(_mm512_load_ps(q + d), _mm512_load_ps(kr[pp] + d), a0);
+                    a1 = _mm512_fmadd_ps(_mm512_load_ps(q + d + 16),
+                                         _mm512_load_ps(kr[pp] + d + 16), a1);
+                }
+                if (d < D)
+                    a0 = _mm512_fmadd_ps(_mm512_load_ps(q + d), _mm512_load_ps(kr[pp] + d), a0);
+            }
+            acc[pp] = _mm512_castps_si512(_mm512_add_ps(a0, a1));
+        }
+        transpose16(acc);
+        __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+        for (int j = 0; j < 16; j += 2) {
+            t0 = _mm512_add_ps(t0, _mm512_castsi512_ps(acc[j]));
+            t1 = _mm512_add_ps(t1, _mm512_castsi512_ps(acc[j + 1]));
+        }
+        s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_add_ps(t0, t1));
+    } else {
+        /* 8 independent FMA chains (D is a multiple of 16) */
+        __m512 sc[8];
+#pragma GCC unroll 8
+        for (int u = 0; u < 8; u++) sc[u] = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 8) {
+#pragma GCC unroll 8
+            for (int u = 0; u < 8; u++)
+                sc[u] = _mm512_fmadd_ps(_mm512_set1_ps(q[d + u]), _mm512_load_ps(kt[d + u]), sc[u]);
+        }
+        const __m512 s01 = _mm512_add_ps(_mm512_add_ps(sc[0], sc[1]), _mm512_add_ps(sc[2], sc[3]));
+        const __m512 s23 = _mm512_add_ps(_mm512_add_ps(sc[4], sc[5]), _mm512_add_ps(sc[6], sc[7]));
+        s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_add_ps(s01, s23));
+    }
     const float bm = _mm512_reduce_max_ps(s);
     const float mnew = bm > *m ? bm : *m;
     const float alpha = expf(*m - mnew); /* 0 on the first block (m = -inf) */
@@ -1125,7 +1152,10 @@ static inline __attribute__((always_inline)) void att_query(const int DV, int D,
 }
 
 static void attention(const xllm_attn_args *a) {
-    const int D = a->head_dim, nq = a->n_tok * a->group;
+    /* H consecutive KV heads per call (all of a token's, for decode): the block loop then reads
+     * whole K / V rows, which the heads share in cache */
+    const int D = a->head_dim, H = a->n_kv > 0 ? a->n_kv : 1, nqh = a->n_tok * a->group,
+              nq = H * nqh;
     if (D % 16 != 0) {
         xllm_op_attention_group(a);
         return;
@@ -1135,10 +1165,12 @@ static void attention(const xllm_attn_args *a) {
     float o[XLLM_ATTN_MAX_Q][256] __attribute__((aligned(64)));
     float kt[256][16] __attribute__((aligned(64)));      /* K block transposed: (D, 16 positions) */
     float vb[ATT_BLK][256] __attribute__((aligned(64))); /* V block: (16 positions, D) */
+    float kf[ATT_BLK][256] __attribute__((aligned(64))); /* K block rows (few-query path) */
     float mx[XLLM_ATTN_MAX_Q], l[XLLM_ATTN_MAX_Q];
     int32_t lim[XLLM_ATTN_MAX_Q];
     for (int i = 0; i < nq; i++) {
-        const int tok = i / a->group, h = i % a->group;
+        const int hh = i / nqh, tok = (i % nqh) / a->group,
+                  h = hh * a->group + (i % nqh) % a->group;
         const float *q = a->q + (size_t)tok * a->q_stride + (size_t)h * D;
         for (int d = 0; d < D; d += 16)
             _mm512_store_ps(qf[i] + d,
@@ -1153,35 +1185,54 @@ static void attention(const xllm_attn_args *a) {
     const uint8_t *vbase = (const uint8_t *)a->v + a->kv_off * es;
     for (int32_t p0 = 0; p0 < n_max; p0 += ATT_BLK) {
         const int pb = n_max - p0 < ATT_BLK ? n_max - p0 : ATT_BLK;
-        for (int d = 0; d < D; d += 16) {
-            __m512i r[16];
-            for (int p = 0; p < 16; p++)
-                r[p] = p < pb ? _mm512_castps_si512(
-                                    kv16(kb + (size_t)(p0 + p) * a->row_bytes, a->kv_type, d))
-                              : _mm512_setzero_si512();
-            transpose16(r);
-            for (int j = 0; j < 16; j++) _mm512_store_si512(kt[d + j], r[j]);
-        }
-        for (int p = 0; p < pb; p++) {
-            const uint8_t *vr = vbase + (size_t)(p0 + p) * a->row_bytes;
-            for (int d = 0; d < D; d += 16) _mm512_store_ps(vb[p] + d, kv16(vr, a->kv_type, d));
-        }
-        for (int i = 0; i < nq; i++) {
-            const int cnt = lim[i] - p0 < pb ? lim[i] - p0 : pb;
-            if (cnt <= 0) continue;
-            if (D == 128)
-                att_query(8, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt, &mx[i],
-                          &l[i], o[i]);
-            else if (D == 64)
-                att_query(4, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt, &mx[i],
-                          &l[i], o[i]);
-            else
-                att_query(0, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt, &mx[i],
-                          &l[i], o[i]);
+        /* the next block's K / V rows are strided (row_bytes apart): prefetch them */
+        const size_t hb = (size_t)H * D * es;
+        for (int p = 0; p < ATT_BLK && p0 + 2 * ATT_BLK + p < n_max; p++)
+            for (size_t off = 0; off < hb; off += 64) {
+                _mm_prefetch((const char *)kb + (size_t)(p0 + 2 * ATT_BLK + p) * a->row_bytes + off,
+                             _MM_HINT_T0);
+                _mm_prefetch((const char *)vbase + (size_t)(p0 + 2 * ATT_BLK + p) * a->row_bytes +
+                                 off,
+                             _MM_HINT_T0);
+            }
+        for (int hh = 0; hh < H; hh++) {
+            const uint8_t *kbh = kb + (size_t)hh * D * es, *vbh = vbase + (size_t)hh * D * es;
+            const bool rows = nqh <= 8; /* few queries: no K transpose, reduce the scores instead */
+            for (int p = 0; p < pb && rows; p++)
+                for (int d = 0; d < D; d += 16)
+                    _mm512_store_ps(kf[p] + d,
+                                    kv16(kbh + (size_t)(p0 + p) * a->row_bytes, a->kv_type, d));
+            for (int d = 0; d < D && !rows; d += 16) {
+                __m512i r[16];
+                for (int p = 0; p < 16; p++)
+                    r[p] = p < pb ? _mm512_castps_si512(
+                                        kv16(kbh + (size_t)(p0 + p) * a->row_bytes, a->kv_type, d))
+                                  : _mm512_setzero_si512();
+                transpose16(r);
+                for (int j = 0; j < 16; j++) _mm512_store_si512(kt[d + j], r[j]);
+            }
+            for (int p = 0; p < pb; p++) {
+                const uint8_t *vr = vbh + (size_t)(p0 + p) * a->row_bytes;
+                for (int d = 0; d < D; d += 16) _mm512_store_ps(vb[p] + d, kv16(vr, a->kv_type, d));
+            }
+            for (int i = hh * nqh; i < (hh + 1) * nqh; i++) {
+                const int cnt = lim[i] - p0 < pb ? lim[i] - p0 : pb;
+                if (cnt <= 0) continue;
+                if (D == 128)
+                    att_query(8, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt,
+                              &mx[i], &l[i], o[i], rows ? (const float(*)[256])kf : NULL);
+                else if (D == 64)
+                    att_query(4, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt,
+                              &mx[i], &l[i], o[i], rows ? (const float(*)[256])kf : NULL);
+                else
+                    att_query(0, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt,
+                              &mx[i], &l[i], o[i], rows ? (const float(*)[256])kf : NULL);
+            }
         }
     }
     for (int i = 0; i < nq; i++) {
-        const int tok = i / a->group, h = i % a->group;
+        const int hh = i / nqh, tok = (i % nqh) / a->group,
+                  h = hh * a->group + (i % nqh) % a->group;
         float *out = a->out + (size_t)tok * a->out_stride + (size_t)h * D;
         const __m512 inv = _mm512_set1_ps(1.0f / l[i]);
         for (int d = 0; d < D; d += 16)

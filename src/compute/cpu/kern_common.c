@@ -200,7 +200,7 @@ float xllm_cpu_dot_f32(const xllm_cpu_kernels *k, const float *a, const float *b
 }
 
 void xllm_cpu_attention(const xllm_cpu_kernels *k, const xllm_attn_args *a) {
-    if (a->head_dim > 256 || a->n_tok * a->group > XLLM_ATTN_MAX_Q)
+    if (a->head_dim > 256 || (a->n_kv > 1 ? a->n_kv : 1) * a->n_tok * a->group > XLLM_ATTN_MAX_Q)
         xllm_op_attention_group(a);
     else
         k->attention(a);

@@ -36,7 +36,31 @@ struct xllm_mm {
     unsigned forms;
     xllm_q8act q32, q256, q256_16; /* q256_16 shares q/d/s16 with q256, its own g */
     uint16_t *xb;                  /* (max_T, max_cols) bf16 form */
+    /* weights packed once (xllm_mm_prepack): open-addressing table keyed by the data pointer */
+    struct prepacked *pre;
+    int64_t pre_cap, pre_n;
 };
+
+/* One matrix in panel form: panel i (16 rows) at q + i * qstride, s / m + i * sstride. */
+typedef struct prepacked {
+    const void *data; /* the matrix's data pointer (key); NULL = free slot */
+    int64_t n_rows, n_cols;
+    uint8_t *q;
+    float *s, *m;
+    size_t qstride, sstride;
+    int G, sym;
+} prepacked;
+
+static const prepacked *find_prepacked(const xllm_mm *mm, const xllm_mat *w) {
+    if (!mm->pre_cap) return NULL;
+    size_t h = ((uintptr_t)w->data >> 6) % (size_t)mm->pre_cap;
+    for (;;) {
+        const prepacked *e = &mm->pre[h];
+        if (!e->data) return NULL;
+        if (e->data == w->data && e->n_rows == w->n_rows && e->n_cols == w->n_cols) return e;
+        h = (h + 1) % (size_t)mm->pre_cap;
+    }
+}
 
 static void *zalloc(size_t n) {
     return xllm_xcalloc(n ? n : 1, 1);
@@ -80,6 +104,12 @@ xllm_mm *xllm_mm_new(xllm_threadpool *tp, xllm_cpu_level level, int64_t max_T, i
 
 void xllm_mm_free(xllm_mm *mm) {
     if (!mm) return;
+    for (int64_t i = 0; i < mm->pre_cap; i++) {
+        free(mm->pre[i].q);
+        free(mm->pre[i].s);
+        free(mm->pre[i].m);
+    }
+    free(mm->pre);
     for (int i = 0; i < mm->n_threads; i++) {
         mm_thread *t = &mm->th[i];
         free(t->stage);
@@ -198,6 +228,7 @@ typedef struct mm_job {
     float *y;
     int64_t y_stride;
     path p;
+    const prepacked *pre;    /* panels packed ahead of time, or NULL */
     int64_t n_chunks, chunk; /* work units: chunk rows (row paths) or 32-row panel pairs */
 } mm_job;
 
@@ -267,7 +298,16 @@ static void run_worker(void *arg, int ith, int nth) {
         float *y = t->y + r0;
         if (t->p == PATH_GEMM_Q) {
             xllm_qpanel p[2];
-            for (int i = 0; i < np; i++) {
+            const prepacked *pp = t->pre;
+            for (int i = 0; i < np && pp; i++) {
+                const int64_t pi = r0 / XLLM_PANEL + i;
+                p[i] = (xllm_qpanel){.q = pp->q + pi * pp->qstride,
+                                     .s = pp->s + pi * pp->sstride,
+                                     .m = pp->m + pi * pp->sstride,
+                                     .G = pp->G,
+                                     .sym = pp->sym};
+            }
+            for (int i = 0; i < np && !pp; i++) {
                 p[i] = (xllm_qpanel){.q = th->pq + i * 16 * Kp,
                                      .s = th->ps + i * (Kp / 16 + 1) * 16,
                                      .m = th->pm + i * (Kp / 16 + 1) * 16};
@@ -312,6 +352,7 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
     } else if (B && k->pack_q) {
         t.p = PATH_GEMM_Q;
         t.a = q_form(mm, w->type, xllm_panel_group(w->type) == 16);
+        t.pre = find_prepacked(mm, w);
     } else if (w->type == XLLM_DTYPE_BF16 && k->gemm_bf16 && K % 32 == 0) {
         t.p = PATH_GEMM_BF16;
         ensure_forms(mm, FORM_BF16);
@@ -328,6 +369,51 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
         t.n_chunks = (w->n_rows + 2 * XLLM_PANEL - 1) / (2 * XLLM_PANEL);
     }
     return t;
+}
+
+bool xllm_mm_prepack(xllm_mm *mm, const xllm_mat *w) {
+    const xllm_cpu_kernels *k = mm->k;
+    if (!k->pack_q || !xllm_act_block(w->type) || w->n_rows <= 0 || w->n_cols > mm->max_cols ||
+        find_prepacked(mm, w))
+        return false;
+    if (mm->pre_n * 2 + 2 > mm->pre_cap) { /* grow and rehash */
+        const int64_t old_cap = mm->pre_cap;
+        prepacked *old = mm->pre;
+        mm->pre_cap = old_cap ? old_cap * 2 : 64;
+        mm->pre = xllm_xcalloc((size_t)mm->pre_cap, sizeof(prepacked));
+        for (int64_t i = 0; i < old_cap; i++) {
+            if (!old[i].data) continue;
+            size_t h = ((uintptr_t)old[i].data >> 6) % (size_t)mm->pre_cap;
+            while (mm->pre[h].data) h = (h + 1) % (size_t)mm->pre_cap;
+            mm->pre[h] = old[i];
+        }
+        free(old);
+    }
+    const int64_t K = w->n_cols, Kp = (K + 63) / 64 * 64, np = (w->n_rows + 15) / 16;
+    prepacked e = {.data = w->data, .n_rows = w->n_rows, .n_cols = K};
+    e.qstride = (size_t)(16 * Kp);
+    e.sstride = (size_t)((Kp / 16 + 1) * 16);
+    e.q = malloc(e.qstride * (size_t)np);
+    e.s = malloc(e.sstride * (size_t)np * sizeof(float));
+    e.m = malloc(e.sstride * (size_t)np * sizeof(float));
+    if (!e.q || !e.s || !e.m) {
+        free(e.q);
+        free(e.s);
+        free(e.m);
+        return false;
+    }
+    for (int64_t pi = 0; pi < np; pi++) {
+        xllm_qpanel p = {
+            .q = e.q + pi * e.qstride, .s = e.s + pi * e.sstride, .m = e.m + pi * e.sstride};
+        k->pack_q(w, pi * 16, (int)XLLM_MIN((int64_t)16, w->n_rows - pi * 16), mm->th[0].stage, &p);
+        e.G = p.G;
+        e.sym = p.sym;
+    }
+    size_t h = ((uintptr_t)w->data >> 6) % (size_t)mm->pre_cap;
+    while (mm->pre[h].data) h = (h + 1) % (size_t)mm->pre_cap;
+    mm->pre[h] = e;
+    mm->pre_n++;
+    return true;
 }
 
 void xllm_mm_run_multi(xllm_mm *mm, int n, const xllm_mat *const *w, float *const *y,

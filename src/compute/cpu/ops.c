@@ -134,6 +134,17 @@ void xllm_op_attention_head(const float *q, const void *k, const void *v, xllm_d
 /* Reference for the fused kernels: per query head, two passes over the visible positions (max,
  * then exp-sum and the weighted V sum), in the same float arithmetic as the head kernel. */
 void xllm_op_attention_group(const xllm_attn_args *a) {
+    if (a->n_kv > 1) { /* one KV head at a time */
+        for (int h = 0; h < a->n_kv; h++) {
+            xllm_attn_args one = *a;
+            one.n_kv = 1;
+            one.kv_off = a->kv_off + (int64_t)h * a->head_dim;
+            one.q = a->q + (size_t)h * a->group * a->head_dim;
+            one.out = a->out + (size_t)h * a->group * a->head_dim;
+            xllm_op_attention_group(&one);
+        }
+        return;
+    }
     const size_t es = a->kv_type == XLLM_DTYPE_F32 ? 4 : 2;
     const int D = a->head_dim;
     float kr[1024], acc[1024];

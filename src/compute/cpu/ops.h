@@ -68,6 +68,8 @@ typedef struct xllm_attn_args {
     float scale;
     float *out; /* (n_tok, out_stride): same layout as q */
     int64_t out_stride;
+    int n_kv; /* consecutive KV heads from kv_off (head h's queries at q + h * group *
+                 head_dim); 0 = 1. n_kv * n_tok * group <= XLLM_ATTN_MAX_Q */
 } xllm_attn_args;
 
 #define XLLM_ATTN_MAX_Q 32
@@ -108,6 +110,10 @@ xllm_cpu_level xllm_mm_level(const xllm_mm *mm);
 void xllm_mm_input(xllm_mm *mm, const float *x, int64_t x_stride, int64_t T, int64_t n);
 /* y (T, n_rows) = input @ W^T (acc: y +=, which fuses a residual add). */
 void xllm_mm_run(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride, bool acc);
+/* Packs w into the GEMM panel form once, kept by mm (the batched path then skips packing it on
+ * every call; the memory is that of the weights once more). Quantized types at levels with a
+ * packed GEMM; false otherwise or when memory runs out. w's data must outlive mm. */
+bool xllm_mm_prepack(xllm_mm *mm, const xllm_mat *w);
 /* n (<= 4) matmuls on the same input in one parallel region (Q, K and V; gate and up): one
  * barrier instead of n. */
 void xllm_mm_run_multi(xllm_mm *mm, int n, const xllm_mat *const *w, float *const *y,

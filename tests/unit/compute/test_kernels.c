@@ -65,6 +65,19 @@ static void check_matmul(xllm_threadpool *tp, xllm_cpu_level level, xllm_dtype t
             fail();
         }
     }
+    /* weights packed ahead of time give the same results as packing per call */
+    xllm_mm *pm = xllm_mm_new(tp, level, T, K);
+    if (xllm_mm_prepack(pm, &m)) {
+        float *y2 = malloc((size_t)(T * rows) * sizeof(float));
+        xllm_mm_input(pm, x, K, T, K);
+        xllm_mm_run(pm, &m, y2, rows, false);
+        xllm_mm_input(mm, x, K, T, K);
+        xllm_mm_run(mm, &m, y, rows, false);
+        for (int64_t i = 0; i < T * rows; i++)
+            assert_true(fabsf(y[i] - y2[i]) <= 1e-6f * (1.0f + fabsf(y[i])));
+        free(y2);
+    }
+    xllm_mm_free(pm);
     xllm_mm_free(mm);
     free(w);
     free(row);
@@ -189,6 +202,43 @@ static void test_attention(void **state) {
                                 if (fabsf(o1[i] - o2[i]) > 2e-5f * (1.0f + fabsf(o1[i]))) {
                                     fprintf(stderr, "attention D %d g %d nt %d np %d: %g vs %g\n",
                                             D, g, nt, np, o2[i], o1[i]);
+                                    fail();
+                                }
+                            free(q);
+                            free(o1);
+                            free(o2);
+                        }
+                /* both KV heads in one call (q / out hold 2 * g heads per token) */
+                for (size_t gi = 0; gi < 3; gi++)
+                    for (int nt = 1; nt <= 3; nt += 2)
+                        for (size_t pi = 0; pi < 6; pi++) {
+                            const int g = groups[gi], np = npos[pi], nqa = 2 * nt * g;
+                            float *q = malloc(sizeof(float) * (size_t)(nqa * D));
+                            float *o1 = malloc(sizeof(float) * (size_t)(nqa * D));
+                            float *o2 = malloc(sizeof(float) * (size_t)(nqa * D));
+                            for (int i = 0; i < nqa * D; i++) q[i] = xllm_test_rand_f(&rs);
+                            xllm_attn_args a = {.q = q,
+                                                .q_stride = (int64_t)2 * g * D,
+                                                .k = K,
+                                                .v = V,
+                                                .kv_type = kvt,
+                                                .row_bytes = rb,
+                                                .kv_off = 0,
+                                                .head_dim = D,
+                                                .group = g,
+                                                .n_tok = nt,
+                                                .n_pos = np,
+                                                .scale = 1.0f / sqrtf((float)D),
+                                                .out = o1,
+                                                .out_stride = (int64_t)2 * g * D,
+                                                .n_kv = 2};
+                            xllm_op_attention_group(&a);
+                            a.out = o2;
+                            xllm_cpu_attention(k, &a);
+                            for (int i = 0; i < nqa * D; i++)
+                                if (fabsf(o1[i] - o2[i]) > 2e-5f * (1.0f + fabsf(o1[i]))) {
+                                    fprintf(stderr, "attention 2 heads D %d g %d nt %d np %d\n", D,
+                                            g, nt, np);
                                     fail();
                                 }
                             free(q);
