@@ -9,6 +9,7 @@ PKGS=(
   libutf8proc-dev libxxhash-dev libcmocka-dev
   clang libclang-rt-14-dev clang-format
   python3-jinja2
+  etcd-server etcd-client
 )
 
 missing=()
@@ -17,6 +18,12 @@ for p in "${PKGS[@]}"; do
     missing+=("$p")
   fi
 done
+
+# Node and npm run the official openai client test (tests/node); any install of them will do
+# (e.g. NodeSource's nodejs, which carries npm), so only the commands are checked.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  missing+=(nodejs npm)
+fi
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

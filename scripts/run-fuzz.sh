@@ -21,13 +21,18 @@ for t in "${targets[@]}"; do
   if [ -x "$(dirname "$0")/fuzz-seeds.sh" ]; then
     "$(dirname "$0")/fuzz-seeds.sh" "$name" "$corpus"
   fi
+  # A dictionary tests/fuzz/<target without fuzz_>.dict is used when present.
+  extra=()
+  dict="$(dirname "$0")/../tests/fuzz/${name#fuzz_}.dict"
+  [ -f "$dict" ] && extra+=(-dict="$dict")
   echo "run-fuzz: $name for ${secs}s"
   "$t" -max_total_time="$secs" -print_final_stats=1 -artifact_prefix="$build/fuzz-artifacts/$name-" \
-    -max_len=65536 -rss_limit_mb=2048 "$corpus" 2>"$build/fuzz-$name.log" || {
+    -max_len=65536 -rss_limit_mb=2048 -timeout=25 ${extra[@]+"${extra[@]}"} "$corpus" \
+    2>"$build/fuzz-$name.log" || {
       tail -50 "$build/fuzz-$name.log" >&2
       echo "run-fuzz: $name FAILED" >&2
       exit 1
     }
-  grep -E "stat::number_of_executed_runs|stat::peak_rss_mb" "$build/fuzz-$name.log" || true
+  grep -E "stat::number_of_executed_(runs|units)|stat::average_exec_per_sec|stat::peak_rss_mb" "$build/fuzz-$name.log" || true
 done
 echo "run-fuzz: all targets ok"

@@ -24,6 +24,7 @@ typedef enum xllm_status {
     XLLM_ERR_NOMEM = -5,       /* a large allocation failed */
     XLLM_ERR_KV_FULL = -6,     /* a sequence or the KV memory has no room for the batch */
     XLLM_ERR_INTERNAL = -7,
+    XLLM_ERR_BUSY = -8, /* a queue is full: try again later */
 } xllm_status;
 
 /* A static, human-readable string for a status. Never NULL. */
@@ -121,10 +122,20 @@ const char *xllm_model_meta_str(const xllm_model *model, const char *key);
 const char *xllm_model_chat_template(const xllm_model *model);
 
 /* ------------------------------------------------------------------------------------------ */
-/* Tokenizer: owned by the model, valid as long as it.                                        */
+/* Tokenizer: owned by the model (valid as long as it), or loaded standalone.                 */
 /* ------------------------------------------------------------------------------------------ */
 
 const xllm_tokenizer *xllm_model_tokenizer(const xllm_model *model);
+
+/* Loads a standalone tokenizer from a GGUF file (its tokenizer.ggml.* keys) or from a Hugging
+ * Face model directory (tokenizer.json, or vocab.json + merges.txt; tokenizer_config.json for
+ * BOS/EOS; a path to a .json file in such a directory means the directory). On failure *out is
+ * NULL and err holds one line naming the problem. The caller owns the tokenizer: free it with
+ * xllm_tokenizer_free. Immutable once loaded: every function below may be called from several
+ * threads at once. */
+xllm_status xllm_tokenizer_load(const char *path, xllm_tokenizer **out, char *err, size_t err_size);
+/* Frees a tokenizer from xllm_tokenizer_load (accepts NULL). Never pass a model's tokenizer. */
+void xllm_tokenizer_free(xllm_tokenizer *tok);
 
 int32_t xllm_tokenizer_n_vocab(const xllm_tokenizer *tok);
 int32_t xllm_token_bos(const xllm_tokenizer *tok); /* -1 when the vocab has none */
@@ -132,6 +143,9 @@ int32_t xllm_token_eos(const xllm_tokenizer *tok);
 bool xllm_token_is_eog(const xllm_tokenizer *tok, int32_t id); /* end of generation */
 bool xllm_tokenizer_add_bos(const xllm_tokenizer *tok);        /* does the vocab want BOS? */
 const char *xllm_tokenizer_type(const xllm_tokenizer *tok);    /* "llama" (SPM), "gpt2" */
+/* The pre-tokenizer: GGUF's tokenizer.ggml.pre ("qwen2", "llama-bpe", ...), "hf" for one read
+ * from tokenizer.json, "spm" for SentencePiece. */
+const char *xllm_tokenizer_pre(const xllm_tokenizer *tok);
 /* SentencePiece: tokenizing prepends a space (U+2581), so a detokenized text that starts at
  * the beginning of a sequence drops the first piece's leading space. */
 bool xllm_tokenizer_add_space_prefix(const xllm_tokenizer *tok);
@@ -158,12 +172,22 @@ int32_t xllm_token_to_piece(const xllm_tokenizer *tok, int32_t id, char *buf, in
 
 typedef struct xllm_context xllm_context;
 
+/* How a context lays out its KV memory. */
+typedef enum xllm_kv_layout {
+    XLLM_KV_LAYOUT_XTENSOR = 0, /* per-sequence contiguous virtual regions over a page pool */
+    XLLM_KV_LAYOUT_PAGED = 1,   /* classic block table (baseline); attention reads per block */
+} xllm_kv_layout;
+
 typedef struct xllm_context_params {
     int32_t n_ctx;      /* max tokens per sequence; 0 = the model's training context (max 4096) */
     int32_t n_seq_max;  /* number of sequence slots (ids 0..n_seq_max-1); 0 = 1 */
     int32_t n_batch;    /* max tokens in one xllm_decode call; 0 = 512 */
     int32_t n_threads;  /* compute threads; 0 = number of CPU cores */
     xllm_dtype kv_type; /* XLLM_DTYPE_F32 or XLLM_DTYPE_F16 (default F16) */
+    xllm_kv_layout kv_layout; /* default XLLM_KV_LAYOUT_XTENSOR */
+    size_t kv_memory;         /* KV page pool bytes; 0 = room for n_seq_max full contexts */
+    int32_t kv_block_tokens;  /* tokens per KV page / prefix-cache block; 0 = automatic */
+    bool no_prefix_cache;     /* do not keep full blocks for reuse (default false: keep them) */
 } xllm_context_params;
 
 xllm_context_params xllm_context_default_params(void);
@@ -188,16 +212,44 @@ typedef struct xllm_batch {
 } xllm_batch;
 
 /* Evaluates the batch: appends every row to its sequence's KV state and computes the requested
- * logits. On error nothing is appended. */
+ * logits. On error nothing is appended; XLLM_ERR_KV_FULL when a sequence reaches n_ctx or the
+ * KV memory has no page left (xllm_context_last_error says which). */
 xllm_status xllm_decode(xllm_context *ctx, const xllm_batch *batch);
+/* Details of the last KV failure of xllm_decode ("" when none). */
+const char *xllm_context_last_error(const xllm_context *ctx);
 
 /* Logits (n_vocab floats) of row i of the last batch, or NULL when row i did not ask for them.
  * Valid until the next xllm_decode on this context. */
 const float *xllm_get_logits(const xllm_context *ctx, int32_t i);
 
+/* KV memory accounting of a context. */
+typedef struct xllm_kv_stats {
+    int64_t n_pages;      /* pages in the pool */
+    int64_t free_pages;   /* never used or released */
+    int64_t used_pages;   /* mapped by at least one sequence */
+    int64_t cached_pages; /* idle pages holding a cached block (evictable) */
+    size_t page_bytes;    /* one page: block_tokens rows of K and V for every layer */
+    int32_t block_tokens;
+    int64_t mappings;             /* memory mappings held now (xtensor) */
+    int64_t max_mappings;         /* the budget for them (below vm.max_map_count) */
+    uint64_t prefix_hit_tokens;   /* positions served from the prefix cache */
+    uint64_t prefix_query_tokens; /* positions looked up */
+    uint64_t evictions;
+    uint64_t sync_maps; /* pages the engine thread had to map itself (pre-mapper behind) */
+    uint64_t bg_maps;   /* pages mapped ahead by the background thread */
+} xllm_kv_stats;
+void xllm_context_kv_stats(xllm_context *ctx, xllm_kv_stats *st);
+/* Rows evaluated by xllm_decode on this context since it was created. */
+uint64_t xllm_context_tokens_evaluated(const xllm_context *ctx);
+
+/* Prefix caching: maps the cached KV blocks that match the start of tokens[0..n) into the empty
+ * sequence seq_id and returns how many positions they cover (always < n; 0 when none). The
+ * caller then decodes tokens from that position on. */
+int32_t xllm_seq_reuse_prefix(xllm_context *ctx, int32_t seq_id, const int32_t *tokens, int32_t n);
+
 /* Number of positions stored for a sequence. */
 int32_t xllm_seq_len(const xllm_context *ctx, int32_t seq_id);
-/* Drops positions >= p0 of a sequence (p0 = 0 clears it). */
+/* Drops positions >= p0 of a sequence (p0 = 0 clears it and returns all its KV pages). */
 xllm_status xllm_seq_truncate(xllm_context *ctx, int32_t seq_id, int32_t p0);
 
 /* ------------------------------------------------------------------------------------------ */

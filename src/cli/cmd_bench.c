@@ -127,19 +127,20 @@ static bool fill_kv(xllm_context *ctx, int n_seq, int32_t len) {
     uint64_t st = 88172645463325252ull;
     for (int s = 0; s < n_seq; s++) {
         if (xllm_kv_reserve(kv, s, len) != XLLM_OK) return false;
-        for (int il = 0; il < ctx->model->hp.n_layer; il++) {
-            uint8_t *bases[2] = {xllm_kv_k(kv, il, s), xllm_kv_v(kv, il, s)};
-            for (int b = 0; b < 2; b++)
-                for (size_t i = 0; i < (size_t)len * rb; i += f16 ? 2 : 4) {
-                    float v = (float)(rng_next(&st) & 0xffff) / 65536.0f - 0.5f;
-                    if (f16) {
-                        uint16_t h = xllm_fp32_to_fp16(v);
-                        memcpy(bases[b] + i, &h, 2);
-                    } else {
-                        memcpy(bases[b] + i, &v, 4);
+        for (int il = 0; il < ctx->model->hp.n_layer; il++)
+            for (int32_t p = 0; p < len; p++) {
+                uint8_t *rows[2] = {xllm_kv_row_k(kv, il, s, p), xllm_kv_row_v(kv, il, s, p)};
+                for (int b = 0; b < 2; b++)
+                    for (size_t i = 0; i < rb; i += f16 ? 2 : 4) {
+                        float v = (float)(rng_next(&st) & 0xffff) / 65536.0f - 0.5f;
+                        if (f16) {
+                            uint16_t h = xllm_fp32_to_fp16(v);
+                            memcpy(rows[b] + i, &h, 2);
+                        } else {
+                            memcpy(rows[b] + i, &v, 4);
+                        }
                     }
-                }
-        }
+            }
         xllm_kv_seq_set_len(kv, s, len);
     }
     return true;

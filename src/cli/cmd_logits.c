@@ -9,7 +9,7 @@
 
 static void usage(FILE *f) {
     fprintf(f, "usage: xllm logits -m MODEL --tokens \"ID ID ...\" -o FILE [-t THREADS]\n"
-               "                   [--kv-type f32|f16]\n"
+               "                   [--kv-type f32|f16] [--kv-layout xtensor|paged]\n"
                "Evaluates the ids (no BOS added) as one sequence in one batch and writes float32\n"
                "logits for every position, row-major (one row per id x n_vocab), no header.\n");
 }
@@ -17,9 +17,13 @@ static void usage(FILE *f) {
 int xllm_cmd_logits(int argc, char **argv) {
     const char *cmd = "logits", *model_path = NULL, *tokens = NULL, *out_path = NULL;
     int64_t threads = 0;
-    xllm_dtype kv_type = XLLM_DTYPE_F32;
+    xllm_context_params cp = xllm_context_default_params();
+    cp.kv_type = XLLM_DTYPE_F32;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
+        int kvo = xllm_cli_kv_option(cmd, argc, argv, &i, &cp);
+        if (kvo < 0) return 1;
+        if (kvo > 0) continue;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
             return 0;
@@ -32,9 +36,6 @@ int xllm_cmd_logits(int argc, char **argv) {
         } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
             if (!(v = xllm_cli_value(cmd, argc, argv, &i)) ||
                 !xllm_cli_int(cmd, a, v, 1, 1024, &threads))
-                return 1;
-        } else if (!strcmp(a, "--kv-type")) {
-            if (!(v = xllm_cli_value(cmd, argc, argv, &i)) || !xllm_cli_kv_type(cmd, v, &kv_type))
                 return 1;
         } else {
             fprintf(stderr, "xllm logits: unknown option '%s'\n", a);
@@ -87,16 +88,15 @@ int xllm_cmd_logits(int argc, char **argv) {
             return 1;
         }
     }
-    xllm_context_params cp = xllm_context_default_params();
     cp.n_ctx = n;
     cp.n_batch = n;
     cp.n_threads = (int32_t)threads;
-    cp.kv_type = kv_type;
     xllm_context *ctx = NULL;
     char err[512];
     int rc = 1;
-    int32_t *pos = malloc(sizeof(int32_t) * (size_t)n), *seq = calloc((size_t)n, sizeof(int32_t));
-    int8_t *want = malloc((size_t)n);
+    const size_t nn = (size_t)(uint32_t)n; /* n >= 1 here */
+    int32_t *pos = malloc(sizeof(int32_t) * nn), *seq = calloc(nn, sizeof(int32_t));
+    int8_t *want = malloc(nn);
     FILE *f = NULL;
     if (xllm_context_new(model, &cp, &ctx, err, sizeof(err)) != XLLM_OK) {
         fprintf(stderr, "xllm logits: %s\n", err);

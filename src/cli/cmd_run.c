@@ -25,6 +25,9 @@ static void usage(FILE *f) {
             "  -t, --threads N         compute threads (default: all cores)\n"
             "  -c, --ctx-size N        context length (default: the model's, max 4096)\n"
             "  --kv-type f16|f32       KV cache type (default f16)\n"
+            "  --kv-layout L           xtensor (default) or paged (block-table baseline)\n"
+            "  --kv-memory BYTES       KV page pool size, e.g. 512M (default: a full context)\n"
+            "  --kv-block-tokens N     tokens per KV page / prefix block (default: automatic)\n"
             "  --ignore-eos            keep generating past end-of-generation tokens\n");
 }
 
@@ -46,10 +49,13 @@ int xllm_cmd_run(int argc, char **argv) {
     const char *cmd = "run", *model_path = NULL, *prompt = NULL;
     int64_t n_predict = 128, threads = 0, n_ctx = 0, last_n = 64, seed = 0xFFFFFFFF;
     bool ignore_eos = false;
-    xllm_dtype kv_type = XLLM_DTYPE_F16;
+    xllm_context_params cp = xllm_context_default_params();
     xllm_sampler_params sp = xllm_sampler_default_params();
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = NULL;
+        int kvo = xllm_cli_kv_option(cmd, argc, argv, &i, &cp);
+        if (kvo < 0) return 1;
+        if (kvo > 0) continue;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
             return 0;
@@ -76,8 +82,7 @@ int xllm_cmd_run(int argc, char **argv) {
                                                "-t",
                                                "--threads",
                                                "-c",
-                                               "--ctx-size",
-                                               "--kv-type"};
+                                               "--ctx-size"};
         bool known = false;
         for (size_t k = 0; k < sizeof(k_valued) / sizeof(k_valued[0]); k++)
             known |= !strcmp(a, k_valued[k]);
@@ -117,8 +122,6 @@ int xllm_cmd_run(int argc, char **argv) {
             ok = xllm_cli_int(cmd, a, v, 1, 1024, &threads);
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size"))
             ok = xllm_cli_int(cmd, a, v, 1, 1 << 24, &n_ctx);
-        else if (!strcmp(a, "--kv-type"))
-            ok = xllm_cli_kv_type(cmd, v, &kv_type);
         if (!ok) return 1;
     }
     if (!model_path || !prompt) {
@@ -160,10 +163,8 @@ int xllm_cmd_run(int argc, char **argv) {
         ids[n_prompt++] = bos;
     }
 
-    xllm_context_params cp = xllm_context_default_params();
     cp.n_ctx = (int32_t)n_ctx;
     cp.n_threads = (int32_t)threads;
-    cp.kv_type = kv_type;
     char err[512];
     if (xllm_context_new(model, &cp, &ctx, err, sizeof(err)) != XLLM_OK) {
         fprintf(stderr, "xllm run: %s\n", err);

@@ -56,6 +56,49 @@ bool xllm_cli_kv_type(const char *cmd, const char *s, xllm_dtype *out) {
     return true;
 }
 
+int xllm_cli_kv_option(const char *cmd, int argc, char **argv, int *i, xllm_context_params *cp) {
+    const char *a = argv[*i], *v;
+    if (strcmp(a, "--kv-type") && strcmp(a, "--kv-layout") && strcmp(a, "--kv-memory") &&
+        strcmp(a, "--kv-block-tokens"))
+        return 0;
+    if (!(v = xllm_cli_value(cmd, argc, argv, i))) return -1;
+    if (!strcmp(a, "--kv-type")) return xllm_cli_kv_type(cmd, v, &cp->kv_type) ? 1 : -1;
+    if (!strcmp(a, "--kv-layout")) {
+        if (!strcmp(v, "xtensor"))
+            cp->kv_layout = XLLM_KV_LAYOUT_XTENSOR;
+        else if (!strcmp(v, "paged"))
+            cp->kv_layout = XLLM_KV_LAYOUT_PAGED;
+        else {
+            fprintf(stderr, "xllm %s: bad KV layout '%s' (expected xtensor or paged)\n", cmd, v);
+            return -1;
+        }
+        return 1;
+    }
+    int64_t n;
+    if (!strcmp(a, "--kv-memory")) {
+        /* bytes, with an optional K/M/G suffix (powers of 1024) */
+        char *end;
+        errno = 0;
+        double x = strtod(v, &end);
+        double mul = 1;
+        if (*end == 'K' || *end == 'k')
+            mul = 1024.0, end++;
+        else if (*end == 'M' || *end == 'm')
+            mul = 1024.0 * 1024, end++;
+        else if (*end == 'G' || *end == 'g')
+            mul = 1024.0 * 1024 * 1024, end++;
+        if (errno || end == v || *end || x <= 0 || x * mul > 1e15) {
+            fprintf(stderr, "xllm %s: bad value '%s' for --kv-memory (bytes, e.g. 512M)\n", cmd, v);
+            return -1;
+        }
+        cp->kv_memory = (size_t)(x * mul);
+        return 1;
+    }
+    if (!xllm_cli_int(cmd, a, v, 1, 1 << 20, &n)) return -1;
+    cp->kv_block_tokens = (int32_t)n;
+    return 1;
+}
+
 double xllm_cli_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

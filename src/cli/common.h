@@ -20,6 +20,11 @@ const char *xllm_cli_value(const char *cmd, int argc, char **argv, int *i);
  * Prints the error and returns NULL on failure. */
 xllm_model *xllm_cli_load_model(const char *cmd, const char *path, bool quiet);
 
+/* KV options shared by run / logits / bench: --kv-type, --kv-layout, --kv-memory,
+ * --kv-block-tokens. Returns 1 when argv[*i] was one of them (value consumed), 0 when it is not,
+ * -1 on a bad value (message printed). */
+int xllm_cli_kv_option(const char *cmd, int argc, char **argv, int *i, xllm_context_params *cp);
+
 /* Parses "f32" / "f16". */
 bool xllm_cli_kv_type(const char *cmd, const char *s, xllm_dtype *out);
 

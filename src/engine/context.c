@@ -10,6 +10,7 @@
 xllm_context_params xllm_context_default_params(void) {
     xllm_context_params p = {0};
     p.kv_type = XLLM_DTYPE_F16;
+    p.kv_layout = XLLM_KV_LAYOUT_XTENSOR;
     return p;
 }
 
@@ -38,11 +39,20 @@ xllm_status xllm_context_new(const xllm_model *model, const xllm_context_params 
     xllm_context *ctx = xllm_xcalloc(1, sizeof(*ctx));
     ctx->model = model;
     ctx->params = p;
+    if (p.kv_layout != XLLM_KV_LAYOUT_XTENSOR && p.kv_layout != XLLM_KV_LAYOUT_PAGED) {
+        xllm_set_err(err, err_size, "context: unknown KV layout %d", (int)p.kv_layout);
+        return XLLM_ERR_INVALID_ARG;
+    }
     xllm_kv_params kp = {.n_layer = hp->n_layer,
                          .n_seq = p.n_seq_max,
                          .n_ctx = p.n_ctx,
                          .row_elems = hp->n_head_kv * hp->head_dim,
-                         .type = p.kv_type};
+                         .type = p.kv_type,
+                         .layout = p.kv_layout,
+                         .memory = p.kv_memory,
+                         .block_tokens = p.kv_block_tokens,
+                         .prefix_cache = !p.no_prefix_cache,
+                         .background = true};
     xllm_status st = xllm_kv_new(&kp, &ctx->kv, err, err_size);
     if (st != XLLM_OK) {
         free(ctx);
@@ -101,6 +111,8 @@ xllm_status xllm_context_new(const xllm_model *model, const xllm_context_params 
     ws->att_scratch = falloc((size_t)p.n_threads * (p.n_ctx + hp->head_dim));
     ws->seq_next = xllm_xcalloc((size_t)p.n_seq_max, sizeof(int32_t));
     ws->seq_last = xllm_xcalloc((size_t)p.n_seq_max, sizeof(int32_t));
+    ctx->max_spans = xllm_kv_max_spans(ctx->kv);
+    ws->spans = xllm_xcalloc((size_t)p.n_threads * (size_t)ctx->max_spans, sizeof(xllm_kv_span));
     ctx->out_row = xllm_xcalloc(B, sizeof(int32_t));
     *out = ctx;
     return XLLM_OK;
@@ -115,7 +127,8 @@ void xllm_context_free(xllm_context *ctx) {
     void *bufs[] = {ws->x,        ws->xn,      ws->q,           ws->k,        ws->v,
                     ws->att,      ws->ffn_a,   ws->ffn_b,       ws->out,      ws->rope_cos,
                     ws->rope_sin, ws->router,  ws->exp_ids,     ws->exp_w,    ws->rows,
-                    ws->gather,   ws->exp_out, ws->att_scratch, ws->seq_next, ws->seq_last};
+                    ws->gather,   ws->exp_out, ws->att_scratch, ws->seq_next, ws->seq_last,
+                    ws->spans};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     free(ctx->logits);
     free(ctx->out_row);
@@ -137,8 +150,29 @@ int32_t xllm_seq_len(const xllm_context *ctx, int32_t seq_id) {
 
 xllm_status xllm_seq_truncate(xllm_context *ctx, int32_t seq_id, int32_t p0) {
     if (seq_id < 0 || seq_id >= ctx->params.n_seq_max || p0 < 0) return XLLM_ERR_INVALID_ARG;
-    if (p0 < xllm_kv_seq_len(ctx->kv, seq_id)) xllm_kv_seq_set_len(ctx->kv, seq_id, p0);
+    if (p0 == 0)
+        xllm_kv_seq_free(ctx->kv, seq_id);
+    else if (p0 < xllm_kv_seq_len(ctx->kv, seq_id))
+        xllm_kv_seq_set_len(ctx->kv, seq_id, p0);
     return XLLM_OK;
+}
+
+int32_t xllm_seq_reuse_prefix(xllm_context *ctx, int32_t seq_id, const int32_t *tokens, int32_t n) {
+    if (seq_id < 0 || seq_id >= ctx->params.n_seq_max || !tokens || n <= 0) return 0;
+    if (n > ctx->params.n_ctx) n = ctx->params.n_ctx;
+    return xllm_kv_seq_reuse_prefix(ctx->kv, seq_id, tokens, n);
+}
+
+void xllm_context_kv_stats(xllm_context *ctx, xllm_kv_stats *st) {
+    xllm_kv_get_stats(ctx->kv, st);
+}
+
+const char *xllm_context_last_error(const xllm_context *ctx) {
+    return xllm_kv_last_error(ctx->kv);
+}
+
+uint64_t xllm_context_tokens_evaluated(const xllm_context *ctx) {
+    return ctx->n_evaluated;
 }
 
 const float *xllm_get_logits(const xllm_context *ctx, int32_t i) {
@@ -171,6 +205,8 @@ xllm_status xllm_decode(xllm_context *ctx, const xllm_batch *b) {
         xllm_status st = xllm_kv_reserve(ctx->kv, s, ws->seq_next[s]);
         if (st != XLLM_OK) return st;
     }
+    for (int32_t i = 0; i < b->n_tokens; i++)
+        xllm_kv_seq_set_tokens(ctx->kv, b->seq_id[i], b->pos[i], &b->token[i], 1);
     int32_t n_out = 0;
     for (int32_t i = 0; i < b->n_tokens; i++) {
         bool want = b->logits ? b->logits[i] != 0 : ws->seq_last[b->seq_id[i]] == i;
@@ -187,5 +223,6 @@ xllm_status xllm_decode(xllm_context *ctx, const xllm_batch *b) {
     for (int32_t s = 0; s < n_seq; s++)
         if (ws->seq_last[s] >= 0) xllm_kv_seq_set_len(ctx->kv, s, ws->seq_next[s]);
     ctx->n_rows = b->n_tokens;
+    ctx->n_evaluated += (uint64_t)b->n_tokens;
     return XLLM_OK;
 }

@@ -21,15 +21,16 @@ typedef struct xllm_workspace {
     float *out;      /* (n_batch, n_embd) block output before the residual add */
     float *rope_cos; /* (n_batch, n_rot / 2) */
     float *rope_sin;
-    float *router;      /* (n_batch, n_expert) router probabilities */
-    int32_t *exp_ids;   /* (n_batch, n_expert_used) chosen experts */
-    float *exp_w;       /* (n_batch, n_expert_used) their weights */
-    int32_t *rows;      /* (n_batch) token rows routed to one expert */
-    float *gather;      /* (n_batch, n_embd) the rows routed to one expert */
-    float *exp_out;     /* (n_batch, n_embd) one expert's output for those rows */
-    float *att_scratch; /* (n_threads, n_ctx) attention scores */
-    int32_t *seq_next;  /* (n_seq) next position per sequence while validating a batch */
-    int32_t *seq_last;  /* (n_seq) last row of each sequence in the batch */
+    float *router;       /* (n_batch, n_expert) router probabilities */
+    int32_t *exp_ids;    /* (n_batch, n_expert_used) chosen experts */
+    float *exp_w;        /* (n_batch, n_expert_used) their weights */
+    int32_t *rows;       /* (n_batch) token rows routed to one expert */
+    float *gather;       /* (n_batch, n_embd) the rows routed to one expert */
+    float *exp_out;      /* (n_batch, n_embd) one expert's output for those rows */
+    float *att_scratch;  /* (n_threads, n_ctx) attention scores */
+    int32_t *seq_next;   /* (n_seq) next position per sequence while validating a batch */
+    int32_t *seq_last;   /* (n_seq) last row of each sequence in the batch */
+    xllm_kv_span *spans; /* (n_threads, max_spans) KV runs of one attention row */
 } xllm_workspace;
 
 struct xllm_context {
@@ -42,10 +43,12 @@ struct xllm_context {
     xllm_workspace ws;
     int64_t max_cols;
     /* outputs of the last batch */
-    float *logits;      /* (n_out, n_vocab) */
-    int64_t logits_cap; /* rows allocated */
-    int32_t *out_row;   /* (n_batch) row -> output index, -1 when none */
-    int32_t n_rows;     /* rows of the last batch */
+    float *logits;        /* (n_out, n_vocab) */
+    int64_t logits_cap;   /* rows allocated */
+    int32_t *out_row;     /* (n_batch) row -> output index, -1 when none */
+    int32_t n_rows;       /* rows of the last batch */
+    int32_t max_spans;    /* KV runs per sequence and layer (1 for xtensor) */
+    uint64_t n_evaluated; /* rows evaluated since creation */
 };
 
 /* Runs the forward pass of a validated batch (forward.c). The KV memory has room for it. */

@@ -6,6 +6,7 @@
 
 #include "compute/cpu/ops.h"
 #include "compute/dtype.h"
+#include "engine/attention.h"
 #include "engine/engine-impl.h"
 #include "util/common.h"
 
@@ -69,6 +70,8 @@ static void attn_worker(void *arg, int ith, int nth) {
     const int max_tok = group <= XLLM_ATTN_MAX_Q ? XLLM_ATTN_MAX_Q / group : 1;
     const float scale = 1.0f / sqrtf((float)D);
     const xllm_batch *b = a->b;
+    float *scores = ctx->ws.att_scratch + (size_t)ith * (size_t)(ctx->params.n_ctx + D);
+    xllm_kv_span *spans = ctx->ws.spans + (size_t)ith * (size_t)ctx->max_spans;
     int64_t item = 0, mine = atomic_fetch_add(&a->next, 1);
     for (int32_t t0 = 0; t0 < b->n_tokens;) {
         int32_t n = 1;
@@ -76,17 +79,33 @@ static void attn_worker(void *arg, int ith, int nth) {
                b->pos[t0 + n] == b->pos[t0] + n)
             n++;
         const int32_t s = b->seq_id[t0];
+        const int32_t last_pos = b->pos[t0 + n - 1] + 1;
         /* all KV heads in one item (whole K / V rows read once) when the batch has enough
          * items for the threads anyway */
         const int nkv = b->n_tokens >= 2 * nth && n * group * HK <= XLLM_ATTN_MAX_Q ? HK : 1;
         for (int g = 0; g < HK; g += nkv, item++) {
             if (item != mine) continue;
             mine = atomic_fetch_add(&a->next, 1);
+            const int32_t ns = xllm_kv_spans(ctx->kv, a->il, s, last_pos, spans, ctx->max_spans);
+            if (ns != 1 || spans[0].pos0 != 0) {
+                /* KV in several runs (paged layout): the per-head kernel reads run by run */
+                for (int32_t t = t0; t < t0 + n; t++) {
+                    const int32_t np = b->pos[t] + 1;
+                    const int32_t nst = xllm_kv_spans(ctx->kv, a->il, s, np, spans, ctx->max_spans);
+                    for (int h = g * group; h < (g + nkv) * group; h++)
+                        xllm_attention_head(ctx->ws.q + ((size_t)t * H + h) * D, spans, nst,
+                                            xllm_kv_type(ctx->kv), xllm_kv_row_bytes(ctx->kv),
+                                            (int64_t)(h / group) * D, D, np, scale, scores,
+                                            scores + ctx->params.n_ctx,
+                                            ctx->ws.att + ((size_t)t * H + h) * D);
+                }
+                continue;
+            }
             xllm_attn_args at = {
                 .q = ctx->ws.q + ((size_t)t0 * H + (size_t)g * group) * D,
                 .q_stride = (int64_t)H * D,
-                .k = xllm_kv_k(ctx->kv, a->il, s),
-                .v = xllm_kv_v(ctx->kv, a->il, s),
+                .k = spans[0].k,
+                .v = spans[0].v,
                 .kv_type = xllm_kv_type(ctx->kv),
                 .row_bytes = xllm_kv_row_bytes(ctx->kv),
                 .kv_off = (int64_t)g * D,
@@ -118,11 +137,10 @@ static void attn_worker(void *arg, int ith, int nth) {
 static void store_kv(xllm_context *ctx, const xllm_batch *b, int il) {
     const xllm_hparams *hp = &ctx->model->hp;
     const int64_t n = (int64_t)hp->n_head_kv * hp->head_dim;
-    const size_t rb = xllm_kv_row_bytes(ctx->kv);
     const bool f32 = xllm_kv_type(ctx->kv) == XLLM_DTYPE_F32;
     for (int32_t t = 0; t < b->n_tokens; t++) {
-        uint8_t *kd = (uint8_t *)xllm_kv_k(ctx->kv, il, b->seq_id[t]) + (size_t)b->pos[t] * rb;
-        uint8_t *vd = (uint8_t *)xllm_kv_v(ctx->kv, il, b->seq_id[t]) + (size_t)b->pos[t] * rb;
+        uint8_t *kd = xllm_kv_row_k(ctx->kv, il, b->seq_id[t], b->pos[t]);
+        uint8_t *vd = xllm_kv_row_v(ctx->kv, il, b->seq_id[t], b->pos[t]);
         const float *ks = ctx->ws.k + t * n, *vs = ctx->ws.v + t * n;
         if (f32) {
             memcpy(kd, ks, (size_t)n * sizeof(float));

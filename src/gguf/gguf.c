@@ -240,9 +240,10 @@ static bool parse_tensor_info(cursor *c, uint64_t idx, xllm_gguf_tensor *t) {
     }
     uint32_t type;
     if (!rd_u32(c, &type, "type")) return false;
-    const xllm_dtype_traits *tr = xllm_dtype_get_traits((xllm_dtype)type);
-    if (type >= XLLM_DTYPE_COUNT || !tr)
-        return fail(c, "%s %" PRIu64 " is not a supported tensor type", "type", type);
+    /* range-check before converting to the enum: a raw id may be any uint32 */
+    const xllm_dtype_traits *tr =
+        type < XLLM_DTYPE_COUNT ? xllm_dtype_get_traits((xllm_dtype)type) : NULL;
+    if (!tr) return fail(c, "%s %" PRIu64 " is not a supported tensor type", "type", type);
     t->type = (xllm_dtype)type;
     if (t->ne[0] % tr->block_size != 0)
         return fail(c, "%s %" PRIu64 " is not a multiple of the type's block size",
@@ -260,6 +261,15 @@ static bool parse_tensor_info(cursor *c, uint64_t idx, xllm_gguf_tensor *t) {
     t->n_bytes = rows * row_bytes;
     if (!rd_u64(c, &t->offset, "data offset")) return false;
     return true;
+}
+
+/* Orders tensor indices by name, then by index. */
+static int cmp_tensor_name(const void *a, const void *b, void *arg) {
+    const xllm_gguf_tensor *t = arg;
+    uint64_t ia = *(const uint64_t *)a, ib = *(const uint64_t *)b;
+    int c = strcmp(t[ia].name, t[ib].name);
+    if (c) return c;
+    return ia < ib ? -1 : ia > ib;
 }
 
 static void gguf_free_contents(xllm_gguf *g) {
@@ -324,6 +334,24 @@ static bool parse(xllm_gguf *g, char *err, size_t err_size) {
         return fail(&c, "%s %" PRIu64 " is past the end of the file", "data section offset",
                     data_off);
     g->data_offset = data_off;
+    /* duplicate names, found by sorting (n log n): the earliest tensor that repeats a name */
+    uint64_t dup_first = 0, dup_second = UINT64_MAX;
+    if (n_tensors > 1) {
+        uint64_t *order = malloc(n_tensors * sizeof(uint64_t));
+        if (!order) return fail(&c, "%s %" PRIu64 ": out of memory", "tensor count", n_tensors);
+        for (uint64_t i = 0; i < n_tensors; i++) order[i] = i;
+        qsort_r(order, n_tensors, sizeof(uint64_t), cmp_tensor_name, g->tensors);
+        for (uint64_t k = 1; k < n_tensors; k++) {
+            /* within a run of equal names, order[] is by index: the run's first two */
+            if (!strcmp(g->tensors[order[k]].name, g->tensors[order[k - 1]].name) &&
+                (k < 2 || strcmp(g->tensors[order[k - 1]].name, g->tensors[order[k - 2]].name)) &&
+                order[k] < dup_second) {
+                dup_second = order[k];
+                dup_first = order[k - 1];
+            }
+        }
+        free(order);
+    }
     uint64_t data_size = c.size > data_off ? c.size - data_off : 0;
     for (uint64_t i = 0; i < n_tensors; i++) {
         xllm_gguf_tensor *t = &g->tensors[i];
@@ -334,10 +362,8 @@ static bool parse(xllm_gguf *g, char *err, size_t err_size) {
             return fail(&c, "%s %" PRIu64 " plus the tensor's size runs past the end of the file",
                         "data offset", t->offset);
         t->data = g->base + data_off + t->offset;
-        for (uint64_t j = 0; j < i; j++) {
-            if (!strcmp(g->tensors[j].name, t->name))
-                return fail(&c, "%s appears twice (first at index %" PRIu64 ")", "name", j);
-        }
+        if (i == dup_second)
+            return fail(&c, "%s appears twice (first at index %" PRIu64 ")", "name", dup_first);
     }
     return true;
 }

@@ -1,9 +1,16 @@
-/* KV memory of a context: per sequence and layer, K and V rows that the attention kernel sees
- * as one contiguous array indexed by position. The xTensor issue replaces the storage behind
- * this interface (virtual regions over a page pool); callers only use these functions. */
+/* KV memory of a context (xTensor): a physical page pool shared by all sequences, and per
+ * sequence and layer a virtual region in which K (or V) rows appear contiguous by position.
+ * Pages are mapped into regions on demand (a background thread keeps the next page of each
+ * running sequence mapped ahead); full blocks of tokens are kept in a prefix cache keyed by a
+ * chained hash and shared between sequences by mapping the same page. A classic block-table
+ * layout ("paged") over the same pool is kept as a baseline with the same API.
+ *
+ * Threads: every function is called from the engine thread that owns the context, except where
+ * noted; the background mapper synchronizes with it through the kv's mutex. */
 #ifndef XLLM_KV_H
 #define XLLM_KV_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -17,26 +24,83 @@ typedef struct xllm_kv_params {
     int32_t n_ctx;     /* max positions per sequence */
     int32_t row_elems; /* elements in one position's K (or V) row: n_head_kv * head_dim */
     xllm_dtype type;   /* XLLM_DTYPE_F32 or XLLM_DTYPE_F16 */
+    xllm_kv_layout layout;
+    size_t memory;         /* pool bytes; 0 = room for n_seq full contexts */
+    int32_t block_tokens;  /* tokens per page (prefix-cache block); 0 = chosen from the sizes */
+    bool prefix_cache;     /* keep full blocks for reuse (default on in the context) */
+    bool background;       /* run the pre-mapping thread (xtensor) */
+    int64_t max_map_count; /* the OS limit; 0 = read /proc/sys/vm/max_map_count */
 } xllm_kv_params;
 
+/* Creates the pool (memfd), reserves the regions. Fails with a clear message when the budget,
+ * the sizes or the OS mapping limit do not allow it. */
 xllm_status xllm_kv_new(const xllm_kv_params *p, xllm_kv **out, char *err, size_t err_size);
 void xllm_kv_free(xllm_kv *kv); /* accepts NULL */
 
+/* ---- sequences ------------------------------------------------------------------------- */
+
 /* Positions stored for seq. */
 int32_t xllm_kv_seq_len(const xllm_kv *kv, int32_t seq);
-/* Makes room for positions [0, n) of seq (no effect on its length). XLLM_ERR_KV_FULL when n
- * exceeds n_ctx, XLLM_ERR_NOMEM when memory runs out. */
+/* Makes room for positions [0, n) of seq: pages are allocated (evicting idle cached blocks when
+ * the pool is short) and mapped. XLLM_ERR_KV_FULL when n > n_ctx, the pool has no page left, or
+ * the mapping limit would be crossed (a message is kept, see xllm_kv_last_error). */
 xllm_status xllm_kv_reserve(xllm_kv *kv, int32_t seq, int32_t n);
-/* Sets the stored length (after rows [old, n) were written, or to drop positions >= n). */
+/* Records the token ids of positions [pos, pos + n) of seq (needed to key its blocks in the
+ * prefix cache); call before xllm_kv_seq_set_len commits them. */
+void xllm_kv_seq_set_tokens(xllm_kv *kv, int32_t seq, int32_t pos, const int32_t *tokens,
+                            int32_t n);
+/* Sets the stored length: commits rows [old, n) written since (full blocks enter the prefix
+ * cache), or drops positions >= n (pages of whole blocks past n are released). */
 void xllm_kv_seq_set_len(xllm_kv *kv, int32_t seq, int32_t n);
+/* Maps the cached blocks that match the start of tokens into the empty sequence seq and sets its
+ * length to the number of positions they hold (a multiple of the block size, always < n so the
+ * last token is computed). Returns that number (0 when nothing matched or the cache is off). */
+int32_t xllm_kv_seq_reuse_prefix(xllm_kv *kv, int32_t seq, const int32_t *tokens, int32_t n);
+/* Releases every page of seq now (preemption: its prompt is recomputed later). */
+void xllm_kv_seq_free(xllm_kv *kv, int32_t seq);
 
-/* Base of the rows of layer il of seq: position p's row starts at p * row_bytes.
- * Valid until the next xllm_kv_reserve on this sequence. Engine thread only. */
-void *xllm_kv_k(xllm_kv *kv, int32_t il, int32_t seq);
-void *xllm_kv_v(xllm_kv *kv, int32_t il, int32_t seq);
+/* ---- access for the forward pass --------------------------------------------------------- */
+
+/* The K (or V) row of layer il, position pos of seq, to write. The position must be reserved. */
+void *xllm_kv_row_k(xllm_kv *kv, int32_t il, int32_t seq, int32_t pos);
+void *xllm_kv_row_v(xllm_kv *kv, int32_t il, int32_t seq, int32_t pos);
+
+/* A run of consecutive positions [pos0, pos0 + n) whose rows lie row_bytes apart. */
+typedef struct xllm_kv_span {
+    const void *k;
+    const void *v;
+    int32_t pos0;
+    int32_t n;
+} xllm_kv_span;
+/* Fills the runs covering positions [0, n_pos) of seq in layer il: one run for xtensor, one per
+ * block for paged. Returns the number of runs (at most max). */
+int32_t xllm_kv_spans(xllm_kv *kv, int32_t il, int32_t seq, int32_t n_pos, xllm_kv_span *spans,
+                      int32_t max);
+/* Upper bound of the runs xllm_kv_spans can return (size span buffers with it). */
+int32_t xllm_kv_max_spans(const xllm_kv *kv);
+
 size_t xllm_kv_row_bytes(const xllm_kv *kv);
 xllm_dtype xllm_kv_type(const xllm_kv *kv);
-/* Bytes of KV memory held now. */
-size_t xllm_kv_bytes_used(const xllm_kv *kv);
+xllm_kv_layout xllm_kv_get_layout(const xllm_kv *kv);
+int32_t xllm_kv_block_tokens(const xllm_kv *kv);
+
+/* ---- accounting and admission ------------------------------------------------------------- */
+
+void xllm_kv_get_stats(xllm_kv *kv, xllm_kv_stats *st);
+/* Pages seq holds (shared ones included). */
+int64_t xllm_kv_seq_pages(const xllm_kv *kv, int32_t seq);
+/* Pages that a reservation growing seq to n positions would take from the pool. */
+int64_t xllm_kv_pages_needed(const xllm_kv *kv, int32_t seq, int32_t n);
+/* Pages available to reservations: free plus evictable cached pages. */
+int64_t xllm_kv_pages_available(xllm_kv *kv);
+/* Bytes the sequences hold beyond the rows they store (partly filled last pages). */
+size_t xllm_kv_waste_bytes(const xllm_kv *kv);
+
+/* The message of the last failed xllm_kv_reserve (empty when none). */
+const char *xllm_kv_last_error(const xllm_kv *kv);
+
+/* Walks every structure and checks its invariants (refcounts, free list, cache index, LRU,
+ * mappings). Returns true when consistent; otherwise writes what is wrong into err. */
+bool xllm_kv_check(xllm_kv *kv, char *err, size_t err_size);
 
 #endif

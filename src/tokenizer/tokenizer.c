@@ -1,60 +1,13 @@
-/* Tokenizer: SentencePiece-style ("llama") vocabularies with score-ordered pair merges and byte
- * fallback, and byte-level BPE ("gpt2") vocabularies with rank-ordered merges, read from GGUF. */
-#include "tokenizer/tokenizer.h"
+/* Tokenizer core: SentencePiece-style ("llama") encoding with score-ordered pair merges and byte
+ * fallback, byte-level BPE ("gpt2") encoding with rank-ordered merges, special-token splitting,
+ * and decoding of single tokens. Vocabularies come from vocab_gguf.c and vocab_hf.c. */
+#include "tokenizer/tokenizer-impl.h"
 
 #include <limits.h>
-#include <stdint.h>
 #include <string.h>
+#include <utf8proc.h>
 
 #include "util/common.h"
-
-/* ---------------------------------------------------------------------------------------- */
-/* Data                                                                                      */
-/* ---------------------------------------------------------------------------------------- */
-
-typedef enum tok_kind { TOK_SPM = 0, TOK_BPE = 1 } tok_kind;
-
-typedef struct tok_entry {
-    size_t off; /* into text */
-    uint32_t len;
-    float score;
-    int8_t type; /* xllm_token_type */
-} tok_entry;
-
-/* Open-addressing string -> int32 map whose keys live in some arena. */
-typedef struct str_map {
-    int32_t *slot; /* value, -1 = empty */
-    size_t mask;
-} str_map;
-
-struct xllm_tokenizer {
-    tok_kind kind;
-    char model[16];
-    int32_t n_vocab;
-    char *text; /* all token texts, back to back */
-    tok_entry *tok;
-    str_map tok_map; /* text -> id (the last id wins for duplicates, as llama.cpp) */
-
-    /* BPE merges "left right" -> rank */
-    char *merge_text;
-    size_t *merge_off;
-    uint32_t *merge_len;
-    int32_t n_merges;
-    str_map merge_map;
-    bool digits3; /* pre-tokenizer groups up to 3 digits (llama3) instead of 1 (qwen2) */
-
-    int32_t bos, eos, unk, pad, eot, eom;
-    bool add_bos, add_eos, add_space_prefix;
-
-    int32_t *special; /* control, user-defined and unknown tokens, longest text first */
-    int32_t n_special;
-    uint8_t *eog; /* n_vocab flags */
-
-    int32_t byte_tok[256]; /* SPM: the <0xNN> token of each byte (-1 if none) */
-    /* BPE: GPT-2 byte <-> code point map. */
-    uint16_t byte_cp[256];
-    int16_t cp_byte[512]; /* -1 when the code point is not a byte's */
-};
 
 /* ---------------------------------------------------------------------------------------- */
 /* Small helpers                                                                             */
@@ -78,13 +31,18 @@ typedef struct bbuf {
     size_t n, cap;
 } bbuf;
 
-static void bbuf_put(bbuf *b, const void *src, size_t n) {
+static void bbuf_reserve(bbuf *b, size_t n) {
     if (b->n + n > b->cap) {
         size_t c = b->cap ? b->cap : 256;
         while (c < b->n + n) c *= 2;
         b->p = xllm_xrealloc(b->p, c);
         b->cap = c;
     }
+}
+
+static void bbuf_put(bbuf *b, const void *src, size_t n) {
+    if (n == 0) return;
+    bbuf_reserve(b, n);
     memcpy(b->p + b->n, src, n);
     b->n += n;
 }
@@ -106,7 +64,7 @@ static void map_init(str_map *m, size_t n) {
     m->mask = cap - 1;
 }
 
-/* key_of(ctx, value) gives the key of a stored value. */
+/* key(t, value) gives the key of a stored value. */
 typedef const char *(*key_fn)(const xllm_tokenizer *t, int32_t v, size_t *len);
 
 static int32_t map_find(const str_map *m, const xllm_tokenizer *t, key_fn key, const char *s,
@@ -149,12 +107,12 @@ static const char *tok_key(const xllm_tokenizer *t, int32_t v, size_t *len) {
     return t->text + t->tok[v].off;
 }
 
-static const char *merge_key(const xllm_tokenizer *t, int32_t v, size_t *len) {
-    *len = t->merge_len[v];
-    return t->merge_text + t->merge_off[v];
+static const char *raw_key(const xllm_tokenizer *t, int32_t v, size_t *len) {
+    *len = t->raw_len[v];
+    return t->raw_text + t->raw_off[v];
 }
 
-static int32_t text_to_token(const xllm_tokenizer *t, const char *s, size_t n) {
+int32_t xllm_tok_find(const xllm_tokenizer *t, const char *s, size_t n) {
     return map_find(&t->tok_map, t, tok_key, s, n);
 }
 
@@ -163,21 +121,32 @@ static int utf8_len(uint8_t c) {
     return lut[c >> 4];
 }
 
-/* Decodes one code point at s[0..n); invalid sequences give 0xFFFD over one byte. */
-static uint32_t utf8_decode(const uint8_t *s, size_t n, int *len) {
+/* Decodes one code point at s[0..n); an invalid sequence gives 0xFFFD over one byte and
+ * *valid = false. */
+static uint32_t utf8_decode(const uint8_t *s, size_t n, int *len, bool *valid) {
     uint8_t c = s[0];
     int l = utf8_len(c);
+    *valid = true;
     if (l == 1 || (size_t)l > n) {
         *len = 1;
-        return c < 0x80 ? c : 0xFFFD;
+        if (c < 0x80) return c;
+        *valid = false;
+        return 0xFFFD;
     }
     uint32_t cp = c & (0x7F >> l);
     for (int i = 1; i < l; i++) {
         if ((s[i] & 0xC0) != 0x80) {
             *len = 1;
+            *valid = false;
             return 0xFFFD;
         }
         cp = (cp << 6) | (s[i] & 0x3F);
+    }
+    static const uint32_t min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < min_cp[l] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
+        *len = 1;
+        *valid = false;
+        return 0xFFFD;
     }
     *len = l;
     return cp;
@@ -207,7 +176,7 @@ static int utf8_encode(uint32_t cp, char *out) {
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* Loading                                                                                   */
+/* Construction                                                                              */
 /* ---------------------------------------------------------------------------------------- */
 
 void xllm_tokenizer_free(xllm_tokenizer *t) {
@@ -215,86 +184,135 @@ void xllm_tokenizer_free(xllm_tokenizer *t) {
     free(t->text);
     free(t->tok);
     free(t->tok_map.slot);
-    free(t->merge_text);
-    free(t->merge_off);
-    free(t->merge_len);
-    free(t->merge_map.slot);
+    free(t->merge);
+    free(t->raw_text);
+    free(t->raw_off);
+    free(t->raw_len);
+    free(t->raw_map.slot);
+    free((void *)t->self_ok);
+    xllm_pretok_free(t->pretok);
     free(t->special);
     free(t->eog);
     free(t);
 }
 
-/* Reads an optional token id key: absent keeps *id; present must be a valid id. */
-static xllm_status read_id(const xllm_gguf *g, const char *key, int32_t n_vocab, int32_t *id,
-                           char *err, size_t err_size) {
-    const xllm_gguf_kv *kv = xllm_gguf_find(g, key);
-    if (!kv) return XLLM_OK;
-    int64_t v;
-    if (!xllm_gguf_get_i64(g, key, &v)) {
-        xllm_set_err(err, err_size, "%s: expected an integer, got %s", key,
-                     xllm_gguf_type_name(kv->type));
-        return XLLM_ERR_FORMAT;
-    }
-    if (v == -1 || v == (int64_t)UINT32_MAX) { /* converters write -1 (as int or uint32): none */
-        *id = -1;
-        return XLLM_OK;
-    }
-    if (v < 0 || v >= n_vocab) {
-        /* as llama.cpp does: a bad special id is ignored and the default kept */
-        return XLLM_OK;
-    }
-    *id = (int32_t)v;
-    return XLLM_OK;
+xllm_tokenizer *xllm_tok_alloc(tok_kind kind, const char *model, int32_t n) {
+    xllm_tokenizer *t = xllm_xcalloc(1, sizeof(*t));
+    t->kind = kind;
+    snprintf(t->model, sizeof(t->model), "%s", model);
+    t->n_vocab = n;
+    t->tok = xllm_xcalloc((size_t)n, sizeof(tok_entry));
+    t->bos = t->eos = t->unk = t->pad = t->eot = t->eom = -1;
+    return t;
 }
 
-static xllm_status read_bool(const xllm_gguf *g, const char *key, bool *out, char *err,
-                             size_t err_size) {
-    const xllm_gguf_kv *kv = xllm_gguf_find(g, key);
-    if (!kv) return XLLM_OK;
-    if (!xllm_gguf_get_bool(g, key, out)) {
-        xllm_set_err(err, err_size, "%s: expected a bool, got %s", key,
-                     xllm_gguf_type_name(kv->type));
-        return XLLM_ERR_FORMAT;
+void xllm_tok_set_texts(xllm_tokenizer *t, const char *const *strs, const size_t *lens) {
+    size_t total = 0;
+    for (int32_t i = 0; i < t->n_vocab; i++) total += strs[i] ? lens[i] : 0;
+    t->text = xllm_xmalloc(total + 1);
+    size_t off = 0;
+    for (int32_t i = 0; i < t->n_vocab; i++) {
+        size_t l = strs[i] ? lens[i] : 0;
+        if (l) memcpy(t->text + off, strs[i], l);
+        t->tok[i].off = off;
+        t->tok[i].len = (uint32_t)l;
+        off += l;
     }
-    return XLLM_OK;
+    map_init(&t->tok_map, (size_t)t->n_vocab);
+    for (int32_t i = 0; i < t->n_vocab; i++)
+        if (t->tok[i].len) map_put(&t->tok_map, t, tok_key, i);
 }
 
-/* An optional array key: NULL when absent; error when present with another type or length. */
-static xllm_status read_arr(const xllm_gguf *g, const char *key, xllm_gguf_type elem,
-                            uint64_t want_n, const xllm_gguf_kv **out, char *err, size_t err_size) {
-    *out = NULL;
-    const xllm_gguf_kv *kv = xllm_gguf_find(g, key);
-    if (!kv) return XLLM_OK;
-    if (kv->type != XLLM_GGUF_ARRAY || kv->arr_type != elem) {
-        xllm_set_err(err, err_size, "%s: expected an array of %s", key, xllm_gguf_type_name(elem));
-        return XLLM_ERR_FORMAT;
-    }
-    if (want_n && kv->arr_n != want_n) {
-        xllm_set_err(err, err_size, "%s: %llu entries, but tokenizer.ggml.tokens has %llu", key,
-                     (unsigned long long)kv->arr_n, (unsigned long long)want_n);
-        return XLLM_ERR_FORMAT;
-    }
-    *out = kv;
-    return XLLM_OK;
+static uint64_t merge_hash(uint64_t key) {
+    key *= 0x9E3779B97F4A7C15ull;
+    return key ^ (key >> 31);
 }
 
-static int cmp_special(const void *a, const void *b, const xllm_tokenizer *t) {
-    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+void xllm_tok_merges_reserve(xllm_tokenizer *t, size_t n) {
+    size_t cap = 16;
+    while (cap < n * 2) cap *= 2;
+    free(t->merge);
+    t->merge = xllm_xcalloc(cap, sizeof(merge_slot));
+    t->merge_mask = cap - 1;
+    t->n_merges = 0;
+}
+
+static uint64_t merge_key(int32_t l, int32_t r) {
+    return (((uint64_t)(uint32_t)l << 32) | (uint32_t)r) + 1;
+}
+
+/* The merge of ids (l, r), or NULL. */
+static inline const merge_slot *merge_find(const xllm_tokenizer *t, int32_t l, int32_t r) {
+    uint64_t key = merge_key(l, r);
+    size_t i = (size_t)merge_hash(key) & t->merge_mask;
+    for (;;) {
+        const merge_slot *s = &t->merge[i];
+        if (s->key == key) return s;
+        if (s->key == 0) return NULL;
+        i = (i + 1) & t->merge_mask;
+    }
+}
+
+bool xllm_tok_add_merge(xllm_tokenizer *t, const char *l, size_t ln, const char *r, size_t rn) {
+    if (!t->merge || (size_t)t->n_merges * 2 + 2 > t->merge_mask + 1) return false;
+    int32_t rank = t->n_merges++;
+    int32_t li = xllm_tok_find(t, l, ln), ri = xllm_tok_find(t, r, rn);
+    if (li < 0 || ri < 0) return false;
+    char stack[256];
+    char *cat = ln + rn <= sizeof(stack) ? stack : xllm_xmalloc(ln + rn);
+    memcpy(cat, l, ln);
+    memcpy(cat + ln, r, rn);
+    int32_t id = xllm_tok_find(t, cat, ln + rn);
+    if (cat != stack) free(cat);
+    if (id < 0) return false;
+    uint64_t key = merge_key(li, ri);
+    size_t i = (size_t)merge_hash(key) & t->merge_mask;
+    for (;;) {
+        merge_slot *s = &t->merge[i];
+        if (s->key == key) return true; /* a duplicate: the lower rank stays */
+        if (s->key == 0) {
+            s->key = key;
+            s->rank = rank;
+            s->id = id;
+            return true;
+        }
+        i = (i + 1) & t->merge_mask;
+    }
+}
+
+bool xllm_tok_is_eog_text(const char *s, size_t n) {
+    static const char *const names[] = {"<|im_end|>", "<|endoftext|>",  "<|eot_id|>",
+                                        "<|eom_id|>", "<end_of_turn>",  "<|end|>",
+                                        "<EOT>",      "<|end_of_text|>"};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (strlen(names[i]) == n && memcmp(names[i], s, n) == 0) return true;
+    }
+    return false;
+}
+
+/* Special tokens sorted by first byte, then longest first, then id. */
+static int cmp_special(const xllm_tokenizer *t, int32_t x, int32_t y) {
+    uint8_t fx = (uint8_t)t->text[t->tok[x].off], fy = (uint8_t)t->text[t->tok[y].off];
+    if (fx != fy) return fx < fy ? -1 : 1;
     if (t->tok[x].len != t->tok[y].len) return t->tok[x].len > t->tok[y].len ? -1 : 1;
     return (x > y) - (x < y);
 }
 
-/* Insertion sort: the special-token list is small, and qsort has no context argument in C11. */
-static void sort_special(xllm_tokenizer *t) {
-    for (int32_t i = 1; i < t->n_special; i++) {
-        int32_t v = t->special[i];
-        int32_t j = i - 1;
-        while (j >= 0 && cmp_special(&t->special[j], &v, t) > 0) {
-            t->special[j + 1] = t->special[j];
-            j--;
+static void sort_special(xllm_tokenizer *t, int32_t *a, int32_t n) {
+    /* merge sort with a scratch array: special lists can be long (reserved tokens) */
+    if (n < 2) return;
+    int32_t *tmp = xllm_xmalloc((size_t)n * sizeof(int32_t));
+    for (int32_t w = 1; w < n; w *= 2) {
+        for (int32_t lo = 0; lo < n; lo += 2 * w) {
+            int32_t mid = XLLM_MIN(lo + w, n), hi = XLLM_MIN(lo + 2 * w, n);
+            int32_t i = lo, j = mid, k = lo;
+            while (i < mid && j < hi) tmp[k++] = cmp_special(t, a[j], a[i]) < 0 ? a[j++] : a[i++];
+            while (i < mid) tmp[k++] = a[i++];
+            while (j < hi) tmp[k++] = a[j++];
         }
-        t->special[j + 1] = v;
+        memcpy(a, tmp, (size_t)n * sizeof(int32_t));
     }
+    free(tmp);
 }
 
 static void build_gpt2_byte_map(xllm_tokenizer *t) {
@@ -308,166 +326,45 @@ static void build_gpt2_byte_map(xllm_tokenizer *t) {
     }
 }
 
-static bool is_eog_text(const char *s, size_t n) {
-    static const char *const names[] = {"<|im_end|>", "<|endoftext|>", "<|eot_id|>",
-                                        "<|eom_id|>", "<end_of_turn>", "<|end|>",
-                                        "<EOT>"};
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        if (strlen(names[i]) == n && memcmp(names[i], s, n) == 0) return true;
-    }
-    return false;
-}
-
-xllm_status xllm_tokenizer_from_gguf(const xllm_gguf *g, xllm_tokenizer **out, char *err,
-                                     size_t err_size) {
-    if (!out) return XLLM_ERR_INVALID_ARG;
-    *out = NULL;
-    if (!g) return XLLM_ERR_INVALID_ARG;
-    xllm_status st;
-
-    const char *model = xllm_gguf_get_str(g, "tokenizer.ggml.model");
-    if (!model) {
-        xllm_set_err(err, err_size, "tokenizer.ggml.model: missing (or not a string)");
-        return XLLM_ERR_FORMAT;
-    }
-    tok_kind kind;
-    if (strcmp(model, "llama") == 0)
-        kind = TOK_SPM;
-    else if (strcmp(model, "gpt2") == 0)
-        kind = TOK_BPE;
-    else {
-        xllm_set_err(err, err_size, "tokenizer.ggml.model: '%s' is not supported (llama, gpt2)",
-                     model);
-        return XLLM_ERR_UNSUPPORTED;
-    }
-
-    const xllm_gguf_kv *toks = xllm_gguf_get_arr(g, "tokenizer.ggml.tokens", XLLM_GGUF_STRING);
-    if (!toks) {
-        xllm_set_err(err, err_size, "tokenizer.ggml.tokens: missing (or not a string array)");
-        return XLLM_ERR_FORMAT;
-    }
-    if (toks->arr_n == 0 || toks->arr_n > INT32_MAX / 2) {
-        xllm_set_err(err, err_size, "tokenizer.ggml.tokens: bad token count %llu",
-                     (unsigned long long)toks->arr_n);
-        return XLLM_ERR_FORMAT;
-    }
-    int32_t n = (int32_t)toks->arr_n;
-    const xllm_gguf_kv *scores, *types, *merges;
-    if ((st = read_arr(g, "tokenizer.ggml.scores", XLLM_GGUF_FLOAT32, toks->arr_n, &scores, err,
-                       err_size)) != XLLM_OK)
-        return st;
-    if ((st = read_arr(g, "tokenizer.ggml.token_type", XLLM_GGUF_INT32, toks->arr_n, &types, err,
-                       err_size)) != XLLM_OK)
-        return st;
-    if ((st = read_arr(g, "tokenizer.ggml.merges", XLLM_GGUF_STRING, 0, &merges, err, err_size)) !=
-        XLLM_OK)
-        return st;
-    if (kind == TOK_BPE && !merges) {
-        xllm_set_err(err, err_size, "tokenizer.ggml.merges: missing for a gpt2 vocabulary");
-        return XLLM_ERR_FORMAT;
-    }
-    if (merges && merges->arr_n > INT32_MAX / 2) {
-        xllm_set_err(err, err_size, "tokenizer.ggml.merges: too many entries");
-        return XLLM_ERR_FORMAT;
-    }
-
-    xllm_tokenizer *t = xllm_xcalloc(1, sizeof(*t));
-    t->kind = kind;
-    snprintf(t->model, sizeof(t->model), "%s", model);
-    t->n_vocab = n;
-
-    /* Token texts, scores, types. */
+/* Raw bytes of every normal byte-level token (tokens with characters outside the byte map are
+ * left out: no input byte string produces them). */
+static void build_raw_map(xllm_tokenizer *t) {
+    int32_t n = t->n_vocab;
     size_t total = 0;
-    for (int32_t i = 0; i < n; i++) total += toks->arr_strs[i].len;
-    t->text = xllm_xmalloc(total + 1);
-    t->tok = xllm_xcalloc((size_t)n, sizeof(tok_entry));
+    for (int32_t i = 0; i < n; i++) total += t->tok[i].len;
+    t->raw_text = xllm_xmalloc(total + 1);
+    t->raw_off = xllm_xcalloc((size_t)n, sizeof(size_t));
+    t->raw_len = xllm_xcalloc((size_t)n, sizeof(uint32_t));
+    map_init(&t->raw_map, (size_t)n);
     size_t off = 0;
     for (int32_t i = 0; i < n; i++) {
-        const xllm_gguf_str *s = &toks->arr_strs[i];
-        if (s->len > UINT32_MAX) {
-            xllm_set_err(err, err_size, "tokenizer.ggml.tokens[%d]: too long", i);
-            xllm_tokenizer_free(t);
-            return XLLM_ERR_FORMAT;
-        }
-        memcpy(t->text + off, s->ptr, (size_t)s->len);
-        t->tok[i].off = off;
-        t->tok[i].len = (uint32_t)s->len;
-        off += (size_t)s->len;
-        if (scores) memcpy(&t->tok[i].score, (const char *)scores->arr_data + 4 * (size_t)i, 4);
-        int32_t ty = XLLM_TOKEN_TYPE_NORMAL;
-        if (types) memcpy(&ty, (const char *)types->arr_data + 4 * (size_t)i, 4);
-        if (ty < XLLM_TOKEN_TYPE_NORMAL || ty > XLLM_TOKEN_TYPE_BYTE)
-            ty = XLLM_TOKEN_TYPE_UNDEFINED;
-        t->tok[i].type = (int8_t)ty;
-    }
-    map_init(&t->tok_map, (size_t)n);
-    for (int32_t i = 0; i < n; i++) {
-        if (t->tok[i].len) map_put(&t->tok_map, t, tok_key, i);
-    }
-
-    /* Merges. */
-    if (merges) {
-        t->n_merges = (int32_t)merges->arr_n;
-        size_t mt = 0;
-        for (int32_t i = 0; i < t->n_merges; i++) mt += merges->arr_strs[i].len;
-        t->merge_text = xllm_xmalloc(mt + 1);
-        t->merge_off = xllm_xmalloc(((size_t)t->n_merges + 1) * sizeof(size_t));
-        t->merge_len = xllm_xmalloc(((size_t)t->n_merges + 1) * sizeof(uint32_t));
-        size_t mo = 0;
-        for (int32_t i = 0; i < t->n_merges; i++) {
-            const xllm_gguf_str *s = &merges->arr_strs[i];
-            if (s->len > UINT32_MAX) {
-                xllm_set_err(err, err_size, "tokenizer.ggml.merges[%d]: too long", i);
-                xllm_tokenizer_free(t);
-                return XLLM_ERR_FORMAT;
+        if (t->tok[i].type != XLLM_TOKEN_TYPE_NORMAL || t->tok[i].len == 0) continue;
+        const uint8_t *s = (const uint8_t *)t->text + t->tok[i].off;
+        size_t len = t->tok[i].len, o = off;
+        bool ok = true;
+        for (size_t j = 0; j < len;) {
+            int l;
+            bool valid;
+            uint32_t cp = utf8_decode(s + j, len - j, &l, &valid);
+            if (!valid || cp >= 512 || t->cp_byte[cp] < 0) {
+                ok = false;
+                break;
             }
-            memcpy(t->merge_text + mo, s->ptr, (size_t)s->len);
-            t->merge_off[i] = mo;
-            t->merge_len[i] = (uint32_t)s->len;
-            mo += (size_t)s->len;
+            t->raw_text[o++] = (char)t->cp_byte[cp];
+            j += (size_t)l;
         }
-        map_init(&t->merge_map, (size_t)t->n_merges);
-        /* The first (lowest) rank wins for duplicate merges. */
-        for (int32_t i = t->n_merges - 1; i >= 0; i--) map_put(&t->merge_map, t, merge_key, i);
+        if (!ok) continue;
+        t->raw_off[i] = off;
+        t->raw_len[i] = (uint32_t)(o - off);
+        off = o;
+        map_put(&t->raw_map, t, raw_key, i);
     }
-    const char *pre = xllm_gguf_get_str(g, "tokenizer.ggml.pre");
-    t->digits3 = pre && (strcmp(pre, "llama-bpe") == 0 || strcmp(pre, "llama3") == 0 ||
-                         strcmp(pre, "smaug-bpe") == 0);
+}
 
-    /* Special ids and flags, with llama.cpp's defaults. */
-    t->eot = t->eom = t->pad = -1;
-    if (kind == TOK_SPM) {
-        t->bos = 1;
-        t->eos = 2;
-        t->unk = 0;
-        t->add_bos = true;
-        t->add_eos = false;
-        t->add_space_prefix = true;
-    } else {
-        t->bos = 11;
-        t->eos = 11;
-        t->unk = -1;
-        t->add_bos = false;
-        t->add_eos = false;
-        t->add_space_prefix = false;
-    }
-    /* Defaults that do not fit the vocabulary are dropped (only explicit keys are errors). */
-    if (t->bos >= n) t->bos = -1;
-    if (t->eos >= n) t->eos = -1;
-    if (t->unk >= n) t->unk = -1;
-    if ((st = read_id(g, "tokenizer.ggml.bos_token_id", n, &t->bos, err, err_size)) ||
-        (st = read_id(g, "tokenizer.ggml.eos_token_id", n, &t->eos, err, err_size)) ||
-        (st = read_id(g, "tokenizer.ggml.unknown_token_id", n, &t->unk, err, err_size)) ||
-        (st = read_id(g, "tokenizer.ggml.padding_token_id", n, &t->pad, err, err_size)) ||
-        (st = read_id(g, "tokenizer.ggml.eot_token_id", n, &t->eot, err, err_size)) ||
-        (st = read_id(g, "tokenizer.ggml.eom_token_id", n, &t->eom, err, err_size)) ||
-        (st = read_bool(g, "tokenizer.ggml.add_bos_token", &t->add_bos, err, err_size)) ||
-        (st = read_bool(g, "tokenizer.ggml.add_eos_token", &t->add_eos, err, err_size)) ||
-        (st = read_bool(g, "tokenizer.ggml.add_space_prefix", &t->add_space_prefix, err,
-                        err_size))) {
-        xllm_tokenizer_free(t);
-        return st;
-    }
+xllm_status xllm_tok_finalize(xllm_tokenizer *t, char *err, size_t err_size) {
+    int32_t n = t->n_vocab;
+    (void)err;
+    (void)err_size;
     if (t->add_bos && t->bos < 0) t->add_bos = false;
     if (t->add_eos && t->eos < 0) t->add_eos = false;
 
@@ -475,7 +372,7 @@ xllm_status xllm_tokenizer_from_gguf(const xllm_gguf *g, xllm_tokenizer **out, c
      * control tokens, as llama.cpp does). */
     t->eog = xllm_xcalloc((size_t)n, 1);
     for (int32_t i = 0; i < n; i++) {
-        if (is_eog_text(t->text + t->tok[i].off, t->tok[i].len)) {
+        if (xllm_tok_is_eog_text(t->text + t->tok[i].off, t->tok[i].len)) {
             t->eog[i] = 1;
             t->tok[i].type = XLLM_TOKEN_TYPE_CONTROL;
         }
@@ -486,24 +383,30 @@ xllm_status xllm_tokenizer_from_gguf(const xllm_gguf *g, xllm_tokenizer **out, c
 
     /* Special tokens matched in text before the tokenizer proper. */
     t->special = xllm_xmalloc((size_t)n * sizeof(int32_t));
+    t->n_special = 0;
     for (int32_t i = 0; i < n; i++) {
         int ty = t->tok[i].type;
         if (t->tok[i].len && (ty == XLLM_TOKEN_TYPE_CONTROL || ty == XLLM_TOKEN_TYPE_USER_DEFINED ||
                               ty == XLLM_TOKEN_TYPE_UNKNOWN))
             t->special[t->n_special++] = i;
     }
-    sort_special(t);
+    sort_special(t, t->special, t->n_special);
+    for (int c = 0; c <= 256; c++) t->sp_start[c] = 0;
+    for (int32_t k = 0; k < t->n_special; k++)
+        t->sp_start[(uint8_t)t->text[t->tok[t->special[k]].off] + 1] = k + 1;
+    for (int c = 1; c <= 256; c++)
+        if (t->sp_start[c] < t->sp_start[c - 1]) t->sp_start[c] = t->sp_start[c - 1];
 
     /* Byte tokens. */
     for (int b = 0; b < 256; b++) t->byte_tok[b] = -1;
-    if (kind == TOK_SPM) {
+    if (t->kind == TOK_SPM) {
         for (int b = 0; b < 256; b++) {
             char buf[8];
             snprintf(buf, sizeof(buf), "<0x%02X>", b);
-            int32_t id = text_to_token(t, buf, 6);
+            int32_t id = xllm_tok_find(t, buf, 6);
             if (id < 0) { /* fall back to the byte itself as a token */
                 char c = (char)b;
-                id = text_to_token(t, &c, 1);
+                id = xllm_tok_find(t, &c, 1);
             }
             t->byte_tok[b] = id;
         }
@@ -512,11 +415,12 @@ xllm_status xllm_tokenizer_from_gguf(const xllm_gguf *g, xllm_tokenizer **out, c
         for (int b = 0; b < 256; b++) {
             char buf[4];
             int l = utf8_encode(t->byte_cp[b], buf);
-            t->byte_tok[b] = text_to_token(t, buf, (size_t)l);
+            t->byte_tok[b] = xllm_tok_find(t, buf, (size_t)l);
         }
+        build_raw_map(t);
+        t->self_ok = xllm_xcalloc((size_t)n, sizeof(uint8_t));
+        if (!t->merge) xllm_tok_merges_reserve(t, 0);
     }
-
-    *out = t;
     return XLLM_OK;
 }
 
@@ -542,6 +446,9 @@ bool xllm_tokenizer_add_bos(const xllm_tokenizer *tok) {
 const char *xllm_tokenizer_type(const xllm_tokenizer *tok) {
     return tok ? tok->model : "";
 }
+const char *xllm_tokenizer_pre(const xllm_tokenizer *tok) {
+    return tok ? tok->pre : "";
+}
 bool xllm_tokenizer_add_space_prefix(const xllm_tokenizer *tok) {
     return tok && tok->add_space_prefix;
 }
@@ -558,7 +465,7 @@ xllm_token_type xllm_tokenizer_token_type(const xllm_tokenizer *tok, int32_t id)
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* Pair merging (shared by SPM and BPE)                                                      */
+/* SentencePiece: score-ordered pair merging over UTF-8 characters                           */
 /* ---------------------------------------------------------------------------------------- */
 
 typedef struct symbol {
@@ -569,25 +476,24 @@ typedef struct symbol {
 
 typedef struct bigram {
     int32_t left, right;
-    float score; /* higher first; BPE stores -rank */
+    float score; /* higher first */
     size_t size;
 } bigram;
 
-typedef struct session {
+typedef struct spm_session {
     const xllm_tokenizer *t;
     const char *text;
     symbol *sym;
     size_t n_sym, cap_sym;
     bigram *heap;
     size_t n_heap, cap_heap;
-    bbuf key; /* scratch for BPE merge keys */
-} session;
+} spm_session;
 
 static bool bigram_before(const bigram *a, const bigram *b) {
     return a->score > b->score || (a->score == b->score && a->left < b->left);
 }
 
-static void heap_push(session *s, bigram b) {
+static void heap_push(spm_session *s, bigram b) {
     if (s->n_heap == s->cap_heap) {
         s->cap_heap = s->cap_heap ? s->cap_heap * 2 : 64;
         s->heap = xllm_xrealloc(s->heap, s->cap_heap * sizeof(bigram));
@@ -602,7 +508,7 @@ static void heap_push(session *s, bigram b) {
     s->heap[i] = b;
 }
 
-static bigram heap_pop(session *s) {
+static bigram heap_pop(spm_session *s) {
     bigram top = s->heap[0];
     bigram last = s->heap[--s->n_heap];
     size_t i = 0, n = s->n_heap;
@@ -618,37 +524,18 @@ static bigram heap_pop(session *s) {
     return top;
 }
 
-/* Score of merging two adjacent symbols, false when they do not merge. */
-static bool pair_score(session *s, int32_t l, int32_t r, float *score) {
-    const xllm_tokenizer *t = s->t;
-    const symbol *a = &s->sym[l], *b = &s->sym[r];
-    if (t->kind == TOK_SPM) {
-        int32_t id = text_to_token(t, s->text + a->off, a->n + b->n);
-        if (id < 0) return false;
-        *score = t->tok[id].score;
-        return true;
-    }
-    s->key.n = 0;
-    bbuf_put(&s->key, s->text + a->off, a->n);
-    bbuf_put(&s->key, " ", 1);
-    bbuf_put(&s->key, s->text + b->off, b->n);
-    int32_t rank = map_find(&t->merge_map, t, merge_key, s->key.p, s->key.n);
-    if (rank < 0) return false;
-    *score = -(float)rank;
-    return true;
-}
-
-static void try_add_bigram(session *s, int32_t l, int32_t r) {
+static void try_add_bigram(spm_session *s, int32_t l, int32_t r) {
     if (l < 0 || r < 0) return;
-    float score;
-    if (!pair_score(s, l, r, &score)) return;
-    bigram b = {l, r, score, s->sym[l].n + s->sym[r].n};
-    heap_push(s, b);
+    const symbol *a = &s->sym[l], *b = &s->sym[r];
+    int32_t id = xllm_tok_find(s->t, s->text + a->off, a->n + b->n);
+    if (id < 0) return;
+    bigram g = {l, r, s->t->tok[id].score, a->n + b->n};
+    heap_push(s, g);
 }
 
 /* Splits text[0..len) into symbols (one per UTF-8 character) and merges pairs to exhaustion;
  * then emits one token per symbol, or its bytes' tokens when a symbol is not in the vocab. */
-static void merge_and_emit(session *s, const char *text, size_t len, ivec *out) {
+static void spm_encode(spm_session *s, const char *text, size_t len, ivec *out) {
     const xllm_tokenizer *t = s->t;
     s->text = text;
     s->n_sym = 0;
@@ -683,161 +570,195 @@ static void merge_and_emit(session *s, const char *text, size_t len, ivec *out) 
     }
     for (int32_t i = 0; i != -1; i = s->sym[i].next) {
         const symbol *y = &s->sym[i];
-        int32_t id = text_to_token(t, text + y->off, y->n);
+        int32_t id = xllm_tok_find(t, text + y->off, y->n);
         if (id >= 0) {
             ivec_push(out, id);
             continue;
         }
-        if (t->kind == TOK_SPM) {
-            for (size_t j = 0; j < y->n; j++) {
-                int32_t b = t->byte_tok[(uint8_t)text[y->off + j]];
-                if (b < 0) b = t->unk;
-                if (b >= 0) ivec_push(out, b);
-            }
-        } else { /* one token per byte-level character */
-            for (size_t j = 0; j < y->n;) {
-                size_t l = (size_t)utf8_len((uint8_t)text[y->off + j]);
-                if (l > y->n - j) l = y->n - j;
-                int32_t b = text_to_token(t, text + y->off + j, l);
-                if (b < 0) b = t->unk;
-                if (b >= 0) ivec_push(out, b);
-                j += l;
-            }
+        for (size_t j = 0; j < y->n; j++) {
+            int32_t b = t->byte_tok[(uint8_t)text[y->off + j]];
+            if (b < 0) b = t->unk;
+            if (b >= 0) ivec_push(out, b);
         }
     }
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* BPE pre-tokenizer: an approximation of the Qwen2 / Llama-3 split regex                    */
-/*   (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1 or 1-3}                    */
-/*   | ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+                                       */
-/* with coarse Unicode classes (exact tables belong to the full BPE implementation).         */
+/* Byte-level BPE: rank-ordered merges over token ids                                        */
 /* ---------------------------------------------------------------------------------------- */
 
-enum { CL_OTHER = 0, CL_L = 1, CL_N = 2, CL_S = 3 };
+/* Words up to this many bytes merge by scanning all pairs; longer ones use a heap. */
+#define BPE_LINEAR_MAX 48
 
-static int cp_class(uint32_t c) {
-    if (c < 0x80) {
-        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) return CL_L;
-        if (c >= '0' && c <= '9') return CL_N;
-        if ((c >= 9 && c <= 13) || c == ' ') return CL_S;
-        return CL_OTHER;
+typedef struct bpe_pair {
+    int32_t rank; /* lower first; ties: leftmost first */
+    int32_t left;
+    int32_t lid, rid; /* the ids the pair was made from (stale entries are skipped) */
+    int32_t mid;      /* the merged id */
+} bpe_pair;
+
+typedef struct bpe_session {
+    int32_t *id; /* per symbol; -1 once merged away */
+    int32_t *next, *prev;
+    int32_t *prank, *pid; /* linear: rank / merged id of (i, next(i)); INT32_MAX = none */
+    size_t cap;
+    bpe_pair *heap;
+    size_t n_heap, cap_heap;
+} bpe_session;
+
+static void bpe_reserve(bpe_session *s, size_t n) {
+    if (n <= s->cap) return;
+    size_t c = s->cap ? s->cap : 64;
+    while (c < n) c *= 2;
+    s->id = xllm_xrealloc(s->id, c * sizeof(int32_t));
+    s->next = xllm_xrealloc(s->next, c * sizeof(int32_t));
+    s->prev = xllm_xrealloc(s->prev, c * sizeof(int32_t));
+    s->prank = xllm_xrealloc(s->prank, c * sizeof(int32_t));
+    s->pid = xllm_xrealloc(s->pid, c * sizeof(int32_t));
+    s->cap = c;
+}
+
+static void bpe_session_free(bpe_session *s) {
+    free(s->id);
+    free(s->next);
+    free(s->prev);
+    free(s->prank);
+    free(s->pid);
+    free(s->heap);
+}
+
+static bool pair_before(const bpe_pair *a, const bpe_pair *b) {
+    return a->rank < b->rank || (a->rank == b->rank && a->left < b->left);
+}
+
+static void pair_push(bpe_session *s, bpe_pair p) {
+    if (s->n_heap == s->cap_heap) {
+        s->cap_heap = s->cap_heap ? s->cap_heap * 2 : 64;
+        s->heap = xllm_xrealloc(s->heap, s->cap_heap * sizeof(bpe_pair));
     }
-    if (c == 0x85 || c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) || c == 0x2028 ||
-        c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000)
-        return CL_S;
-    if (c == 0xB2 || c == 0xB3 || c == 0xB9 || (c >= 0xBC && c <= 0xBE) ||
-        (c >= 0x660 && c <= 0x669) || (c >= 0x6F0 && c <= 0x6F9) || (c >= 0x966 && c <= 0x96F) ||
-        c == 0x2070 || (c >= 0x2074 && c <= 0x2079) || (c >= 0x2080 && c <= 0x2089) ||
-        (c >= 0x2150 && c <= 0x2189) || (c >= 0x2460 && c <= 0x249B) ||
-        (c >= 0x2776 && c <= 0x2793) || c == 0x3007 || (c >= 0x3021 && c <= 0x3029) ||
-        (c >= 0xFF10 && c <= 0xFF19))
-        return CL_N;
-    if (c == 0xAA || c == 0xB5 || c == 0xBA) return CL_L;
-    if (c <= 0xBF || c == 0xD7 || c == 0xF7 || (c >= 0x300 && c <= 0x36F) || c == 0x37E ||
-        c == 0x387 || (c >= 0x2000 && c <= 0x2BFF) || (c >= 0x2E00 && c <= 0x2E7F) ||
-        (c >= 0x3000 && c <= 0x3004) || (c >= 0x3008 && c <= 0x3020) || c == 0x3030 ||
-        (c >= 0x3099 && c <= 0x309C) || c == 0x30A0 || c == 0x30FB ||
-        (c >= 0xD800 && c <= 0xF8FF) || (c >= 0xFE00 && c <= 0xFE0F) ||
-        (c >= 0xFE30 && c <= 0xFE6F) || (c >= 0xFF00 && c <= 0xFF20) ||
-        (c >= 0xFF3B && c <= 0xFF40) || (c >= 0xFF5B && c <= 0xFF65) ||
-        (c >= 0xFFF0 && c <= 0xFFFF) || (c >= 0x1F000 && c <= 0x1FAFF) || c >= 0xE0000)
-        return CL_OTHER;
-    return CL_L;
-}
-
-typedef struct cpinfo {
-    uint32_t cp;
-    size_t off; /* byte offset */
-    int cls;
-} cpinfo;
-
-static bool is_crlf(uint32_t c) {
-    return c == '\r' || c == '\n';
-}
-
-static uint32_t lower_ascii(uint32_t c) {
-    return c >= 'A' && c <= 'Z' ? c + 32 : c;
-}
-
-/* Length in code points of the pre-token starting at cps[i]. */
-static size_t pretoken_len(const cpinfo *c, size_t n, size_t i, bool digits3) {
-    /* contractions */
-    if (c[i].cp == '\'' && i + 1 < n) {
-        uint32_t a = lower_ascii(c[i + 1].cp);
-        uint32_t b = i + 2 < n ? lower_ascii(c[i + 2].cp) : 0;
-        if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return 3;
-        if (a == 's' || a == 't' || a == 'm' || a == 'd') return 2;
+    size_t i = s->n_heap++;
+    while (i > 0) {
+        size_t up = (i - 1) / 2;
+        if (!pair_before(&p, &s->heap[up])) break;
+        s->heap[i] = s->heap[up];
+        i = up;
     }
-    /* [^\r\n\p{L}\p{N}]?\p{L}+ */
-    {
-        size_t j = i;
-        if (c[j].cls != CL_L && c[j].cls != CL_N && !is_crlf(c[j].cp) && j + 1 < n &&
-            c[j + 1].cls == CL_L)
-            j++;
-        if (c[j].cls == CL_L) {
-            while (j < n && c[j].cls == CL_L) j++;
-            return j - i;
+    s->heap[i] = p;
+}
+
+static bpe_pair pair_pop(bpe_session *s) {
+    bpe_pair top = s->heap[0];
+    bpe_pair last = s->heap[--s->n_heap];
+    size_t i = 0, n = s->n_heap;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && pair_before(&s->heap[c + 1], &s->heap[c])) c++;
+        if (!pair_before(&s->heap[c], &last)) break;
+        s->heap[i] = s->heap[c];
+        i = c;
+    }
+    if (n) s->heap[i] = last;
+    return top;
+}
+
+static void heap_try_pair(const xllm_tokenizer *t, bpe_session *s, int32_t l) {
+    if (l < 0) return;
+    int32_t r = s->next[l];
+    if (r < 0 || s->id[l] < 0 || s->id[r] < 0) return;
+    const merge_slot *m = merge_find(t, s->id[l], s->id[r]);
+    if (!m) return;
+    bpe_pair p = {m->rank, l, s->id[l], s->id[r], m->id};
+    pair_push(s, p);
+}
+
+static void linear_pair(const xllm_tokenizer *t, bpe_session *s, int32_t l) {
+    int32_t r = s->next[l];
+    s->prank[l] = INT32_MAX;
+    if (r < 0 || s->id[l] < 0 || s->id[r] < 0) return;
+    const merge_slot *m = merge_find(t, s->id[l], s->id[r]);
+    if (!m) return;
+    s->prank[l] = m->rank;
+    s->pid[l] = m->id;
+}
+
+/* Removes symbol r (the right side of a merge into l). */
+static void unlink_right(bpe_session *s, int32_t l, int32_t r) {
+    s->id[r] = -1;
+    s->next[l] = s->next[r];
+    if (s->next[r] >= 0) s->prev[s->next[r]] = l;
+}
+
+/* BPE of the raw bytes w[0..n): starts from one symbol per byte and applies the lowest-ranked
+ * merge until none applies; appends the resulting ids to out. */
+static void bpe_merge(const xllm_tokenizer *t, bpe_session *s, const uint8_t *w, size_t n,
+                      ivec *out) {
+    bpe_reserve(s, n);
+    for (size_t i = 0; i < n; i++) {
+        s->id[i] = t->byte_tok[w[i]];
+        s->prev[i] = (int32_t)i - 1;
+        s->next[i] = i + 1 < n ? (int32_t)i + 1 : -1;
+    }
+    if (n <= BPE_LINEAR_MAX) {
+        for (size_t i = 0; i < n; i++) linear_pair(t, s, (int32_t)i);
+        for (;;) {
+            int32_t best = -1, br = INT32_MAX;
+            for (int32_t i = 0; i >= 0; i = s->next[i])
+                if (s->prank[i] < br) br = s->prank[i], best = i;
+            if (best < 0) break;
+            int32_t r = s->next[best];
+            s->id[best] = s->pid[best];
+            unlink_right(s, best, r);
+            linear_pair(t, s, best);
+            if (s->prev[best] >= 0) linear_pair(t, s, s->prev[best]);
+        }
+    } else {
+        s->n_heap = 0;
+        for (size_t i = 0; i + 1 < n; i++) heap_try_pair(t, s, (int32_t)i);
+        while (s->n_heap) {
+            bpe_pair p = pair_pop(s);
+            int32_t l = p.left, r = s->next[l];
+            if (s->id[l] != p.lid || r < 0 || s->id[r] != p.rid) continue; /* stale */
+            s->id[l] = p.mid;
+            unlink_right(s, l, r);
+            heap_try_pair(t, s, s->prev[l]);
+            heap_try_pair(t, s, l);
         }
     }
-    /* \p{N} or \p{N}{1,3} */
-    if (c[i].cls == CL_N) {
-        size_t j = i + 1;
-        if (digits3)
-            while (j < n && j < i + 3 && c[j].cls == CL_N) j++;
-        return j - i;
-    }
-    /*  ?[^\s\p{L}\p{N}]+[\r\n]* */
-    {
-        size_t j = i;
-        if (c[j].cp == ' ' && j + 1 < n) j++;
-        if (c[j].cls == CL_OTHER) {
-            while (j < n && c[j].cls == CL_OTHER) j++;
-            while (j < n && is_crlf(c[j].cp)) j++;
-            return j - i;
-        }
-    }
-    /* whitespace */
-    size_t e = i;
-    while (e < n && c[e].cls == CL_S) e++;
-    /* \s*[\r\n]+ : up to and including the last CR/LF of the run */
-    for (size_t k = e; k > i; k--) {
-        if (is_crlf(c[k - 1].cp)) return k - i;
-    }
-    /* \s+(?!\S) */
-    if (e == n) return e - i;
-    if (e - i >= 2) return e - i - 1;
-    return 1; /* \s+ (or a lone character of another class) */
+    for (int32_t i = 0; i >= 0; i = s->next[i])
+        if (s->id[i] >= 0) ivec_push(out, s->id[i]);
 }
 
-static void bpe_tokenize(session *s, const char *text, size_t len, ivec *out) {
-    const xllm_tokenizer *t = s->t;
-    cpinfo *c = xllm_xmalloc((len + 1) * sizeof(cpinfo));
-    size_t n = 0;
-    for (size_t off = 0; off < len;) {
-        int l;
-        uint32_t cp = utf8_decode((const uint8_t *)text + off, len - off, &l);
-        c[n].cp = cp;
-        c[n].off = off;
-        c[n].cls = cp_class(cp);
-        n++;
-        off += (size_t)l;
+/* Encodes one pre-token (raw bytes). */
+static void bpe_word(const xllm_tokenizer *t, bpe_session *s, const uint8_t *w, size_t n,
+                     ivec *out) {
+    if (n == 0) return;
+    if (n == 1) {
+        if (t->byte_tok[w[0]] >= 0) ivec_push(out, t->byte_tok[w[0]]);
+        return;
     }
-    c[n].off = len;
-    bbuf word = {0};
-    for (size_t i = 0; i < n;) {
-        size_t k = pretoken_len(c, n, i, t->digits3);
-        word.n = 0;
-        for (size_t b = c[i].off; b < c[i + k].off; b++) {
-            char enc[4];
-            int l = utf8_encode(t->byte_cp[(uint8_t)text[b]], enc);
-            bbuf_put(&word, enc, (size_t)l);
+    int32_t id = map_find(&t->raw_map, t, raw_key, (const char *)w, n);
+    if (id >= 0) {
+        if (t->ignore_merges) {
+            ivec_push(out, id);
+            return;
         }
-        merge_and_emit(s, word.p, word.n, out);
-        i += k;
+        /* A word that is a token usually merges into exactly that token: remember per token
+         * whether it does, so that common words cost one lookup. */
+        uint8_t ok = atomic_load_explicit(&t->self_ok[id], memory_order_relaxed);
+        if (ok == 1) {
+            ivec_push(out, id);
+            return;
+        }
+        if (ok == 0) {
+            size_t before = out->n;
+            bpe_merge(t, s, w, n, out);
+            ok = out->n == before + 1 && out->v[before] == id ? 1 : 2;
+            atomic_store_explicit(&t->self_ok[id], ok, memory_order_relaxed);
+            return;
+        }
     }
-    free(word.p);
-    free(c);
+    bpe_merge(t, s, w, n, out);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -862,50 +783,118 @@ static void fvec_push(fvec *a, int32_t tok, size_t off, size_t len) {
     a->v[a->n++] = (fragment){tok, off, len};
 }
 
-static const char *find_bytes(const char *h, size_t hn, const char *nd, size_t nn) {
-    if (nn == 0 || nn > hn) return NULL;
-    return memmem(h, hn, nd, nn);
-}
-
-/* Splits the text at every occurrence of the special tokens, longest tokens first. */
+/* Splits the text at special tokens in one left-to-right pass, taking the longest special
+ * token that starts at each position (control and unknown tokens only when parse_special). */
 static void partition(const xllm_tokenizer *t, const char *text, size_t len, bool parse_special,
                       fvec *frags) {
-    fvec tmp = {0};
-    fvec_push(frags, -1, 0, len);
-    for (int32_t si = 0; si < t->n_special; si++) {
-        int32_t id = t->special[si];
-        int ty = t->tok[id].type;
-        if (!parse_special && (ty == XLLM_TOKEN_TYPE_CONTROL || ty == XLLM_TOKEN_TYPE_UNKNOWN))
-            continue;
-        const char *st = t->text + t->tok[id].off;
-        size_t sl = t->tok[id].len;
-        bool any = false;
-        tmp.n = 0;
-        for (size_t fi = 0; fi < frags->n; fi++) {
-            fragment f = frags->v[fi];
-            if (f.tok >= 0) {
-                fvec_push(&tmp, f.tok, f.off, f.len);
+    size_t start = 0;
+    for (size_t i = 0; i < len;) {
+        uint8_t c = (uint8_t)text[i];
+        int32_t k0 = t->sp_start[c], k1 = t->sp_start[c + 1], hit = -1;
+        for (int32_t k = k0; k < k1; k++) {
+            int32_t id = t->special[k];
+            size_t sl = t->tok[id].len;
+            if (sl > len - i || memcmp(text + i, t->text + t->tok[id].off, sl) != 0) continue;
+            int ty = t->tok[id].type;
+            if (!parse_special && (ty == XLLM_TOKEN_TYPE_CONTROL || ty == XLLM_TOKEN_TYPE_UNKNOWN))
                 continue;
-            }
-            size_t pos = f.off, end = f.off + f.len;
-            for (;;) {
-                const char *m = find_bytes(text + pos, end - pos, st, sl);
-                if (!m) break;
-                size_t mo = (size_t)(m - text);
-                if (mo > pos) fvec_push(&tmp, -1, pos, mo - pos);
-                fvec_push(&tmp, id, mo, sl);
-                pos = mo + sl;
-                any = true;
-            }
-            if (pos < end) fvec_push(&tmp, -1, pos, end - pos);
+            hit = id;
+            break;
         }
-        if (any) {
-            fvec sw = *frags;
-            *frags = tmp;
-            tmp = sw;
+        if (hit < 0) {
+            i++;
+            continue;
         }
+        if (i > start) fvec_push(frags, -1, start, i - start);
+        fvec_push(frags, hit, i, t->tok[hit].len);
+        i += t->tok[hit].len;
+        start = i;
     }
-    free(tmp.v);
+    if (start < len) fvec_push(frags, -1, start, len - start);
+}
+
+/* Appends the NFC of s[0..n) to b: maximal runs of valid UTF-8 are normalized, invalid bytes kept
+ * as they are. */
+static void nfc_segment(const char *s, size_t n, bbuf *b) {
+    size_t i = 0;
+    while (i < n) {
+        size_t j = i;
+        while (j < n) {
+            int l;
+            bool valid;
+            utf8_decode((const uint8_t *)s + j, n - j, &l, &valid);
+            if (!valid) break;
+            j += (size_t)l;
+        }
+        if (j > i) {
+            utf8proc_uint8_t *dst = NULL;
+            utf8proc_ssize_t r =
+                utf8proc_map((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(j - i), &dst,
+                             UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+            if (r >= 0)
+                bbuf_put(b, dst, (size_t)r);
+            else
+                bbuf_put(b, s + i, j - i);
+            free(dst);
+        }
+        if (j < n) bbuf_put(b, s + j, 1); /* an invalid byte */
+        i = j + 1;
+    }
+}
+
+/* NFC class of a code point: 0 = NFC-stable, but may start a composition (below U+0300, Hangul
+ * syllables),
+ * 1 = a barrier (NFC leaves it alone whatever surrounds it, and nothing composes or reorders
+ * across it: combining class 0, no canonical decomposition, no part in any composition), 2 = may
+ * change or combine (Hangul jamo compose algorithmically, so they are 2). */
+static int nfc_class(uint32_t cp) {
+    if (cp < 0x300) return 0;
+    if (cp >= 0x1100 && cp <= 0x11FF) return 2;
+    if (cp >= 0xAC00 && cp <= 0xD7A3) return 0; /* a Hangul syllable may take a trailing jamo */
+    const utf8proc_property_t *p = utf8proc_get_property((utf8proc_int32_t)cp);
+    if (p->combining_class != 0 || (p->decomp_seqindex != UINT16_MAX && p->decomp_type == 0) ||
+        p->comb_index != UINT16_MAX || p->comp_exclusion)
+        return 2;
+    return 1;
+}
+
+/* NFC of s[0..n) into b (reset) when it may differ from s; returns false (b untouched) when s is
+ * certainly NFC already. Only the stretches between barriers that hold a class-2 character are
+ * normalized. */
+static bool nfc_apply(const char *s, size_t n, bbuf *b) {
+    size_t seg = 0, copied = 0;
+    bool dirty = false, any = false;
+    for (size_t i = 0; i < n;) {
+        if ((uint8_t)s[i] < 0xCC) { /* U+0000..U+02FF, or an invalid lead byte */
+            i++;
+            continue;
+        }
+        int l;
+        bool valid;
+        uint32_t cp = utf8_decode((const uint8_t *)s + i, n - i, &l, &valid);
+        int c = valid ? nfc_class(cp) : 0;
+        if (c == 2) {
+            if (!any) b->n = 0;
+            dirty = any = true;
+        } else if (c == 1) {
+            if (dirty) {
+                bbuf_put(b, s + copied, seg - copied);
+                nfc_segment(s + seg, i - seg, b);
+                copied = i;
+                dirty = false;
+            }
+            seg = i + (size_t)l;
+        }
+        i += (size_t)l;
+    }
+    if (!any) return false;
+    if (dirty) {
+        bbuf_put(b, s + copied, seg - copied);
+        nfc_segment(s + seg, n - seg, b);
+    } else {
+        bbuf_put(b, s + copied, n - copied);
+    }
+    return true;
 }
 
 int32_t xllm_tokenize(const xllm_tokenizer *tok, const char *text, size_t len, int32_t *ids,
@@ -913,7 +902,9 @@ int32_t xllm_tokenize(const xllm_tokenizer *tok, const char *text, size_t len, i
     if (!tok || (!text && len) || max < 0 || (!ids && max > 0)) return INT32_MIN;
     ivec out = {0};
     fvec frags = {0};
-    session s = {.t = tok};
+    spm_session ss = {.t = tok};
+    bpe_session bs = {0};
+    span_vec words = {0};
     bbuf buf = {0};
 
     if (len) partition(tok, text, len, parse_special, &frags);
@@ -926,19 +917,27 @@ int32_t xllm_tokenize(const xllm_tokenizer *tok, const char *text, size_t len, i
             prev_special = true;
             continue;
         }
+        const char *s = text + f->off;
+        size_t n = f->len;
         if (tok->kind == TOK_SPM) {
             buf.n = 0;
             if (tok->add_space_prefix && prev_special) bbuf_put(&buf, "\xE2\x96\x81", 3);
-            for (size_t i = 0; i < f->len; i++) {
-                char ch = text[f->off + i];
-                if (ch == ' ')
+            for (size_t i = 0; i < n; i++) {
+                if (s[i] == ' ')
                     bbuf_put(&buf, "\xE2\x96\x81", 3);
                 else
-                    bbuf_put(&buf, &ch, 1);
+                    bbuf_put(&buf, &s[i], 1);
             }
-            merge_and_emit(&s, buf.p, buf.n, &out);
+            spm_encode(&ss, buf.p, buf.n, &out);
         } else {
-            bpe_tokenize(&s, text + f->off, f->len, &out);
+            if (tok->nfc && nfc_apply(s, n, &buf)) {
+                s = buf.p;
+                n = buf.n;
+            }
+            words.n = 0;
+            xllm_pretok_split(tok->pretok, s, n, &words);
+            for (size_t w = 0; w < words.n; w++)
+                bpe_word(tok, &bs, (const uint8_t *)s + words.v[w].off, words.v[w].len, &out);
         }
         prev_special = false;
     }
@@ -946,9 +945,10 @@ int32_t xllm_tokenize(const xllm_tokenizer *tok, const char *text, size_t len, i
 
     free(buf.p);
     free(frags.v);
-    free(s.sym);
-    free(s.heap);
-    free(s.key.p);
+    free(words.v);
+    free(ss.sym);
+    free(ss.heap);
+    bpe_session_free(&bs);
     int32_t res;
     if (out.n > INT32_MAX) {
         res = INT32_MIN;
@@ -1009,7 +1009,10 @@ int32_t xllm_token_to_piece(const xllm_tokenizer *tok, int32_t id, char *buf, in
         default: /* unused / undefined */
             return 0;
     }
-    /* Normal tokens: decode into a small local buffer chunk by chunk, counting the length. */
+    /* Normal tokens: byte-level BPE tokens have their raw bytes at hand. */
+    if (tok->kind == TOK_BPE && tok->raw_len && (tok->raw_len[id] || n == 0))
+        return copy_piece(tok->raw_text + tok->raw_off[id], tok->raw_len[id], buf, buf_size);
+    /* Otherwise decode into a small local buffer chunk by chunk, counting the length. */
     int32_t need = 0;
     for (size_t i = 0; i < n;) {
         char piece[4];
@@ -1026,8 +1029,9 @@ int32_t xllm_token_to_piece(const xllm_tokenizer *tok, int32_t id, char *buf, in
             }
         } else {
             int l;
-            uint32_t cp = utf8_decode((const uint8_t *)s + i, n - i, &l);
-            if (cp < 512 && tok->cp_byte[cp] >= 0) {
+            bool valid;
+            uint32_t cp = utf8_decode((const uint8_t *)s + i, n - i, &l, &valid);
+            if (valid && cp < 512 && tok->cp_byte[cp] >= 0) {
                 piece[0] = (char)tok->cp_byte[cp];
                 pl = 1;
             } else { /* not a byte-level character: keep it as it is */

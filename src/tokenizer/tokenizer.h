@@ -1,5 +1,6 @@
 /* Internal tokenizer interface: builds an xllm_tokenizer from a GGUF's tokenizer.ggml.* keys
- * (SentencePiece "llama" vocabularies, and byte-level BPE "gpt2" vocabularies). */
+ * (SentencePiece "llama" vocabularies, and byte-level BPE "gpt2" vocabularies), and token
+ * inspection for tests and tools. */
 #ifndef XLLM_TOKENIZER_TOKENIZER_H
 #define XLLM_TOKENIZER_TOKENIZER_H
 
@@ -23,7 +24,6 @@ typedef enum xllm_token_type {
  * error returns a status, *out = NULL, and a message naming the offending key. */
 xllm_status xllm_tokenizer_from_gguf(const xllm_gguf *g, xllm_tokenizer **out, char *err,
                                      size_t err_size);
-void xllm_tokenizer_free(xllm_tokenizer *tok); /* accepts NULL */
 
 /* The text of a token as stored in the vocabulary (not NUL-terminated), or NULL when id is out
  * of range. */

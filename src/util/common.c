@@ -62,6 +62,8 @@ const char *xllm_status_str(xllm_status st) {
             return "KV cache full";
         case XLLM_ERR_INTERNAL:
             return "internal error";
+        case XLLM_ERR_BUSY:
+            return "busy";
     }
     return "unknown status";
 }

@@ -14,8 +14,11 @@ static xllm_model *load(const char *rel) {
     return m;
 }
 
+static xllm_kv_layout g_layout = XLLM_KV_LAYOUT_XTENSOR;
+
 static xllm_context *new_ctx(const xllm_model *m, int n_seq) {
     xllm_context_params cp = xllm_context_default_params();
+    cp.kv_layout = g_layout;
     cp.n_ctx = 128;
     cp.n_seq_max = n_seq;
     cp.n_batch = 128;
@@ -108,7 +111,8 @@ static void check_invariance(const char *rel) {
             worst = e > worst ? e : worst;
         }
     }
-    fprintf(stderr, "%s: worst normalized error batched vs alone %g\n", rel, worst);
+    fprintf(stderr, "%s (%s): worst normalized error batched vs alone %g\n", rel,
+            g_layout == XLLM_KV_LAYOUT_PAGED ? "paged" : "xtensor", worst);
     assert_true(worst <= 1e-5);
     xllm_context_free(ctx);
     for (int s = 0; s < NS; s++) free(ref[s]);
@@ -117,13 +121,21 @@ static void check_invariance(const char *rel) {
 
 static void test_invariance_dense(void **state) {
     (void)state;
-    check_invariance("models/tiny/qwen3-tiny-f32.gguf");
-    check_invariance("models/tiny/llama-tiny-q4_k_m.gguf");
+    for (int l = 0; l < 2; l++) {
+        g_layout = (xllm_kv_layout)l;
+        check_invariance("models/tiny/qwen3-tiny-f32.gguf");
+        check_invariance("models/tiny/llama-tiny-q4_k_m.gguf");
+    }
+    g_layout = XLLM_KV_LAYOUT_XTENSOR;
 }
 
 static void test_invariance_moe(void **state) {
     (void)state;
-    check_invariance("models/tiny/qwen3moe-tiny-f32.gguf");
+    for (int l = 0; l < 2; l++) {
+        g_layout = (xllm_kv_layout)l;
+        check_invariance("models/tiny/qwen3moe-tiny-f32.gguf");
+    }
+    g_layout = XLLM_KV_LAYOUT_XTENSOR;
 }
 
 static void test_bad_batches(void **state) {

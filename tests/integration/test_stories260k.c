@@ -35,8 +35,9 @@ static int teardown(void **state) {
     return 0;
 }
 
-static xllm_context *new_ctx(const xllm_model *m, xllm_dtype kv_type) {
+static xllm_context *new_ctx(const xllm_model *m, xllm_dtype kv_type, xllm_kv_layout layout) {
     xllm_context_params cp = xllm_context_default_params();
+    cp.kv_layout = layout;
     cp.kv_type = kv_type;
     cp.n_ctx = 512;
     cp.n_threads = 2;
@@ -47,15 +48,14 @@ static xllm_context *new_ctx(const xllm_model *m, xllm_dtype kv_type) {
 }
 
 /* Teacher-forced logits of the first positions, all in one batch. */
-static void test_logits(void **state) {
-    fixture *f = *state;
+static void check_logits(fixture *f, xllm_kv_layout layout) {
     json_t *toks = json_object_get(f->ref, "logits_input_tokens");
     json_t *rows = json_object_get(f->ref, "logits");
     const int32_t n = (int32_t)json_array_size(toks);
     assert_true(n > 0);
     const int32_t V = xllm_model_n_vocab(f->model);
     assert_int_equal(V, 512);
-    xllm_context *ctx = new_ctx(f->model, XLLM_DTYPE_F32);
+    xllm_context *ctx = new_ctx(f->model, XLLM_DTYPE_F32, layout);
     int32_t tok[64], pos[64], seq[64];
     int8_t want[64];
     for (int32_t i = 0; i < n; i++) {
@@ -82,12 +82,11 @@ static void test_logits(void **state) {
 }
 
 /* 256 greedy steps from BOS, one token per decode, give the reference ids. */
-static void test_greedy(void **state) {
-    fixture *f = *state;
+static void check_greedy(fixture *f, xllm_kv_layout layout) {
     json_t *ids = json_object_get(f->ref, "generated_ids");
     const int32_t n = (int32_t)json_array_size(ids);
     assert_int_equal(n, 256);
-    xllm_context *ctx = new_ctx(f->model, XLLM_DTYPE_F32);
+    xllm_context *ctx = new_ctx(f->model, XLLM_DTYPE_F32, layout);
     xllm_sampler_params sp = xllm_sampler_default_params();
     sp.temperature = 0;
     xllm_sampler *smp = xllm_sampler_new(&sp, xllm_model_n_vocab(f->model));
@@ -103,6 +102,16 @@ static void test_greedy(void **state) {
     }
     xllm_sampler_free(smp);
     xllm_context_free(ctx);
+}
+
+static void test_logits(void **state) {
+    check_logits(*state, XLLM_KV_LAYOUT_XTENSOR);
+    check_logits(*state, XLLM_KV_LAYOUT_PAGED);
+}
+
+static void test_greedy(void **state) {
+    check_greedy(*state, XLLM_KV_LAYOUT_XTENSOR);
+    check_greedy(*state, XLLM_KV_LAYOUT_PAGED);
 }
 
 int main(void) {

@@ -18,7 +18,8 @@ static kind kind_of(const char *name) {
 }
 
 /* Runs xllm logits on the reference's ids; returns malloc'd rows * n_vocab floats. */
-static float *run_logits(const char *model, json_t *ids, size_t n_ids, int32_t n_vocab) {
+static float *run_logits(const char *model, json_t *ids, size_t n_ids, int32_t n_vocab,
+                         const char *layout) {
     size_t cap = n_ids * 8 + 1;
     char *tokens = malloc(cap);
     size_t off = 0;
@@ -28,8 +29,8 @@ static float *run_logits(const char *model, json_t *ids, size_t n_ids, int32_t n
                                 (long long)json_integer_value(json_array_get(ids, i)));
     char out[1024], cmd[16384];
     snprintf(out, sizeof(out), "%s/test_tiny_refs.%d.bin", xllm_test_build_dir(), (int)getpid());
-    snprintf(cmd, sizeof(cmd), "'%s/xllm' logits -m '%s' --tokens '%s' -o '%s' -t 2",
-             xllm_test_build_dir(), model, tokens, out);
+    snprintf(cmd, sizeof(cmd), "'%s/xllm' logits -m '%s' --tokens '%s' -o '%s' -t 2 --kv-layout %s",
+             xllm_test_build_dir(), model, tokens, out, layout);
     free(tokens);
     int rc = system(cmd);
     assert_int_equal(rc, 0);
@@ -41,7 +42,7 @@ static float *run_logits(const char *model, json_t *ids, size_t n_ids, int32_t n
     return data;
 }
 
-static void check_ref(const char *dir, const char *json_name) {
+static void check_ref(const char *dir, const char *json_name, const char *layout) {
     char path[2100];
     snprintf(path, sizeof(path), "%s/%s", dir, json_name);
     json_error_t jerr;
@@ -61,7 +62,7 @@ static void check_ref(const char *dir, const char *json_name) {
     json_array_remove(ids, json_array_size(ids) - 1);
     assert_int_equal(json_array_size(ids), rows);
 
-    float *got = run_logits(model, ids, rows, V);
+    float *got = run_logits(model, ids, rows, V, layout);
     const kind k = kind_of(json_name);
     size_t n_argmax = 0, n_err_ok = 0;
     double max_err = 0;
@@ -96,8 +97,8 @@ static void check_ref(const char *dir, const char *json_name) {
         double bound = k == K_FLOAT ? 0.005 : k == K_BF16 ? 0.01 : 0.075;
         if (e <= bound) n_err_ok++;
     }
-    fprintf(stderr, "%-32s rows %2zu  max err %.5f  argmax %zu/%zu  err-ok %zu/%zu\n", json_name,
-            rows, max_err, n_argmax, rows, n_err_ok, rows);
+    fprintf(stderr, "%-7s %-32s rows %2zu  max err %.5f  argmax %zu/%zu  err-ok %zu/%zu\n", layout,
+            json_name, rows, max_err, n_argmax, rows, n_err_ok, rows);
     switch (k) {
         case K_FLOAT:
             assert_int_equal(n_err_ok, rows);
@@ -142,8 +143,10 @@ static void test_all_refs(void **state) {
     closedir(d);
     qsort(names, n, sizeof(char *), cmp_str);
     assert_true(n >= 40); /* every family and type is there */
+    /* every reference on both KV layouts */
     for (size_t i = 0; i < n; i++) {
-        check_ref(dir, names[i]);
+        check_ref(dir, names[i], "xtensor");
+        check_ref(dir, names[i], "paged");
         free(names[i]);
     }
 }

@@ -1,8 +1,10 @@
 /* Unit tests of the tokenizer: reference tokenizations of the tiny models' prompts, llama.cpp's
  * vocab test vectors for SentencePiece vocabularies, round trips, and the byte-level BPE vocab. */
 #include <dirent.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <jansson.h>
 
@@ -84,7 +86,6 @@ static void test_tiny_refs(void **state) {
         const char *name = de->d_name;
         size_t nl = strlen(name);
         if (nl < 9 || strcmp(name + nl - 5, ".json") != 0) continue;
-        if (strncmp(name, "qwen3-qwentok", 13) == 0) continue; /* BPE: test_qwentok */
         char model[512], path[4400];
         const char *dot = strstr(name, ".p");
         assert_non_null(dot);
@@ -99,43 +100,41 @@ static void test_tiny_refs(void **state) {
         assert_true(json_is_array(want));
         loaded l;
         assert_true(load(model, &l));
-        assert_string_equal(xllm_tokenizer_type(l.tok), "llama");
-        assert_true(xllm_tokenizer_add_bos(l.tok));
+        bool spm = strcmp(xllm_tokenizer_type(l.tok), "llama") == 0;
+        assert_true(xllm_tokenizer_add_bos(l.tok) == spm); /* stories260K's vocab; Qwen's */
         int32_t n;
         int32_t *ids = tokenize(l.tok, prompt, strlen(prompt), true, true, &n);
         assert_int_equal(n, (int32_t)json_array_size(want));
         for (int32_t i = 0; i < n; i++)
             assert_int_equal(ids[i], json_integer_value(json_array_get(want, (size_t)i)));
-        /* Detokenize (skipping BOS; the leading space comes from the space prefix). */
         size_t len;
-        char *text = detokenize(l.tok, ids + 1, n - 1, false, &len);
-        assert_string_equal(text + 1, prompt);
-        assert_int_equal(text[0], ' ');
-        free(text);
+        if (spm) { /* skipping BOS; the leading space comes from the space prefix */
+            char *text = detokenize(l.tok, ids + 1, n - 1, false, &len);
+            assert_string_equal(text + 1, prompt);
+            assert_int_equal(text[0], ' ');
+            free(text);
+        } else { /* the special tokens' text too */
+            char *text = detokenize(l.tok, ids, n, true, &len);
+            assert_string_equal(text, prompt);
+            free(text);
+        }
         free(ids);
         xllm_tokenizer_free(l.tok);
         json_decref(j);
         checked++;
     }
     closedir(d);
-    assert_true(checked >= 6);
+    assert_true(checked >= 40); /* 43 reference files at the time of writing */
 }
 
 /* ---- llama.cpp vocab test vectors -------------------------------------------------------- */
 
-/* Checks one vocab's .inp/.out pairs; returns the number of strings, or -1 when the vocab is not a
- * SentencePiece one (or is absent). */
-static int check_vocab(const char *base, bool require_all, int *n_ok) {
-    char rel[512];
-    snprintf(rel, sizeof(rel), "models/vocab/%s.gguf", base);
-    loaded l;
-    if (!load(rel, &l)) return -1;
-    if (strcmp(xllm_tokenizer_type(l.tok), "llama") != 0) {
-        xllm_tokenizer_free(l.tok);
-        return -1;
-    }
+/* Checks the .inp/.out pairs models/vocab/BASE.gguf.{inp,out} against tok; returns the number of
+ * strings (-1 when the files are absent) and the number that match exactly (and round-trip). */
+static int check_pairs(const xllm_tokenizer *tok, const char *base, bool require_all, int *n_ok) {
     size_t inp_size, out_size;
-    char path[4200];
+    char rel[512], path[4200];
+    snprintf(rel, sizeof(rel), "models/vocab/%s.gguf", base);
     snprintf(path, sizeof(path), "%s.inp", xllm_test_shared(rel));
     char *inp = xllm_test_read_file(path, &inp_size);
     snprintf(path, sizeof(path), "%s.out", xllm_test_shared(rel));
@@ -143,7 +142,6 @@ static int check_vocab(const char *base, bool require_all, int *n_ok) {
     if (!inp || !outf) {
         free(inp);
         free(outf);
-        xllm_tokenizer_free(l.tok);
         return -1;
     }
     int count = 0;
@@ -167,18 +165,24 @@ static int check_vocab(const char *base, bool require_all, int *n_ok) {
             p = q;
         }
         int32_t n;
-        int32_t *ids = tokenize(l.tok, s, len, false, false, &n);
+        int32_t *ids = tokenize(tok, s, len, false, false, &n);
         bool ok = n == nw && memcmp(ids, want, sizeof(int32_t) * (size_t)n) == 0;
-        if (!ok) print_message("%s: string %d (%.*s) differs\n", base, count, (int)len, s);
+        if (!ok) {
+            print_message("%s: string %d (%.*s) differs:\n  want", base, count, (int)len, s);
+            for (int32_t i = 0; i < nw; i++) print_message(" %d", want[i]);
+            print_message("\n  got ");
+            for (int32_t i = 0; i < n; i++) print_message(" %d", ids[i]);
+            print_message("\n");
+        }
         if (require_all) {
             assert_int_equal(n, nw);
             for (int32_t i = 0; i < n; i++) assert_int_equal(ids[i], want[i]);
         }
         /* round trip: one leading space comes from the space prefix */
         size_t dl;
-        char *text = detokenize(l.tok, ids, n, false, &dl);
+        char *text = detokenize(tok, ids, n, false, &dl);
         const char *t = text;
-        if (xllm_tokenizer_add_space_prefix(l.tok) && dl > 0 && t[0] == ' ') {
+        if (xllm_tokenizer_add_space_prefix(tok) && dl > 0 && t[0] == ' ') {
             t++;
             dl--;
         }
@@ -194,8 +198,18 @@ static int check_vocab(const char *base, bool require_all, int *n_ok) {
     }
     free(inp);
     free(outf);
-    xllm_tokenizer_free(l.tok);
     return count;
+}
+
+/* Checks one GGUF vocab's pairs; -1 when the vocab does not load or has no pairs. */
+static int check_vocab(const char *base, bool require_all, int *n_ok) {
+    char rel[512];
+    snprintf(rel, sizeof(rel), "models/vocab/%s.gguf", base);
+    loaded l;
+    if (!load(rel, &l)) return -1;
+    int n = check_pairs(l.tok, base, require_all, n_ok);
+    xllm_tokenizer_free(l.tok);
+    return n;
 }
 
 static void test_vocab_llama_spm(void **state) {
@@ -206,28 +220,37 @@ static void test_vocab_llama_spm(void **state) {
     assert_int_equal(ok, 46);
 }
 
-/* Every other SentencePiece vocab that has test vectors. */
-static void test_vocab_other_spm(void **state) {
+/* Every other vocab GGUF (SentencePiece and byte-level BPE) that has test vectors: all exact. */
+static void test_vocab_gguf_all(void **state) {
     (void)state;
     DIR *d = opendir(xllm_test_shared("models/vocab"));
     assert_non_null(d);
     struct dirent *de;
-    int n_vocabs = 0;
+    int n_vocabs = 0, n_bpe = 0;
     while ((de = readdir(d)) != NULL) {
         size_t nl = strlen(de->d_name);
         if (nl < 6 || strcmp(de->d_name + nl - 5, ".gguf") != 0) continue;
         if (strcmp(de->d_name, "ggml-vocab-llama-spm.gguf") == 0) continue;
-        char base[256];
+        if (strcmp(de->d_name, "ggml-vocab-bert-bge.gguf") == 0) continue; /* WordPiece */
+        char base[256], rel[512];
         snprintf(base, sizeof(base), "%.*s", (int)(nl - 5), de->d_name);
+        snprintf(rel, sizeof(rel), "models/vocab/%s", de->d_name);
+        loaded l;
+        assert_true(load(rel, &l));
+        bool bpe = strcmp(xllm_tokenizer_type(l.tok), "gpt2") == 0;
         int ok;
-        int n = check_vocab(base, true, &ok);
+        int n = check_pairs(l.tok, base, true, &ok);
+        xllm_tokenizer_free(l.tok);
         if (n < 0) continue;
         print_message("%s: %d/%d\n", base, ok, n);
         assert_int_equal(ok, n);
         n_vocabs++;
+        n_bpe += bpe;
     }
     closedir(d);
-    assert_true(n_vocabs >= 1); /* phi-3 */
+    /* phi-3; deepseek-coder, deepseek-llm, falcon, gpt-2, mpt, refact, starcoder */
+    assert_true(n_bpe >= 7);
+    assert_true(n_vocabs >= 8);
 }
 
 /* Every GGUF vocab loads (or is refused as unsupported), never a crash. */
@@ -358,8 +381,8 @@ static void test_qwentok(void **state) {
     xllm_tokenizer_free(l.tok);
 }
 
-/* The interim BPE pre-tokenizer on llama.cpp's qwen2 vectors (the Qwen vocab is the same):
- * all 46 must match. */
+/* llama.cpp's qwen2 vectors with the tiny model's GGUF vocab (the Qwen vocab is the same): all
+ * 46 must match. */
 static void test_qwentok_vectors(void **state) {
     (void)state;
     loaded l;
@@ -399,7 +422,7 @@ static void test_qwentok_vectors(void **state) {
         s = sep + strlen(SEP);
         line = *eol ? eol + 1 : eol;
     }
-    print_message("qwen2 vectors with the interim BPE: %d/%d exact, %d/%d round trips\n", ok, count,
+    print_message("qwen2 vectors from the GGUF vocab: %d/%d exact, %d/%d round trips\n", ok, count,
                   rt_ok, count);
     assert_int_equal(count, 46);
     assert_int_equal(rt_ok, count); /* byte-level BPE always round-trips */
@@ -407,6 +430,207 @@ static void test_qwentok_vectors(void **state) {
     free(inp);
     free(outf);
     xllm_tokenizer_free(l.tok);
+}
+
+/* ---- Hugging Face model directories ----------------------------------------------------- */
+
+static xllm_tokenizer *load_any(const char *rel) {
+    char err[512] = "";
+    xllm_tokenizer *tok = NULL;
+    xllm_status st = xllm_tokenizer_load(xllm_test_shared(rel), &tok, err, sizeof(err));
+    if (st != XLLM_OK) print_message("%s: %s\n", rel, err);
+    assert_int_equal(st, XLLM_OK);
+    return tok;
+}
+
+static void expect_prompt_ids(const xllm_tokenizer *tok, const char *ref_rel) {
+    json_error_t jerr;
+    char path[4200];
+    snprintf(path, sizeof(path), "%s", xllm_test_shared(ref_rel));
+    json_t *j = json_load_file(path, 0, &jerr);
+    assert_non_null(j);
+    const char *prompt = json_string_value(json_object_get(j, "prompt"));
+    json_t *want = json_object_get(j, "prompt_ids");
+    int32_t n;
+    int32_t *ids = tokenize(tok, prompt, strlen(prompt), true, true, &n);
+    assert_int_equal(n, (int32_t)json_array_size(want));
+    for (int32_t i = 0; i < n; i++)
+        assert_int_equal(ids[i], json_integer_value(json_array_get(want, (size_t)i)));
+    free(ids);
+    json_decref(j);
+}
+
+static void test_hf_qwen3(void **state) {
+    (void)state;
+    xllm_tokenizer *tok = load_any("models/tokenizers/qwen3");
+    assert_string_equal(xllm_tokenizer_type(tok), "gpt2");
+    assert_int_equal(xllm_tokenizer_n_vocab(tok), 151669);
+    assert_false(xllm_tokenizer_add_bos(tok));
+    assert_int_equal(xllm_token_eos(tok), 151645); /* <|im_end|> */
+    assert_true(xllm_token_is_eog(tok, 151643));   /* <|endoftext|> */
+    int ok;
+    assert_int_equal(check_pairs(tok, "ggml-vocab-qwen2", true, &ok), 46);
+    assert_int_equal(ok, 46);
+    assert_int_equal(check_pairs(tok, "ggml-vocab-deepseek-r1-qwen", true, &ok), 46);
+    assert_int_equal(ok, 46);
+    /* the Qwen-tokenizer tiny model's prompt (ChatML, special tokens parsed) */
+    expect_prompt_ids(tok, "models/tiny/refs/qwen3-qwentok-f16.p1.json");
+    /* NFC (Qwen's normalizer): decomposed and precomposed text tokenize alike, also between
+     * characters NFC never touches and next to invalid bytes */
+    static const char *const nfc_pairs[][2] = {
+        {"e\xCC\x81", "\xC3\xA9"},                    /* e + U+0301 = é */
+        {"\xE3\x81\x8B\xE3\x82\x99", "\xE3\x81\x8C"}, /* か + U+3099 = が */
+        {"\xEA\xB0\x80\xE1\x86\xA8", "\xEA\xB0\x81"}, /* 가 + U+11A8 = 각 */
+        {"\xE4\xB8\xAD"
+         "e\xCC\x81\xE6\x96\x87",
+         "\xE4\xB8\xAD\xC3\xA9\xE6\x96\x87"}, /* 中é文 */
+        {"\xFF"
+         "e\xCC\x81\xFE",
+         "\xFF\xC3\xA9\xFE"},
+        {"\xE2\x84\xAB", "\xC3\x85"}, /* U+212B ANGSTROM SIGN = Å */
+    };
+    for (size_t k = 0; k < sizeof(nfc_pairs) / sizeof(nfc_pairs[0]); k++) {
+        int32_t na, nb;
+        int32_t *a = tokenize(tok, nfc_pairs[k][0], strlen(nfc_pairs[k][0]), false, false, &na);
+        int32_t *b = tokenize(tok, nfc_pairs[k][1], strlen(nfc_pairs[k][1]), false, false, &nb);
+        assert_int_equal(na, nb);
+        assert_memory_equal(a, b, sizeof(int32_t) * (size_t)na);
+        free(a);
+        free(b);
+    }
+    /* <think> is an added, non-special token: parsed even without parse_special */
+    int32_t ids[16];
+    assert_int_equal(xllm_tokenize(tok, "<think>", 7, ids, 16, false, false), 1);
+    assert_int_equal(ids[0], 151667);
+    /* <|im_start|> is special: text unless parse_special */
+    assert_true(xllm_tokenize(tok, "<|im_start|>", 12, ids, 16, false, false) > 1);
+    assert_int_equal(xllm_tokenize(tok, "<|im_start|>", 12, ids, 16, false, true), 1);
+    assert_int_equal(ids[0], 151644);
+    xllm_tokenizer_free(tok);
+}
+
+static void test_hf_llama3(void **state) {
+    (void)state;
+    xllm_tokenizer *tok = load_any("models/tokenizers/llama3");
+    assert_true(xllm_tokenizer_add_bos(tok));
+    assert_int_equal(xllm_token_bos(tok), 128000);
+    assert_int_equal(xllm_token_eos(tok), 128009); /* <|eot_id|> */
+    int ok;
+    assert_int_equal(check_pairs(tok, "ggml-vocab-llama-bpe", true, &ok), 46);
+    assert_int_equal(ok, 46);
+    int32_t ids[16];
+    int32_t n = xllm_tokenize(tok, "Hello world", 11, ids, 16, true, false);
+    assert_int_equal(n, 3);
+    assert_int_equal(ids[0], 128000);
+    assert_int_equal(ids[1], 9906); /* Hello */
+    assert_int_equal(ids[2], 1917); /* " world" */
+    xllm_tokenizer_free(tok);
+}
+
+/* GPT-2 style files without tokenizer.json: vocab.json + merges.txt + tokenizer_config.json. */
+static void test_hf_vocab_merges(void **state) {
+    (void)state;
+    char dir[4096], src[4200], dst[4200];
+    snprintf(dir, sizeof(dir), "%s/test_tok_hf_XXXXXX", xllm_test_build_dir());
+    assert_non_null(mkdtemp(dir));
+    static const char *const files[] = {"vocab.json", "merges.txt", "tokenizer_config.json"};
+    for (int i = 0; i < 3; i++) {
+        snprintf(src, sizeof(src), "%s", xllm_test_shared("models/tokenizers/qwen3"));
+        snprintf(src + strlen(src), sizeof(src) - strlen(src), "/%s", files[i]);
+        snprintf(dst, sizeof(dst), "%s/%s", dir, files[i]);
+        assert_int_equal(symlink(src, dst), 0);
+    }
+    char err[512] = "";
+    xllm_tokenizer *tok = NULL;
+    assert_int_equal(xllm_tokenizer_load(dir, &tok, err, sizeof(err)), XLLM_OK);
+    int ok;
+    assert_int_equal(check_pairs(tok, "ggml-vocab-qwen2", true, &ok), 46);
+    assert_int_equal(ok, 46);
+    expect_prompt_ids(tok, "models/tiny/refs/qwen3-qwentok-f16.p1.json");
+    xllm_tokenizer_free(tok);
+    for (int i = 0; i < 3; i++) {
+        snprintf(dst, sizeof(dst), "%s/%s", dir, files[i]);
+        unlink(dst);
+    }
+    rmdir(dir);
+}
+
+static void test_load_errors(void **state) {
+    (void)state;
+    char err[512];
+    xllm_tokenizer *tok = (xllm_tokenizer *)1;
+    assert_int_equal(xllm_tokenizer_load("/nonexistent/xyz", &tok, err, sizeof(err)), XLLM_ERR_IO);
+    assert_null(tok);
+    assert_non_null(strstr(err, "/nonexistent/xyz"));
+    /* a directory without tokenizer files */
+    assert_int_not_equal(
+        xllm_tokenizer_load(xllm_test_shared("models/templates"), &tok, err, sizeof(err)), XLLM_OK);
+    assert_null(tok);
+    /* a JSON file that is not a tokenizer: its directory has none */
+    assert_int_not_equal(
+        xllm_tokenizer_load(xllm_test_shared("models/configs/Qwen3-4B/config.json"), &tok, err,
+                            sizeof(err)),
+        XLLM_OK);
+    assert_null(tok);
+    /* WordPiece is out of scope: refused, with the key named */
+    assert_int_equal(xllm_tokenizer_load(xllm_test_shared("models/vocab/ggml-vocab-bert-bge.gguf"),
+                                         &tok, err, sizeof(err)),
+                     XLLM_ERR_UNSUPPORTED);
+    assert_non_null(strstr(err, "tokenizer.ggml.model"));
+    xllm_tokenizer_free(NULL);
+}
+
+/* ---- threads ------------------------------------------------------------------------------ */
+
+typedef struct thread_job {
+    const xllm_tokenizer *tok;
+    json_t *prompts;
+    size_t start;
+    uint64_t hash; /* of all ids, in order */
+} thread_job;
+
+static void *tokenize_all(void *arg) {
+    thread_job *j = arg;
+    size_t n = json_array_size(j->prompts);
+    uint64_t h = 1469598103934665603ull;
+    for (size_t k = 0; k < n; k++) {
+        /* threads walk the prompts in different orders, so they race on the same words */
+        json_t *p = json_object_get(json_array_get(j->prompts, (k + j->start) % n), "prompt");
+        const char *s = json_string_value(p);
+        int32_t cnt = xllm_tokenize(j->tok, s, strlen(s), NULL, 0, false, false);
+        int32_t *ids = malloc(sizeof(int32_t) * (size_t)(-cnt + 1));
+        cnt = xllm_tokenize(j->tok, s, strlen(s), ids, -cnt, false, false);
+        uint64_t hk = 1469598103934665603ull;
+        for (int32_t i = 0; i < cnt; i++) hk = (hk ^ (uint32_t)ids[i]) * 1099511628211ull;
+        h += hk * ((k + j->start) % n + 1); /* order-independent sum of per-prompt hashes */
+        free(ids);
+    }
+    j->hash = h;
+    return NULL;
+}
+
+/* One tokenizer, several threads at once: the same ids as one thread alone. */
+static void test_threads(void **state) {
+    (void)state;
+    xllm_tokenizer *tok = load_any("models/tokenizers/qwen3");
+    json_error_t jerr;
+    char path[4200];
+    snprintf(path, sizeof(path), "%s",
+             xllm_test_shared("data/sharegpt/sharegpt_sample_50_prompt_response.json"));
+    json_t *prompts = json_load_file(path, 0, &jerr);
+    assert_true(json_array_size(prompts) >= 10);
+    thread_job jobs[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        jobs[i] = (thread_job){tok, prompts, (size_t)i * 7, 0};
+        assert_int_equal(pthread_create(&th[i], NULL, tokenize_all, &jobs[i]), 0);
+    }
+    for (int i = 0; i < 4; i++) pthread_join(th[i], NULL);
+    thread_job alone = {tok, prompts, 0, 0};
+    tokenize_all(&alone);
+    for (int i = 0; i < 4; i++) assert_true(jobs[i].hash == alone.hash);
+    json_decref(prompts);
+    xllm_tokenizer_free(tok);
 }
 
 /* ---- validation -------------------------------------------------------------------------- */
@@ -431,10 +655,19 @@ static void test_bad_metadata(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_tiny_refs),          cmocka_unit_test(test_vocab_llama_spm),
-        cmocka_unit_test(test_vocab_other_spm),    cmocka_unit_test(test_vocab_all_load),
-        cmocka_unit_test(test_llama2_tiny_random), cmocka_unit_test(test_qwentok),
-        cmocka_unit_test(test_qwentok_vectors),    cmocka_unit_test(test_bad_metadata),
+        cmocka_unit_test(test_tiny_refs),
+        cmocka_unit_test(test_vocab_llama_spm),
+        cmocka_unit_test(test_vocab_gguf_all),
+        cmocka_unit_test(test_vocab_all_load),
+        cmocka_unit_test(test_llama2_tiny_random),
+        cmocka_unit_test(test_qwentok),
+        cmocka_unit_test(test_qwentok_vectors),
+        cmocka_unit_test(test_bad_metadata),
+        cmocka_unit_test(test_hf_qwen3),
+        cmocka_unit_test(test_hf_llama3),
+        cmocka_unit_test(test_hf_vocab_merges),
+        cmocka_unit_test(test_load_errors),
+        cmocka_unit_test(test_threads),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

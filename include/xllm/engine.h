@@ -1,0 +1,137 @@
+/* xllm engine: a thread that serves many generation requests at once with iteration-level
+ * continuous batching (decode first, then chunked prefill within a token budget), prefix
+ * caching, priorities, and preemption of offline work by online work. Requests are submitted
+ * from any thread and read as token streams. */
+#ifndef XLLM_ENGINE_H
+#define XLLM_ENGINE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "xllm/xllm.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct xllm_engine xllm_engine;
+typedef struct xllm_request xllm_request;
+
+typedef struct xllm_engine_params {
+    int32_t max_seqs;         /* requests running at once (KV sequence slots); 0 = 16 */
+    int32_t max_batch_tokens; /* token budget of one step; 0 = 512 */
+    int32_t max_queue;        /* waiting requests accepted; 0 = unlimited */
+    int32_t n_ctx;            /* max tokens (prompt + output) per request; 0 = model's, max 4096 */
+    int32_t n_threads;        /* compute threads; 0 = all cores */
+    xllm_dtype kv_type;       /* default F16 */
+    xllm_kv_layout kv_layout; /* default xtensor */
+    size_t kv_memory;         /* KV pool bytes; 0 = max_seqs full contexts */
+    int32_t kv_block_tokens;  /* 0 = automatic */
+    bool no_prefix_cache;
+} xllm_engine_params;
+
+xllm_engine_params xllm_engine_default_params(void);
+
+/* Starts the engine thread on a loaded model (which must outlive the engine). */
+xllm_status xllm_engine_new(const xllm_model *model, const xllm_engine_params *params,
+                            xllm_engine **out, char *err, size_t err_size);
+/* Stops the engine: every unfinished request ends with XLLM_FINISH_ABORT. Requests must still be
+ * released with xllm_request_free. */
+void xllm_engine_free(xllm_engine *e);
+
+#define XLLM_MAX_TOP_LOGPROBS 20
+
+typedef struct xllm_request_params {
+    const int32_t *prompt; /* token ids (copied) */
+    int32_t n_prompt;
+    int32_t max_tokens; /* tokens to generate; 0 = until the context is full */
+    xllm_sampler_params sampling;
+    bool ignore_eos;      /* do not stop on end-of-generation tokens */
+    int32_t priority;     /* lower is served first (as vLLM); default 0 */
+    bool offline;         /* offline work yields to online work and may be preempted */
+    int32_t top_logprobs; /* alternatives reported per token, 0..20; -1 = no logprobs */
+    int64_t ttft_slo_ms;  /* targets, recorded for schedulers and metrics (0 = none) */
+    int64_t tpot_slo_ms;
+    /* Called from the engine thread once per step in which the stream changed (new tokens or
+     * the end); may be NULL. Must not block or call back into the engine. */
+    void (*notify)(void *user);
+    void *notify_user;
+} xllm_request_params;
+
+xllm_request_params xllm_request_default_params(void);
+
+/* Queues a request. XLLM_ERR_BUSY when the waiting queue is full, XLLM_ERR_INVALID_ARG when the
+ * prompt is empty, holds an id outside the vocabulary, or prompt + max_tokens exceeds the
+ * context (err says which). Thread-safe. */
+xllm_status xllm_engine_submit(xllm_engine *e, const xllm_request_params *params,
+                               xllm_request **out, char *err, size_t err_size);
+
+typedef enum xllm_finish_reason {
+    XLLM_FINISH_NONE = 0,   /* still running */
+    XLLM_FINISH_STOP = 1,   /* an end-of-generation token (not part of the output) */
+    XLLM_FINISH_LENGTH = 2, /* max_tokens or the context */
+    XLLM_FINISH_CANCEL = 3, /* xllm_request_cancel */
+    XLLM_FINISH_ABORT = 4,  /* the engine stopped */
+} xllm_finish_reason;
+
+typedef struct xllm_token_event {
+    int32_t token;
+    float logprob; /* of the chosen token under the model's distribution (when asked) */
+    int32_t n_top;
+    int32_t top_ids[XLLM_MAX_TOP_LOGPROBS];
+    float top_logprobs[XLLM_MAX_TOP_LOGPROBS];
+} xllm_token_event;
+
+/* Reads the next generated token. Returns 1 with *ev filled, 0 when none arrived within
+ * timeout_ms (-1 waits without limit), -1 when the stream has ended (see
+ * xllm_request_finish_reason). One consumer thread per request. */
+int xllm_request_next(xllm_request *r, xllm_token_event *ev, int timeout_ms);
+xllm_finish_reason xllm_request_finish_reason(xllm_request *r);
+
+/* Asks the engine to stop the request; its KV is freed at the next step. Any thread. */
+void xllm_request_cancel(xllm_request *r);
+/* Releases the caller's handle (cancels the request if it is still running). */
+void xllm_request_free(xllm_request *r);
+
+typedef struct xllm_request_stats {
+    int32_t n_prompt;
+    int32_t n_cached; /* prompt tokens served from the prefix cache (first admission) */
+    int32_t n_generated;
+    int32_t n_preempted; /* times this request was preempted and recomputed */
+    double t_queue_ms;   /* submit -> first admitted */
+    double t_first_ms;   /* submit -> first token (TTFT) */
+    double t_total_ms;   /* submit -> finished (0 while running) */
+} xllm_request_stats;
+void xllm_request_get_stats(xllm_request *r, xllm_request_stats *st);
+
+#define XLLM_HIST_BUCKETS 16
+typedef struct xllm_histogram {
+    double bounds[XLLM_HIST_BUCKETS];       /* upper bounds (seconds), increasing */
+    uint64_t counts[XLLM_HIST_BUCKETS + 1]; /* per bucket; the last is +Inf */
+    double sum;
+    uint64_t n;
+} xllm_histogram;
+
+typedef struct xllm_engine_stats {
+    int32_t running;
+    int32_t waiting;
+    uint64_t requests_finished;
+    uint64_t prompt_tokens; /* prompt tokens of admitted requests */
+    uint64_t cached_tokens; /* of which served from the prefix cache */
+    uint64_t generated_tokens;
+    uint64_t preemptions;
+    uint64_t steps;
+    xllm_histogram ttft, tpot, e2e;
+    xllm_kv_stats kv;
+    double kv_usage; /* used pages / pages */
+} xllm_engine_stats;
+void xllm_engine_get_stats(xllm_engine *e, xllm_engine_stats *st);
+
+/* The context length per request. */
+int32_t xllm_engine_n_ctx(const xllm_engine *e);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

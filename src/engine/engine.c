@@ -1,0 +1,792 @@
+/* The engine thread: takes submitted requests, and every step fills a token budget with one
+ * decode token per running request, then prefill chunks; admits waiting requests by class
+ * (online before offline, then priority, then arrival), reusing cached prefixes; preempts the
+ * lowest-class running request (its KV is freed and its tokens recomputed later) when slots or
+ * KV pages run short; samples, and appends tokens to each request's stream once per step. */
+#include "xllm/engine.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine/engine-impl.h"
+#include "util/common.h"
+
+/* ---------------------------------------------------------------------------------------- */
+/* Structures                                                                                */
+/* ---------------------------------------------------------------------------------------- */
+
+typedef enum req_state { REQ_WAITING, REQ_RUNNING, REQ_DONE } req_state;
+
+struct xllm_request {
+    xllm_engine *e;
+    xllm_request_params p; /* p.prompt is not kept */
+    atomic_int refs;       /* the caller's handle and the engine's */
+    atomic_bool cancelled;
+
+    /* engine thread only */
+    int32_t *tokens; /* prompt, then generated tokens: n_tokens of cap */
+    int32_t n_tokens;
+    int32_t n_prompt;
+    int32_t cap;       /* n_ctx */
+    int32_t max_total; /* n_prompt + max_tokens, capped by the context */
+    req_state state;
+    int32_t slot;       /* KV sequence while running */
+    int32_t n_computed; /* positions in the KV */
+    int32_t n_generated;
+    uint64_t arrival;
+    xllm_sampler *sampler;
+    bool changed; /* stream changed this step */
+    bool admitted_once;
+
+    /* stream, shared with the consumer under mu */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    xllm_token_event *events;
+    int32_t n_events, ev_cap, ev_read;
+    xllm_finish_reason finish;
+    xllm_request_stats st;
+    double t_submit, t_admit, t_first, t_end;
+};
+
+struct xllm_engine {
+    const xllm_model *model;
+    xllm_context *ctx;
+    xllm_engine_params p;
+    int32_t n_vocab;
+    pthread_t thread;
+    bool thread_on;
+
+    pthread_mutex_t mu; /* inbox, queue count, stop, stats */
+    pthread_cond_t cv;
+    bool stop;
+    xllm_request **inbox;
+    int32_t n_inbox, inbox_cap;
+    int32_t n_queued; /* inbox + waiting: for max_queue */
+    xllm_engine_stats stats;
+
+    /* engine thread only */
+    xllm_request **waiting;
+    int32_t n_waiting, waiting_cap;
+    xllm_request **running; /* [max_seqs], NULL = free slot */
+    int32_t n_running;
+    uint64_t arrivals;
+    int32_t *b_tok, *b_pos, *b_seq; /* [max_batch_tokens] */
+    int8_t *b_logits;
+    xllm_request **b_req; /* row -> request whose chunk ends at that row (else NULL) */
+    int32_t *chunk;       /* [max_seqs] rows given to each slot this step */
+    int64_t *chunk_pages; /* [max_seqs] KV pages those rows take */
+    float *probs;         /* [n_vocab] */
+};
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Parameters                                                                                */
+/* ---------------------------------------------------------------------------------------- */
+
+xllm_engine_params xllm_engine_default_params(void) {
+    xllm_engine_params p = {0};
+    p.kv_type = XLLM_DTYPE_F16;
+    p.kv_layout = XLLM_KV_LAYOUT_XTENSOR;
+    return p;
+}
+
+xllm_request_params xllm_request_default_params(void) {
+    xllm_request_params p = {0};
+    p.sampling = xllm_sampler_default_params();
+    p.top_logprobs = -1;
+    return p;
+}
+
+static void hist_init(xllm_histogram *h, double first, double factor) {
+    memset(h, 0, sizeof(*h));
+    double b = first;
+    for (int i = 0; i < XLLM_HIST_BUCKETS; i++, b *= factor) h->bounds[i] = b;
+}
+
+static void hist_add(xllm_histogram *h, double v) {
+    int i = 0;
+    while (i < XLLM_HIST_BUCKETS && v > h->bounds[i]) i++;
+    h->counts[i]++;
+    h->sum += v;
+    h->n++;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Requests: lifecycle                                                                       */
+/* ---------------------------------------------------------------------------------------- */
+
+static void request_unref(xllm_request *r) {
+    if (atomic_fetch_sub(&r->refs, 1) != 1) return;
+    xllm_sampler_free(r->sampler);
+    free(r->tokens);
+    free(r->events);
+    pthread_mutex_destroy(&r->mu);
+    pthread_cond_destroy(&r->cv);
+    free(r);
+}
+
+/* Ends a request (engine thread): frees its KV and slot, publishes the end, drops the engine's
+ * reference. */
+static void request_finish(xllm_engine *e, xllm_request *r, xllm_finish_reason why) {
+    if (r->state == REQ_RUNNING) {
+        xllm_seq_truncate(e->ctx, r->slot, 0);
+        e->running[r->slot] = NULL;
+        e->n_running--;
+    }
+    r->state = REQ_DONE;
+    double t = now_s();
+    pthread_mutex_lock(&r->mu);
+    r->finish = why;
+    r->t_end = t;
+    r->st.t_total_ms = (t - r->t_submit) * 1e3;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+    if (r->p.notify) r->p.notify(r->p.notify_user);
+    pthread_mutex_lock(&e->mu);
+    e->stats.requests_finished++;
+    if (why == XLLM_FINISH_STOP || why == XLLM_FINISH_LENGTH) {
+        hist_add(&e->stats.e2e, t - r->t_submit);
+        if (r->n_generated > 1 && r->t_first > 0)
+            hist_add(&e->stats.tpot, (t - r->t_first) / (double)(r->n_generated - 1));
+    }
+    pthread_mutex_unlock(&e->mu);
+    request_unref(r);
+}
+
+/* Appends a token event (engine thread). */
+static void request_push(xllm_request *r, const xllm_token_event *ev) {
+    pthread_mutex_lock(&r->mu);
+    if (r->n_events == r->ev_cap) {
+        r->ev_cap = r->ev_cap ? r->ev_cap * 2 : 16;
+        r->events = xllm_xrealloc(r->events, (size_t)r->ev_cap * sizeof(xllm_token_event));
+    }
+    r->events[r->n_events++] = *ev;
+    r->st.n_generated = r->n_generated;
+    pthread_mutex_unlock(&r->mu);
+    r->changed = true;
+}
+
+int xllm_request_next(xllm_request *r, xllm_token_event *ev, int timeout_ms) {
+    pthread_mutex_lock(&r->mu);
+    struct timespec dl;
+    if (timeout_ms > 0) {
+        clock_gettime(CLOCK_REALTIME, &dl);
+        dl.tv_sec += timeout_ms / 1000;
+        dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (dl.tv_nsec >= 1000000000L) {
+            dl.tv_sec++;
+            dl.tv_nsec -= 1000000000L;
+        }
+    }
+    int rc;
+    for (;;) {
+        if (r->ev_read < r->n_events) {
+            *ev = r->events[r->ev_read++];
+            rc = 1;
+            break;
+        }
+        if (r->finish != XLLM_FINISH_NONE) {
+            rc = -1;
+            break;
+        }
+        if (timeout_ms == 0) {
+            rc = 0;
+            break;
+        }
+        if (timeout_ms < 0) {
+            pthread_cond_wait(&r->cv, &r->mu);
+        } else if (pthread_cond_timedwait(&r->cv, &r->mu, &dl) != 0) {
+            rc = r->ev_read < r->n_events ? 1 : (r->finish != XLLM_FINISH_NONE ? -1 : 0);
+            if (rc == 1) *ev = r->events[r->ev_read++];
+            break;
+        }
+    }
+    pthread_mutex_unlock(&r->mu);
+    return rc;
+}
+
+xllm_finish_reason xllm_request_finish_reason(xllm_request *r) {
+    pthread_mutex_lock(&r->mu);
+    xllm_finish_reason f = r->finish;
+    pthread_mutex_unlock(&r->mu);
+    return f;
+}
+
+/* Wakes the engine for a cancellation, unless the request has ended (then the engine may be
+ * gone: requests outlive it). */
+static void wake_engine(xllm_request *r) {
+    pthread_mutex_lock(&r->mu);
+    bool done = r->finish != XLLM_FINISH_NONE;
+    if (!done) {
+        /* the engine cannot end this request while we hold r->mu, so e is alive */
+        xllm_engine *e = r->e;
+        pthread_mutex_lock(&e->mu);
+        pthread_cond_signal(&e->cv);
+        pthread_mutex_unlock(&e->mu);
+    }
+    pthread_mutex_unlock(&r->mu);
+}
+
+void xllm_request_cancel(xllm_request *r) {
+    atomic_store(&r->cancelled, true);
+    wake_engine(r);
+}
+
+void xllm_request_free(xllm_request *r) {
+    if (!r) return;
+    atomic_store(&r->cancelled, true);
+    wake_engine(r);
+    request_unref(r);
+}
+
+void xllm_request_get_stats(xllm_request *r, xllm_request_stats *st) {
+    pthread_mutex_lock(&r->mu);
+    *st = r->st;
+    pthread_mutex_unlock(&r->mu);
+}
+
+xllm_status xllm_engine_submit(xllm_engine *e, const xllm_request_params *params,
+                               xllm_request **out, char *err, size_t err_size) {
+    *out = NULL;
+    const int32_t n_ctx = xllm_context_n_ctx(e->ctx);
+    if (!params || !params->prompt || params->n_prompt <= 0) {
+        xllm_set_err(err, err_size, "the prompt is empty");
+        return XLLM_ERR_INVALID_ARG;
+    }
+    if (params->max_tokens < 0) {
+        xllm_set_err(err, err_size, "max_tokens must not be negative");
+        return XLLM_ERR_INVALID_ARG;
+    }
+    if (params->top_logprobs > XLLM_MAX_TOP_LOGPROBS) {
+        xllm_set_err(err, err_size, "top_logprobs must be at most %d", XLLM_MAX_TOP_LOGPROBS);
+        return XLLM_ERR_INVALID_ARG;
+    }
+    for (int32_t i = 0; i < params->n_prompt; i++) {
+        if (params->prompt[i] < 0 || params->prompt[i] >= e->n_vocab) {
+            xllm_set_err(err, err_size, "prompt token %d (at %d) is outside the vocabulary",
+                         params->prompt[i], i);
+            return XLLM_ERR_INVALID_ARG;
+        }
+    }
+    if ((int64_t)params->n_prompt + (params->max_tokens ? params->max_tokens : 1) > n_ctx) {
+        xllm_set_err(err, err_size,
+                     "the prompt (%d tokens) plus max_tokens (%d) exceeds the context of %d tokens",
+                     params->n_prompt, params->max_tokens, n_ctx);
+        return XLLM_ERR_INVALID_ARG;
+    }
+    xllm_request *r = xllm_xcalloc(1, sizeof(*r));
+    r->e = e;
+    r->p = *params;
+    r->p.prompt = NULL;
+    atomic_init(&r->refs, 2);
+    atomic_init(&r->cancelled, false);
+    r->cap = n_ctx;
+    r->tokens = xllm_xmalloc((size_t)n_ctx * sizeof(int32_t));
+    memcpy(r->tokens, params->prompt, (size_t)params->n_prompt * sizeof(int32_t));
+    r->n_tokens = r->n_prompt = params->n_prompt;
+    r->max_total = params->max_tokens ? params->n_prompt + params->max_tokens : n_ctx;
+    if (r->max_total > n_ctx) r->max_total = n_ctx;
+    r->slot = -1;
+    r->sampler = xllm_sampler_new(&params->sampling, e->n_vocab);
+    for (int32_t i = 0; i < params->n_prompt; i++) xllm_sampler_accept(r->sampler, r->tokens[i]);
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->cv, NULL);
+    r->st.n_prompt = params->n_prompt;
+    r->t_submit = now_s();
+
+    pthread_mutex_lock(&e->mu);
+    if (e->stop) {
+        pthread_mutex_unlock(&e->mu);
+        xllm_set_err(err, err_size, "the engine is stopping");
+        atomic_store(&r->refs, 1);
+        request_unref(r);
+        return XLLM_ERR_BUSY;
+    }
+    if (e->p.max_queue > 0 && e->n_queued >= e->p.max_queue) {
+        pthread_mutex_unlock(&e->mu);
+        xllm_set_err(err, err_size, "the waiting queue is full (%d requests)", e->p.max_queue);
+        atomic_store(&r->refs, 1);
+        request_unref(r);
+        return XLLM_ERR_BUSY;
+    }
+    if (e->n_inbox == e->inbox_cap) {
+        e->inbox_cap = e->inbox_cap ? e->inbox_cap * 2 : 16;
+        e->inbox = xllm_xrealloc(e->inbox, (size_t)e->inbox_cap * sizeof(*e->inbox));
+    }
+    e->inbox[e->n_inbox++] = r;
+    e->n_queued++;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    *out = r;
+    return XLLM_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Scheduling                                                                                */
+/* ---------------------------------------------------------------------------------------- */
+
+/* Class order: online before offline, then lower priority value, then earlier arrival.
+ * Negative when a is served before b. */
+static int class_cmp(const xllm_request *a, const xllm_request *b) {
+    if (a->p.offline != b->p.offline) return a->p.offline ? 1 : -1;
+    if (a->p.priority != b->p.priority) return a->p.priority < b->p.priority ? -1 : 1;
+    return a->arrival < b->arrival ? -1 : (a->arrival > b->arrival);
+}
+
+static void waiting_push(xllm_engine *e, xllm_request *r) {
+    if (e->n_waiting == e->waiting_cap) {
+        e->waiting_cap = e->waiting_cap ? e->waiting_cap * 2 : 16;
+        e->waiting = xllm_xrealloc(e->waiting, (size_t)e->waiting_cap * sizeof(*e->waiting));
+    }
+    /* insertion keeps the list in class order */
+    int32_t i = e->n_waiting++;
+    while (i > 0 && class_cmp(r, e->waiting[i - 1]) < 0) {
+        e->waiting[i] = e->waiting[i - 1];
+        i--;
+    }
+    e->waiting[i] = r;
+    r->state = REQ_WAITING;
+}
+
+static void waiting_remove(xllm_engine *e, int32_t i) {
+    memmove(e->waiting + i, e->waiting + i + 1,
+            (size_t)(e->n_waiting - i - 1) * sizeof(*e->waiting));
+    e->n_waiting--;
+}
+
+/* The running request served last (the preemption victim), or NULL. */
+static xllm_request *lowest_running(xllm_engine *e) {
+    xllm_request *worst = NULL;
+    for (int32_t s = 0; s < e->p.max_seqs; s++) {
+        xllm_request *r = e->running[s];
+        if (r && (!worst || class_cmp(r, worst) > 0)) worst = r;
+    }
+    return worst;
+}
+
+/* Frees a running request's KV and puts it back in the queue; its tokens so far (prompt and
+ * generated) are recomputed when it is admitted again. */
+static void preempt(xllm_engine *e, xllm_request *r) {
+    xllm_seq_truncate(e->ctx, r->slot, 0);
+    e->running[r->slot] = NULL;
+    e->n_running--;
+    r->slot = -1;
+    r->n_computed = 0;
+    pthread_mutex_lock(&r->mu);
+    r->st.n_preempted++;
+    pthread_mutex_unlock(&r->mu);
+    waiting_push(e, r);
+    pthread_mutex_lock(&e->mu);
+    e->n_queued++;
+    e->stats.preemptions++;
+    pthread_mutex_unlock(&e->mu);
+}
+
+static void admit(xllm_engine *e, int32_t wi, int32_t slot) {
+    xllm_request *r = e->waiting[wi];
+    waiting_remove(e, wi);
+    pthread_mutex_lock(&e->mu);
+    e->n_queued--;
+    pthread_mutex_unlock(&e->mu);
+    r->state = REQ_RUNNING;
+    r->slot = slot;
+    e->running[slot] = r;
+    e->n_running++;
+    /* the prefix cache may hold the start of the tokens (for a preempted request, often all) */
+    r->n_computed = xllm_seq_reuse_prefix(e->ctx, slot, r->tokens, r->n_tokens);
+    if (!r->admitted_once) {
+        r->admitted_once = true;
+        r->t_admit = now_s();
+        pthread_mutex_lock(&r->mu);
+        r->st.n_cached = r->n_computed;
+        r->st.t_queue_ms = (r->t_admit - r->t_submit) * 1e3;
+        pthread_mutex_unlock(&r->mu);
+        pthread_mutex_lock(&e->mu);
+        e->stats.prompt_tokens += (uint64_t)r->n_prompt;
+        e->stats.cached_tokens += (uint64_t)r->n_computed;
+        pthread_mutex_unlock(&e->mu);
+    }
+}
+
+static int32_t free_slot(const xllm_engine *e) {
+    for (int32_t s = 0; s < e->p.max_seqs; s++)
+        if (!e->running[s]) return s;
+    return -1;
+}
+
+/* Takes submissions, ends cancelled requests, admits waiting ones. Returns false to stop. */
+static bool intake(xllm_engine *e) {
+    pthread_mutex_lock(&e->mu);
+    while (!e->stop && e->n_inbox == 0 && e->n_running == 0 && e->n_waiting == 0)
+        pthread_cond_wait(&e->cv, &e->mu);
+    if (e->stop) {
+        pthread_mutex_unlock(&e->mu);
+        return false;
+    }
+    int32_t n = e->n_inbox;
+    xllm_request *batch[64];
+    if (n > 64) n = 64;
+    memcpy(batch, e->inbox, (size_t)n * sizeof(*batch));
+    memmove(e->inbox, e->inbox + n, (size_t)(e->n_inbox - n) * sizeof(*e->inbox));
+    e->n_inbox -= n;
+    pthread_mutex_unlock(&e->mu);
+    for (int32_t i = 0; i < n; i++) {
+        batch[i]->arrival = e->arrivals++;
+        waiting_push(e, batch[i]);
+    }
+
+    for (int32_t s = 0; s < e->p.max_seqs; s++) {
+        xllm_request *r = e->running[s];
+        if (r && atomic_load(&r->cancelled)) request_finish(e, r, XLLM_FINISH_CANCEL);
+    }
+    for (int32_t i = 0; i < e->n_waiting;) {
+        xllm_request *r = e->waiting[i];
+        if (atomic_load(&r->cancelled)) {
+            waiting_remove(e, i);
+            pthread_mutex_lock(&e->mu);
+            e->n_queued--;
+            pthread_mutex_unlock(&e->mu);
+            request_finish(e, r, XLLM_FINISH_CANCEL);
+        } else {
+            i++;
+        }
+    }
+
+    /* admission in class order; an online request may take the slot of running offline work */
+    while (e->n_waiting > 0) {
+        xllm_request *head = e->waiting[0];
+        int32_t slot = free_slot(e);
+        if (slot < 0) {
+            xllm_request *victim = lowest_running(e);
+            if (!victim || head->p.offline || !victim->p.offline) break;
+            slot = victim->slot;
+            preempt(e, victim);
+            /* the victim is now in the queue behind the head */
+        }
+        /* pages for at least the first chunk, else wait (or preempt offline work) */
+        int32_t first = XLLM_MIN(head->n_tokens, e->p.max_batch_tokens);
+        if (xllm_kv_pages_needed(e->ctx->kv, slot, first) > xllm_kv_pages_available(e->ctx->kv)) {
+            xllm_request *victim = lowest_running(e);
+            if (victim && victim->p.offline && !head->p.offline) {
+                preempt(e, victim);
+                continue;
+            }
+            if (e->n_running > 0) break;
+        }
+        admit(e, 0, slot);
+    }
+    pthread_mutex_lock(&e->mu);
+    e->stats.running = e->n_running;
+    pthread_mutex_unlock(&e->mu);
+    return true;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* One step                                                                                  */
+/* ---------------------------------------------------------------------------------------- */
+
+static void log_softmax_top(const float *logits, int32_t n_vocab, float *work, int32_t token,
+                            int32_t n_top, xllm_token_event *ev) {
+    float mx = -INFINITY;
+    for (int32_t i = 0; i < n_vocab; i++) mx = logits[i] > mx ? logits[i] : mx;
+    double sum = 0;
+    for (int32_t i = 0; i < n_vocab; i++) sum += exp((double)(logits[i] - mx));
+    const float lse = mx + (float)log(sum);
+    ev->logprob = logits[token] - lse;
+    ev->n_top = 0;
+    if (n_top <= 0) return;
+    /* partial selection of the n_top largest */
+    memcpy(work, logits, (size_t)n_vocab * sizeof(float));
+    for (int32_t k = 0; k < n_top; k++) {
+        int32_t best = -1;
+        for (int32_t i = 0; i < n_vocab; i++)
+            if (work[i] != -INFINITY && (best < 0 || work[i] > work[best])) best = i;
+        if (best < 0) break;
+        ev->top_ids[k] = best;
+        ev->top_logprobs[k] = logits[best] - lse;
+        work[best] = -INFINITY;
+        ev->n_top = k + 1;
+    }
+}
+
+/* Builds and runs one batch. Returns false when nothing could be scheduled. */
+static bool step(xllm_engine *e) {
+    xllm_kv *kv = e->ctx->kv;
+    int32_t budget = e->p.max_batch_tokens;
+    int64_t promised = 0; /* pages the chunks given so far will take */
+    int64_t pages = xllm_kv_pages_available(kv);
+    memset(e->chunk, 0, (size_t)e->p.max_seqs * sizeof(int32_t));
+    memset(e->chunk_pages, 0, (size_t)e->p.max_seqs * sizeof(int64_t));
+
+    /* order running requests by class: decodes first, then prefills, each in class order */
+    xllm_request *order[1024];
+    int32_t n_order = 0;
+    for (int32_t s = 0; s < e->p.max_seqs; s++)
+        if (e->running[s]) order[n_order++] = e->running[s];
+    for (int32_t i = 1; i < n_order; i++) {
+        xllm_request *r = order[i];
+        int32_t j = i;
+        while (j > 0 && class_cmp(r, order[j - 1]) < 0) {
+            order[j] = order[j - 1];
+            j--;
+        }
+        order[j] = r;
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        for (int32_t i = 0; i < n_order && budget > 0; i++) {
+            xllm_request *r = order[i];
+            if (!r || r->state != REQ_RUNNING) continue;
+            int32_t pending = r->n_tokens - r->n_computed;
+            bool decode = pending == 1;
+            if ((pass == 0) != decode) continue;
+            int32_t k = XLLM_MIN(pending, budget);
+            int64_t need = xllm_kv_pages_needed(kv, r->slot, r->n_computed + k);
+            while (need > pages) {
+                /* shrink a prefill chunk to the pages there are */
+                if (!decode && k > 1) {
+                    int32_t bt = xllm_kv_block_tokens(kv);
+                    int32_t fit =
+                        (int32_t)((pages + xllm_kv_seq_pages(kv, r->slot)) * bt) - r->n_computed;
+                    if (fit > 0 && fit < k) {
+                        k = fit;
+                        need = xllm_kv_pages_needed(kv, r->slot, r->n_computed + k);
+                        continue;
+                    }
+                }
+                /* preempt the request served last (possibly this one) */
+                xllm_request *victim = lowest_running(e);
+                if (!victim) break;
+                for (int32_t q = 0; q < n_order; q++)
+                    if (order[q] == victim) order[q] = NULL;
+                budget += e->chunk[victim->slot];
+                promised -= e->chunk_pages[victim->slot];
+                e->chunk[victim->slot] = 0;
+                e->chunk_pages[victim->slot] = 0;
+                preempt(e, victim);
+                pages = xllm_kv_pages_available(kv) - promised;
+                if (victim == r) break;
+            }
+            if (r->state != REQ_RUNNING || need > pages) continue;
+            e->chunk[r->slot] = k;
+            e->chunk_pages[r->slot] = need;
+            budget -= k;
+            pages -= need;
+            promised += need;
+        }
+    }
+
+    /* the batch: each running request's rows, in slot order */
+    int32_t n = 0;
+    for (int32_t s = 0; s < e->p.max_seqs; s++) {
+        xllm_request *r = e->running[s];
+        if (!r || e->chunk[s] == 0) continue;
+        for (int32_t i = 0; i < e->chunk[s]; i++) {
+            int32_t pos = r->n_computed + i;
+            e->b_tok[n] = r->tokens[pos];
+            e->b_pos[n] = pos;
+            e->b_seq[n] = s;
+            bool last = pos == r->n_tokens - 1;
+            e->b_logits[n] = last;
+            e->b_req[n] = last ? r : NULL;
+            n++;
+        }
+    }
+    if (n == 0) return false;
+    xllm_batch b = {n, e->b_tok, e->b_pos, e->b_seq, e->b_logits};
+    xllm_status st = xllm_decode(e->ctx, &b);
+    if (st != XLLM_OK) {
+        /* should not happen after the page accounting; recover by preempting */
+        xllm_request *victim = lowest_running(e);
+        if (victim) preempt(e, victim);
+        return true;
+    }
+    for (int32_t s = 0; s < e->p.max_seqs; s++)
+        if (e->running[s]) e->running[s]->n_computed += e->chunk[s];
+
+    /* sample and publish */
+    double t = now_s();
+    for (int32_t row = 0; row < n; row++) {
+        xllm_request *r = e->b_req[row];
+        if (!r) continue;
+        const float *logits = xllm_get_logits(e->ctx, row);
+        int32_t tok = xllm_sampler_sample(r->sampler, logits);
+        xllm_sampler_accept(r->sampler, tok);
+        const xllm_tokenizer *tz = xllm_model_tokenizer(e->model);
+        bool eog = !r->p.ignore_eos && xllm_token_is_eog(tz, tok);
+        if (r->t_first == 0) {
+            r->t_first = t;
+            pthread_mutex_lock(&r->mu);
+            r->st.t_first_ms = (t - r->t_submit) * 1e3;
+            pthread_mutex_unlock(&r->mu);
+            pthread_mutex_lock(&e->mu);
+            hist_add(&e->stats.ttft, t - r->t_submit);
+            pthread_mutex_unlock(&e->mu);
+        }
+        if (eog) {
+            request_finish(e, r, XLLM_FINISH_STOP);
+            continue;
+        }
+        r->tokens[r->n_tokens++] = tok;
+        r->n_generated++;
+        pthread_mutex_lock(&e->mu);
+        e->stats.generated_tokens++;
+        pthread_mutex_unlock(&e->mu);
+        xllm_token_event ev = {.token = tok};
+        if (r->p.top_logprobs >= 0)
+            log_softmax_top(logits, e->n_vocab, e->probs, tok, r->p.top_logprobs, &ev);
+        request_push(r, &ev);
+        if (r->n_tokens >= r->max_total) request_finish(e, r, XLLM_FINISH_LENGTH);
+    }
+    /* one wake per request per step */
+    for (int32_t s = 0; s < e->p.max_seqs; s++) {
+        xllm_request *r = e->running[s];
+        if (!r || !r->changed) continue;
+        r->changed = false;
+        pthread_mutex_lock(&r->mu);
+        pthread_cond_broadcast(&r->cv);
+        pthread_mutex_unlock(&r->mu);
+        if (r->p.notify) r->p.notify(r->p.notify_user);
+    }
+    pthread_mutex_lock(&e->mu);
+    e->stats.steps++;
+    e->stats.running = e->n_running;
+    pthread_mutex_unlock(&e->mu);
+    return true;
+}
+
+static void *engine_main(void *arg) {
+    xllm_engine *e = arg;
+    while (intake(e)) {
+        if (!step(e) && e->n_running == 0 && e->n_waiting > 0) {
+            /* nothing fits even alone: the head request can never run */
+            xllm_request *r = e->waiting[0];
+            waiting_remove(e, 0);
+            pthread_mutex_lock(&e->mu);
+            e->n_queued--;
+            pthread_mutex_unlock(&e->mu);
+            request_finish(e, r, XLLM_FINISH_ABORT);
+        }
+    }
+    /* stopping: end everything */
+    for (int32_t s = 0; s < e->p.max_seqs; s++)
+        if (e->running[s]) request_finish(e, e->running[s], XLLM_FINISH_ABORT);
+    while (e->n_waiting > 0) {
+        xllm_request *r = e->waiting[0];
+        waiting_remove(e, 0);
+        request_finish(e, r, XLLM_FINISH_ABORT);
+    }
+    pthread_mutex_lock(&e->mu);
+    for (int32_t i = 0; i < e->n_inbox; i++) {
+        xllm_request *r = e->inbox[i];
+        pthread_mutex_unlock(&e->mu);
+        r->state = REQ_DONE;
+        request_finish(e, r, XLLM_FINISH_ABORT);
+        pthread_mutex_lock(&e->mu);
+    }
+    e->n_inbox = 0;
+    pthread_mutex_unlock(&e->mu);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Engine lifecycle                                                                          */
+/* ---------------------------------------------------------------------------------------- */
+
+xllm_status xllm_engine_new(const xllm_model *model, const xllm_engine_params *params,
+                            xllm_engine **out, char *err, size_t err_size) {
+    *out = NULL;
+    xllm_engine_params p = params ? *params : xllm_engine_default_params();
+    if (p.max_seqs < 0 || p.max_batch_tokens < 0 || p.max_queue < 0 || p.max_seqs > 1024) {
+        xllm_set_err(err, err_size, "engine: max_seqs must be 0..1024, others not negative");
+        return XLLM_ERR_INVALID_ARG;
+    }
+    if (p.max_seqs == 0) p.max_seqs = 16;
+    if (p.max_batch_tokens == 0) p.max_batch_tokens = 512;
+    xllm_context_params cp = xllm_context_default_params();
+    cp.n_ctx = p.n_ctx;
+    cp.n_seq_max = p.max_seqs;
+    cp.n_batch = p.max_batch_tokens;
+    cp.n_threads = p.n_threads;
+    cp.kv_type = p.kv_type;
+    cp.kv_layout = p.kv_layout;
+    cp.kv_memory = p.kv_memory;
+    cp.kv_block_tokens = p.kv_block_tokens;
+    cp.no_prefix_cache = p.no_prefix_cache;
+    xllm_engine *e = xllm_xcalloc(1, sizeof(*e));
+    xllm_status st = xllm_context_new(model, &cp, &e->ctx, err, err_size);
+    if (st != XLLM_OK) {
+        free(e);
+        return st;
+    }
+    e->model = model;
+    e->p = p;
+    e->n_vocab = xllm_model_n_vocab(model);
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->cv, NULL);
+    e->running = xllm_xcalloc((size_t)p.max_seqs, sizeof(*e->running));
+    e->chunk = xllm_xcalloc((size_t)p.max_seqs, sizeof(int32_t));
+    e->chunk_pages = xllm_xcalloc((size_t)p.max_seqs, sizeof(int64_t));
+    const size_t B = (size_t)p.max_batch_tokens;
+    e->b_tok = xllm_xcalloc(B, sizeof(int32_t));
+    e->b_pos = xllm_xcalloc(B, sizeof(int32_t));
+    e->b_seq = xllm_xcalloc(B, sizeof(int32_t));
+    e->b_logits = xllm_xcalloc(B, 1);
+    e->b_req = xllm_xcalloc(B, sizeof(*e->b_req));
+    e->probs = xllm_xcalloc((size_t)e->n_vocab, sizeof(float));
+    hist_init(&e->stats.ttft, 0.005, 2.0);
+    hist_init(&e->stats.tpot, 0.001, 2.0);
+    hist_init(&e->stats.e2e, 0.05, 2.0);
+    if (pthread_create(&e->thread, NULL, engine_main, e) != 0) {
+        xllm_set_err(err, err_size, "engine: cannot start its thread");
+        xllm_engine_free(e);
+        return XLLM_ERR_INTERNAL;
+    }
+    e->thread_on = true;
+    *out = e;
+    return XLLM_OK;
+}
+
+void xllm_engine_free(xllm_engine *e) {
+    if (!e) return;
+    pthread_mutex_lock(&e->mu);
+    e->stop = true;
+    pthread_cond_broadcast(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    if (e->thread_on) pthread_join(e->thread, NULL);
+    xllm_context_free(e->ctx);
+    free(e->inbox);
+    free(e->waiting);
+    free(e->running);
+    free(e->chunk);
+    free(e->chunk_pages);
+    free(e->b_tok);
+    free(e->b_pos);
+    free(e->b_seq);
+    free(e->b_logits);
+    free(e->b_req);
+    free(e->probs);
+    pthread_mutex_destroy(&e->mu);
+    pthread_cond_destroy(&e->cv);
+    free(e);
+}
+
+void xllm_engine_get_stats(xllm_engine *e, xllm_engine_stats *st) {
+    pthread_mutex_lock(&e->mu);
+    *st = e->stats;
+    st->waiting = e->n_queued;
+    pthread_mutex_unlock(&e->mu);
+    xllm_context_kv_stats(e->ctx, &st->kv);
+    st->kv_usage = st->kv.n_pages ? (double)st->kv.used_pages / (double)st->kv.n_pages : 0;
+}
+
+int32_t xllm_engine_n_ctx(const xllm_engine *e) {
+    return xllm_context_n_ctx(e->ctx);
+}

@@ -1,0 +1,103 @@
+/* The global scheduler's routing state (src/service/router.c): the live instances (fed by the
+ * registry watch), their load (polled from each instance) and the policies that pick where a
+ * request runs: round-robin, least-load, prefix-cache-aware, SLO-aware; prefill/decode pairs
+ * for PD disaggregation. All functions are thread-safe (one mutex). */
+#ifndef XLLM_SERVICE_ROUTER_H
+#define XLLM_SERVICE_ROUTER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "service/registry.h"
+#include "xllm/xllm.h"
+
+typedef enum xllm_policy {
+    XLLM_POLICY_ROUND_ROBIN = 0,
+    XLLM_POLICY_LEAST_LOAD = 1,
+    XLLM_POLICY_PREFIX = 2,
+    XLLM_POLICY_SLO = 3,
+} xllm_policy;
+
+const char *xllm_policy_name(xllm_policy p);
+xllm_status xllm_policy_parse(const char *s, xllm_policy *out);
+
+typedef struct xllm_router_params {
+    xllm_policy policy;
+    int32_t block_tokens;      /* prefix index granularity in tokens; 0 = 16 */
+    double prefix_max_gap;     /* prefix policy: an instance whose load exceeds the least loaded
+                                  one's by more than this (requests) is skipped; 0 = 4 */
+    double prefix_load_weight; /* score = matched fraction - weight * load / (1 + max load);
+                                  0 = 0.25 */
+    int64_t ttft_slo_ms;       /* SLO policy defaults when a request has none; 0 = 1000 */
+    int64_t tpot_slo_ms;       /* 0 = 100 */
+    int32_t poll_ms;           /* load polling period; 0 = 200 */
+    bool pd;                   /* use prefill/decode pairs when both roles exist (default true
+                                  via xllm_router_default_params) */
+} xllm_router_params;
+
+xllm_router_params xllm_router_default_params(void);
+
+typedef struct xllm_router xllm_router;
+
+/* Starts the load poller thread. */
+xllm_router *xllm_router_new(const xllm_router_params *p);
+void xllm_router_free(xllm_router *r); /* joins the poller; accepts NULL */
+
+/* The registry watch callback (registry thread). */
+void xllm_router_on_event(const xllm_registry_event *ev, void *user);
+
+/* One instance a request is sent to. */
+typedef struct xllm_route_target {
+    char name[64];
+    uint64_t incarnation;
+    char addr[128];    /* host:port of its HTTP API */
+    char kv_addr[128]; /* host:port of its KV receiver ("" when none) */
+} xllm_route_target;
+
+/* Where a request runs: one instance (mixed), or a prefill and a decode instance (pd). */
+typedef struct xllm_route {
+    bool pd;
+    xllm_route_target run;     /* mixed: the instance; pd: the decode instance (streams) */
+    xllm_route_target prefill; /* pd only */
+    int32_t n_prompt;
+    int64_t ttft_slo_ms, tpot_slo_ms;
+    double t_start; /* monotonic seconds at pick */
+} xllm_route;
+
+/* Picks a route for a prompt, avoiding the instances named in avoid[0..n_avoid) (earlier tries
+ * of the same request). Counts the request as in flight on the chosen instances.
+ * XLLM_ERR_IO when no instance can take it. */
+xllm_status xllm_router_pick(xllm_router *r, const int32_t *prompt, int32_t n_prompt,
+                             int64_t ttft_slo_ms, int64_t tpot_slo_ms, char (*avoid)[64],
+                             int32_t n_avoid, xllm_route *out, char *err, size_t err_size);
+/* The request's first token arrived (ttft) on its route. */
+void xllm_router_first_token(xllm_router *r, const xllm_route *rt, double ttft_ms);
+/* The request left its route: ok (finished), or failed because the instance named `failed`
+ * broke (NULL: not an instance failure); the failed instance leaves routing until a load poll
+ * or a new registration shows it alive. n_gen and tpot_ms feed the SLO model. */
+void xllm_router_done(xllm_router *r, const xllm_route *rt, int32_t n_gen, double tpot_ms,
+                      const char *failed);
+
+/* Number of instances that can serve now (mixed, or prefill and decode pairs). */
+int32_t xllm_router_n_routable(xllm_router *r);
+
+/* Appends Prometheus lines (per instance: role, in flight, routed, failures; totals). */
+struct xllm_api_buf;
+void xllm_router_metrics(xllm_router *r, struct xllm_api_buf *b);
+
+/* The names and roles of the live instances as JSON text (malloc'd), for /v1/cluster. */
+char *xllm_router_describe(xllm_router *r);
+
+/* Copies up to max live instances (name, role, addr) for the PD controller. */
+typedef struct xllm_router_inst_info {
+    char name[64];
+    char addr[128];
+    xllm_role role;
+    double load;    /* in flight + waiting */
+    double ttft_ms; /* recent mean (EWMA) */
+    double tpot_ms;
+} xllm_router_inst_info;
+int32_t xllm_router_snapshot(xllm_router *r, xllm_router_inst_info *out, int32_t max);
+
+#endif

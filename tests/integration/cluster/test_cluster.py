@@ -1,0 +1,175 @@
+"""Cluster over loopback: etcd, `xllm engine` instances and `xllm service` front doors.
+1. greedy outputs through the service equal `xllm run --temp 0`, for every policy;
+2. kill -9 of an instance under load: every request completes or gets an explicit error, none
+   hangs, the instance leaves routing within the lease TTL, the service keeps serving;
+3. the master service is killed: the standby takes over within the lease time;
+4. a role switch of a live instance (POST /v1/instance/role) shows in the service's routing."""
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cluster_lib as cl  # noqa: E402
+from serve_lib import STORIES, ok, finish, run_ref, stream_text  # noqa: E402
+
+PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park"]
+N = 24
+
+
+def names(svc, role=None, up=True):
+    c = cl.cluster_json(svc) or {"instances": []}
+    return sorted(i["name"] for i in c["instances"]
+                  if (role is None or i["role"] == role) and (not up or i["up"]))
+
+
+def main():
+    etcd = cl.Etcd()
+    try:
+        refs = {p: run_ref(STORIES, p, N).decode() for p in PROMPTS}
+        m1 = cl.engine(etcd, STORIES, "m1")
+        m2 = cl.engine(etcd, STORIES, "m2")
+        svcs = {}
+        for pol in ["round-robin", "least-load", "prefix", "slo"]:
+            svcs[pol] = cl.service(etcd, STORIES, "--policy", pol, "--id", "svc-" + pol)
+        for pol, s in svcs.items():
+            ok(cl.wait_for(lambda: names(s) == ["m1", "m2"], 10), pol + ": sees both instances",
+               cl.cluster_json(s))
+
+        # 1. outputs equal xllm run, streamed and not, under concurrency, every policy
+        for pol, s in svcs.items():
+            res = {}
+
+            def one(i, p, s=s, res=res):
+                if i % 2:
+                    st, ev, done = s.stream("/v1/completions", {"prompt": p, "max_tokens": N,
+                                                               "temperature": 0, "stream": True})
+                    res[i] = (st, stream_text(ev)[0] if done else None)
+                else:
+                    st, o = s.post("/v1/completions", {"prompt": p, "max_tokens": N,
+                                                       "temperature": 0})
+                    res[i] = (st, o["choices"][0]["text"] if st == 200 else o)
+            th = [threading.Thread(target=one, args=(i, PROMPTS[i % 3])) for i in range(8)]
+            [t.start() for t in th]
+            [t.join(60) for t in th]
+            good = all(res.get(i) == (200, refs[PROMPTS[i % 3]]) for i in range(8))
+            ok(good, pol + ": greedy outputs equal xllm run (8 concurrent)", res)
+            routed = {i["name"]: i["routed"] for i in cl.cluster_json(s)["instances"]}
+            if pol in ("round-robin", "least-load"):
+                ok(all(v > 0 for v in routed.values()), pol + ": both instances used", routed)
+        # prefix: the same long prompt goes where its prefix is cached
+        s = svcs["prefix"]
+        long_p = " ".join(["Once upon a time there was a little girl named Lily."] * 4)
+        before = {i["name"]: i["routed"] for i in cl.cluster_json(s)["instances"]}
+        for _ in range(4):
+            s.post("/v1/completions", {"prompt": long_p, "max_tokens": 4, "temperature": 0})
+        after = {i["name"]: i["routed"] for i in cl.cluster_json(s)["instances"]}
+        delta = sorted(after[k] - before[k] for k in after)
+        ok(delta == [0, 4], "prefix: a repeated prompt sticks to one instance", delta)
+        ok(json.loads(s.get("/v1/cluster")[1])["policy"] == "prefix", "/v1/cluster names the policy")
+
+        # master election: exactly one of the services is master
+        masters = [p for p, s in svcs.items() if cl.cluster_json(s)["master"]]
+        ok(len(masters) == 1, "exactly one master service", masters)
+
+        # 4. role switch of a live instance: seen by the service as CHANGED
+        st, o = m2.post("/v1/instance/role", {"role": "decode"})
+        ok(st == 200, "role switch accepted", o)
+        rr = svcs["round-robin"]
+        ok(cl.wait_for(lambda: names(rr, "decode") == ["m2"], 5), "service sees m2 as decode",
+           cl.cluster_json(rr))
+        st, o = rr.post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": N,
+                                            "temperature": 0})
+        ok(st == 200 and o["choices"][0]["text"] == refs[PROMPTS[0]],
+           "served by the mixed instance while m2 is decode-only", o)
+        m2.post("/v1/instance/role", {"role": "mixed"})
+        ok(cl.wait_for(lambda: names(rr, "mixed") == ["m1", "m2"], 5), "m2 mixed again")
+        metrics = rr.get("/metrics")[1].decode()
+        ok('xllm_cluster_instance_role{instance="m2",role="mixed"}' in metrics,
+           "/metrics shows the roles")
+
+        # 2. kill -9 an instance under load
+        results = []
+        lock = threading.Lock()
+
+        def client(i):
+            t0 = time.time()
+            st, ev, done = rr.stream("/v1/completions", {"prompt": PROMPTS[i % 3],
+                                                         "max_tokens": 400, "temperature": 0,
+                                                         "ignore_eos": True, "stream": True})
+            err = [e for e in ev if "error" in e]
+            text, fin = stream_text(ev) if st == 200 else ("", None)
+            with lock:
+                results.append((i, st, done, fin, bool(err), len(text), time.time() - t0))
+        th = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+        [t.start() for t in th]
+        cl.wait_for(lambda: (cl.cluster_json(rr) or {"instances": [{"in_flight": 0}]})
+                    ["instances"][0]["in_flight"] >= 3, 5, 0.01)
+        t_kill = time.time()
+        m1.proc.send_signal(signal.SIGKILL)
+        [t.join(90) for t in th]
+        ok(len(results) == 12 and not any(t.is_alive() for t in th), "no request hangs", results)
+        completed = [r for r in results if r[1] == 200 and r[2] and r[3] == "length" and not r[4]]
+        errored = [r for r in results if r[4] or r[3] == "abort" or r[1] != 200]
+        ok(len(completed) + len(errored) == len(results),
+           "every request completed or got an explicit error", results)
+        ok(cl.wait_for(lambda: names(rr, up=False) == ["m2"], 3.0),
+           "the killed instance left the registry within the lease TTL (+etcd tick)",
+           time.time() - t_kill)
+        st, o = rr.post("/v1/completions", {"prompt": PROMPTS[1], "max_tokens": N,
+                                            "temperature": 0})
+        ok(st == 200 and o["choices"][0]["text"] == refs[PROMPTS[1]],
+           "the service keeps serving with the rest", o)
+        m = rr.metrics()
+        print("  after kill: %d completed, %d with an error event; retries %d" %
+              (len(completed), len(errored), m.get("xllm_service_retries_total", 0)))
+        ok(len(errored) + m.get("xllm_service_retries_total", 0) > 0,
+           "the kill hit requests in flight (error events or retries)", results)
+
+        # 3. the master service is killed; a standby takes over within the lease time
+        master = [s for s in svcs.values() if cl.cluster_json(s)["master"]][0]
+        others = [s for s in svcs.values() if s is not master]
+        master.proc.send_signal(signal.SIGKILL)
+        t0 = time.time()
+        took = cl.wait_for(lambda: any(cl.cluster_json(s)["master"] for s in others), 5)
+        ok(took, "a standby service took over as master (%.1f s)" % (time.time() - t0))
+        for s in others:
+            ok(s.stop() == 0, "standby service stops cleanly", s.log[-5:])
+
+        # PD routes: one prefill + one decode + one mixed instance behind one service; every
+        # policy routes both kinds (prefill/decode pair and mixed) and outputs equal xllm run
+        p1 = cl.engine(etcd, STORIES, "p1", "prefill")
+        d1 = cl.engine(etcd, STORIES, "d1", "decode")
+        for pol in ["round-robin", "least-load", "prefix", "slo"]:
+            s = cl.service(etcd, STORIES, "--policy", pol, "--id", "pd-" + pol)
+            ok(cl.wait_for(lambda: names(s) == ["d1", "m2", "p1"], 10), pol + ": sees p1 d1 m2")
+            res = []
+            for i in range(6):
+                st, ev, done = s.stream("/v1/completions", {"prompt": PROMPTS[i % 3],
+                                                           "max_tokens": N, "temperature": 0,
+                                                           "stream": True})
+                res.append(stream_text(ev)[0] == refs[PROMPTS[i % 3]] and done)
+                if pol in ("least-load", "slo") and i % 2 == 0:
+                    # keep the mixed instance busy so that the pair is chosen too
+                    threading.Thread(target=m2.post, args=("/v1/completions", {
+                        "prompt": PROMPTS[0], "max_tokens": 100, "ignore_eos": True})).start()
+            m = s.metrics()
+            ok(all(res), pol + ": PD cluster outputs equal xllm run", res)
+            kinds = (m.get('xllm_cluster_routes_total{kind="pd"}', 0),
+                     m.get('xllm_cluster_routes_total{kind="mixed"}', 0))
+            if pol == "round-robin":
+                ok(kinds[0] > 0 and kinds[1] > 0, pol + ": both PD pairs and mixed used", kinds)
+            else:
+                ok(sum(kinds) == 6, pol + ": every request routed", kinds)
+            rc = s.stop()
+            ok(rc == 0, pol + ": service stops cleanly (no sanitizer report)", rc)
+        ok(p1.stop() == 0 and d1.stop() == 0, "prefill and decode engines stop cleanly")
+        ok(m2.stop() == 0, "engine stops cleanly")
+    finally:
+        etcd.stop()
+    finish()
+
+
+main()
