@@ -5,6 +5,8 @@
 int xllm_cmd_run(int argc, char **argv);
 int xllm_cmd_logits(int argc, char **argv);
 int xllm_cmd_info(int argc, char **argv);
+int xllm_cmd_gen_model(int argc, char **argv);
+int xllm_cmd_bench(int argc, char **argv);
 int xllm_cmd_tokenize(int argc, char **argv);
 int xllm_cmd_bench_tokenize(int argc, char **argv);
 int xllm_cmd_chat_template(int argc, char **argv);

@@ -15,6 +15,8 @@ static void usage(FILE *f) {
                "  service  cluster front door and global scheduler over engine instances\n"
                "  logits   write the logits of given token ids to a file\n"
                "  info     print a model's architecture, shapes, tensors and tokenizer\n"
+               "  bench    measure prompt, generation and batched decode speed (like llama-bench)\n"
+               "  gen-model  write a GGUF with random weights in a real model's shape\n"
                "  tokenize print the token ids of stdin (xllm tokenize -m MODEL_OR_DIR)\n"
                "  bench-tokenize  measure tokenizer encoding speed on files\n"
                "  chat-template  render a chat template for a request (prints the prompt)\n"
@@ -37,6 +39,8 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "service")) return xllm_cmd_service(argc - 1, argv + 1);
     if (!strcmp(cmd, "logits")) return xllm_cmd_logits(argc - 1, argv + 1);
     if (!strcmp(cmd, "info")) return xllm_cmd_info(argc - 1, argv + 1);
+    if (!strcmp(cmd, "bench")) return xllm_cmd_bench(argc - 1, argv + 1);
+    if (!strcmp(cmd, "gen-model")) return xllm_cmd_gen_model(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenize")) return xllm_cmd_tokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench-tokenize")) return xllm_cmd_bench_tokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "chat-template")) return xllm_cmd_chat_template(argc - 1, argv + 1);

@@ -1,7 +1,9 @@
 /* Contexts: KV memory plus workspaces; xllm_decode validates a batch (sequence ids, positions,
  * token ids, KV room) and then runs the forward pass. */
+#include <stdlib.h>
 #include <string.h>
 
+#include "compute/cpu/cpu.h"
 #include "engine/engine-impl.h"
 #include "util/common.h"
 
@@ -32,7 +34,7 @@ xllm_status xllm_context_new(const xllm_model *model, const xllm_context_params 
     if (p.n_ctx == 0) p.n_ctx = XLLM_MIN(hp->n_ctx_train > 0 ? hp->n_ctx_train : 4096, 4096);
     if (p.n_seq_max == 0) p.n_seq_max = 1;
     if (p.n_batch == 0) p.n_batch = 512;
-    if (p.n_threads == 0) p.n_threads = xllm_cpu_count();
+    if (p.n_threads == 0) p.n_threads = xllm_cpu_physical_cores();
 
     xllm_context *ctx = xllm_xcalloc(1, sizeof(*ctx));
     ctx->model = model;
@@ -85,7 +87,27 @@ xllm_status xllm_context_new(const xllm_model *model, const xllm_context_params 
     ws->rows = xllm_xcalloc(B, sizeof(int32_t));
     ws->gather = falloc(B * hp->n_embd);
     ws->exp_out = falloc(B * hp->n_embd);
-    ws->scratch = falloc((size_t)p.n_threads * ctx->max_cols);
+    ctx->mm = xllm_mm_new(ctx->tp, xllm_cpu_level_default(), B, ctx->max_cols);
+    ctx->kern = xllm_mm_kernels(ctx->mm);
+    /* Dense quantized matrices packed once into the batched path's panel form (another copy of
+     * those weights in memory; XLLM_PREPACK=0 turns it off). */
+    const char *pre = getenv("XLLM_PREPACK");
+    if (!pre || strcmp(pre, "0") != 0) {
+        for (int il = 0; il < hp->n_layer; il++) {
+            const xllm_layer *ly = &model->layers[il];
+            const xllm_weight *ws_[] = {&ly->wq,       &ly->wk,     &ly->wv,      &ly->wo,
+                                        &ly->ffn_gate, &ly->ffn_up, &ly->ffn_down};
+            for (size_t i = 0; i < sizeof(ws_) / sizeof(ws_[0]); i++) {
+                if (!ws_[i]->data) continue;
+                xllm_mat m = {ws_[i]->data, ws_[i]->type, ws_[i]->ne[1], ws_[i]->ne[0],
+                              ws_[i]->row_bytes};
+                xllm_mm_prepack(ctx->mm, &m);
+            }
+        }
+        const xllm_weight *o = &model->output;
+        xllm_mat m = {o->data, o->type, o->ne[1], o->ne[0], o->row_bytes};
+        if (o->data) xllm_mm_prepack(ctx->mm, &m);
+    }
     ws->att_scratch = falloc((size_t)p.n_threads * (p.n_ctx + hp->head_dim));
     ws->seq_next = xllm_xcalloc((size_t)p.n_seq_max, sizeof(int32_t));
     ws->seq_last = xllm_xcalloc((size_t)p.n_seq_max, sizeof(int32_t));
@@ -98,14 +120,15 @@ xllm_status xllm_context_new(const xllm_model *model, const xllm_context_params 
 
 void xllm_context_free(xllm_context *ctx) {
     if (!ctx) return;
+    xllm_mm_free(ctx->mm);
     xllm_threadpool_free(ctx->tp);
     xllm_kv_free(ctx->kv);
     xllm_workspace *ws = &ctx->ws;
-    void *bufs[] = {ws->x,        ws->xn,      ws->q,       ws->k,           ws->v,
-                    ws->att,      ws->ffn_a,   ws->ffn_b,   ws->out,         ws->rope_cos,
-                    ws->rope_sin, ws->router,  ws->exp_ids, ws->exp_w,       ws->rows,
-                    ws->gather,   ws->exp_out, ws->scratch, ws->att_scratch, ws->seq_next,
-                    ws->seq_last, ws->spans};
+    void *bufs[] = {ws->x,        ws->xn,      ws->q,           ws->k,        ws->v,
+                    ws->att,      ws->ffn_a,   ws->ffn_b,       ws->out,      ws->rope_cos,
+                    ws->rope_sin, ws->router,  ws->exp_ids,     ws->exp_w,    ws->rows,
+                    ws->gather,   ws->exp_out, ws->att_scratch, ws->seq_next, ws->seq_last,
+                    ws->spans};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     free(ctx->logits);
     free(ctx->out_row);

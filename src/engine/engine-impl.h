@@ -3,6 +3,7 @@
 #ifndef XLLM_ENGINE_IMPL_H
 #define XLLM_ENGINE_IMPL_H
 
+#include "compute/cpu/ops.h"
 #include "compute/threadpool.h"
 #include "kv/kv.h"
 #include "model/model-impl.h"
@@ -26,7 +27,6 @@ typedef struct xllm_workspace {
     int32_t *rows;       /* (n_batch) token rows routed to one expert */
     float *gather;       /* (n_batch, n_embd) the rows routed to one expert */
     float *exp_out;      /* (n_batch, n_embd) one expert's output for those rows */
-    float *scratch;      /* (n_threads, max_cols) dequantized weight rows */
     float *att_scratch;  /* (n_threads, n_ctx) attention scores */
     int32_t *seq_next;   /* (n_seq) next position per sequence while validating a batch */
     int32_t *seq_last;   /* (n_seq) last row of each sequence in the batch */
@@ -37,6 +37,8 @@ struct xllm_context {
     const xllm_model *model;
     xllm_context_params params;
     xllm_threadpool *tp;
+    xllm_mm *mm;                  /* matmul engine: dispatched kernels + their workspaces */
+    const xllm_cpu_kernels *kern; /* kernels of the level chosen at creation (XLLM_CPU) */
     xllm_kv *kv;
     xllm_workspace ws;
     int64_t max_cols;

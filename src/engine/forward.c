@@ -1,6 +1,7 @@
 /* The batched forward pass shared by the llama, qwen2, qwen3 and qwen3moe families: every
  * token of the batch goes through the same matrix products; attention is per sequence. */
 #include <math.h>
+#include <stdatomic.h>
 #include <string.h>
 
 #include "compute/cpu/ops.h"
@@ -19,11 +20,25 @@ static xllm_mat mat_of(const xllm_weight *w, int64_t expert) {
     return m;
 }
 
-/* y (T, rows) = x (T, cols) @ W^T with dense strides. */
-static void matmul(xllm_context *ctx, const xllm_weight *w, int64_t expert, const float *x,
-                   float *y, int64_t T) {
+/* Declares x (T, n) as the input of the next matmuls (quantized once for all of them). */
+static void mm_input(xllm_context *ctx, const float *x, int64_t T, int64_t n) {
+    xllm_mm_input(ctx->mm, x, n, T, n);
+}
+
+/* y (T, rows) (+)= input @ W^T with dense strides. */
+static void matmul(xllm_context *ctx, const xllm_weight *w, int64_t expert, float *y, bool acc) {
     xllm_mat m = mat_of(w, expert);
-    xllm_op_matmul(ctx->tp, &m, x, m.n_cols, y, m.n_rows, T, ctx->ws.scratch);
+    xllm_mm_run(ctx->mm, &m, y, m.n_rows, acc);
+}
+
+/* Two or three matmuls on the current input in one parallel region (c may be NULL). */
+static void matmul3(xllm_context *ctx, const xllm_weight *a, const xllm_weight *b,
+                    const xllm_weight *c, float *ya, float *yb, float *yc) {
+    xllm_mat m[3] = {mat_of(a, 0), mat_of(b, 0), c ? mat_of(c, 0) : mat_of(a, 0)};
+    const xllm_mat *w[3] = {&m[0], &m[1], &m[2]};
+    float *y[3] = {ya, yb, yc};
+    int64_t ys[3] = {m[0].n_rows, m[1].n_rows, m[2].n_rows};
+    xllm_mm_run_multi(ctx->mm, c ? 3 : 2, w, y, ys, false);
 }
 
 static void add_bias(float *y, const xllm_weight *b, int64_t T, int64_t n) {
@@ -41,32 +56,80 @@ typedef struct attn_task {
     xllm_context *ctx;
     const xllm_batch *b;
     int il;
+    atomic_int_fast64_t next; /* next work item to take (dynamic: robust to preemption) */
 } attn_task;
 
+/* Work items: runs of up to XLLM_ATTN_MAX_Q / group consecutive rows of one sequence (at
+ * consecutive positions) times KV heads, taken by threads one at a time from a shared counter
+ * (later positions cost more, and a preempted thread must not stall the others). */
 static void attn_worker(void *arg, int ith, int nth) {
-    const attn_task *a = arg;
+    attn_task *a = arg;
     xllm_context *ctx = a->ctx;
     const xllm_hparams *hp = &ctx->model->hp;
-    const int H = hp->n_head, D = hp->head_dim, group = hp->n_head / hp->n_head_kv;
+    const int H = hp->n_head, HK = hp->n_head_kv, D = hp->head_dim, group = H / HK;
+    const int max_tok = group <= XLLM_ATTN_MAX_Q ? XLLM_ATTN_MAX_Q / group : 1;
     const float scale = 1.0f / sqrtf((float)D);
-    const xllm_dtype type = xllm_kv_type(ctx->kv);
-    const size_t rb = xllm_kv_row_bytes(ctx->kv);
+    const xllm_batch *b = a->b;
     float *scores = ctx->ws.att_scratch + (size_t)ith * (size_t)(ctx->params.n_ctx + D);
     xllm_kv_span *spans = ctx->ws.spans + (size_t)ith * (size_t)ctx->max_spans;
-    int64_t lo, hi;
-    xllm_split_range((int64_t)a->b->n_tokens * H, ith, nth, &lo, &hi);
-    int32_t cur_seq = -1, cur_pos = -1, n_spans = 0;
-    for (int64_t idx = lo; idx < hi; idx++) {
-        const int t = (int)(idx / H), h = (int)(idx % H);
-        const int32_t s = a->b->seq_id[t], n_pos = a->b->pos[t] + 1;
-        if (s != cur_seq || n_pos != cur_pos) {
-            n_spans = xllm_kv_spans(ctx->kv, a->il, s, n_pos, spans, ctx->max_spans);
-            cur_seq = s;
-            cur_pos = n_pos;
+    int64_t item = 0, mine = atomic_fetch_add(&a->next, 1);
+    for (int32_t t0 = 0; t0 < b->n_tokens;) {
+        int32_t n = 1;
+        while (t0 + n < b->n_tokens && n < max_tok && b->seq_id[t0 + n] == b->seq_id[t0] &&
+               b->pos[t0 + n] == b->pos[t0] + n)
+            n++;
+        const int32_t s = b->seq_id[t0];
+        const int32_t last_pos = b->pos[t0 + n - 1] + 1;
+        /* all KV heads in one item (whole K / V rows read once) when the batch has enough
+         * items for the threads anyway */
+        const int nkv = b->n_tokens >= 2 * nth && n * group * HK <= XLLM_ATTN_MAX_Q ? HK : 1;
+        for (int g = 0; g < HK; g += nkv, item++) {
+            if (item != mine) continue;
+            mine = atomic_fetch_add(&a->next, 1);
+            const int32_t ns = xllm_kv_spans(ctx->kv, a->il, s, last_pos, spans, ctx->max_spans);
+            if (ns != 1 || spans[0].pos0 != 0) {
+                /* KV in several runs (paged layout): the per-head kernel reads run by run */
+                for (int32_t t = t0; t < t0 + n; t++) {
+                    const int32_t np = b->pos[t] + 1;
+                    const int32_t nst = xllm_kv_spans(ctx->kv, a->il, s, np, spans, ctx->max_spans);
+                    for (int h = g * group; h < (g + nkv) * group; h++)
+                        xllm_attention_head(ctx->ws.q + ((size_t)t * H + h) * D, spans, nst,
+                                            xllm_kv_type(ctx->kv), xllm_kv_row_bytes(ctx->kv),
+                                            (int64_t)(h / group) * D, D, np, scale, scores,
+                                            scores + ctx->params.n_ctx,
+                                            ctx->ws.att + ((size_t)t * H + h) * D);
+                }
+                continue;
+            }
+            xllm_attn_args at = {
+                .q = ctx->ws.q + ((size_t)t0 * H + (size_t)g * group) * D,
+                .q_stride = (int64_t)H * D,
+                .k = spans[0].k,
+                .v = spans[0].v,
+                .kv_type = xllm_kv_type(ctx->kv),
+                .row_bytes = xllm_kv_row_bytes(ctx->kv),
+                .kv_off = (int64_t)g * D,
+                .head_dim = D,
+                .group = group <= XLLM_ATTN_MAX_Q ? group : 1,
+                .n_tok = n,
+                .n_pos = b->pos[t0] + 1,
+                .scale = scale,
+                .out = ctx->ws.att + ((size_t)t0 * H + (size_t)g * group) * D,
+                .out_stride = (int64_t)H * D,
+                .n_kv = nkv,
+            };
+            if (group <= XLLM_ATTN_MAX_Q) {
+                xllm_cpu_attention(ctx->kern, &at);
+            } else {
+                for (int j = 0; j < group; j++) {
+                    xllm_attn_args one = at;
+                    one.q += (size_t)j * D;
+                    one.out += (size_t)j * D;
+                    xllm_cpu_attention(ctx->kern, &one);
+                }
+            }
         }
-        xllm_attention_head(ctx->ws.q + ((size_t)t * H + h) * D, spans, n_spans, type, rb,
-                            (int64_t)(h / group) * D, D, n_pos, scale, scores,
-                            scores + ctx->params.n_ctx, ctx->ws.att + ((size_t)t * H + h) * D);
+        t0 += n;
     }
 }
 
@@ -83,11 +146,8 @@ static void store_kv(xllm_context *ctx, const xllm_batch *b, int il) {
             memcpy(kd, ks, (size_t)n * sizeof(float));
             memcpy(vd, vs, (size_t)n * sizeof(float));
         } else {
-            uint16_t *kh = (uint16_t *)kd, *vh = (uint16_t *)vd;
-            for (int64_t i = 0; i < n; i++) {
-                kh[i] = xllm_fp32_to_fp16(ks[i]);
-                vh[i] = xllm_fp32_to_fp16(vs[i]);
-            }
+            xllm_cpu_to_f16(ctx->kern, ks, (uint16_t *)kd, n);
+            xllm_cpu_to_f16(ctx->kern, vs, (uint16_t *)vd, n);
         }
     }
 }
@@ -102,10 +162,10 @@ static void attention_block(xllm_context *ctx, const xllm_batch *b, int il) {
     const int half = hp->n_rot / 2;
 
     for (int64_t t = 0; t < T; t++)
-        xllm_op_rmsnorm(ws->xn + t * E, ws->x + t * E, ly->attn_norm.data, E, hp->norm_eps);
-    matmul(ctx, &ly->wq, 0, ws->xn, ws->q, T);
-    matmul(ctx, &ly->wk, 0, ws->xn, ws->k, T);
-    matmul(ctx, &ly->wv, 0, ws->xn, ws->v, T);
+        xllm_cpu_rmsnorm(ctx->kern, ws->xn + t * E, ws->x + t * E, ly->attn_norm.data, E,
+                         hp->norm_eps);
+    mm_input(ctx, ws->xn, T, E);
+    matmul3(ctx, &ly->wq, &ly->wk, &ly->wv, ws->q, ws->k, ws->v);
     add_bias(ws->q, &ly->bq, T, nq);
     add_bias(ws->k, &ly->bk, T, nk);
     add_bias(ws->v, &ly->bv, T, nk);
@@ -113,9 +173,9 @@ static void attention_block(xllm_context *ctx, const xllm_batch *b, int il) {
         float *q = ws->q + t * nq, *k = ws->k + t * nk;
         if (ly->q_norm.data) {
             for (int h = 0; h < hp->n_head; h++)
-                xllm_op_rmsnorm(q + h * D, q + h * D, ly->q_norm.data, D, hp->norm_eps);
+                xllm_cpu_rmsnorm(ctx->kern, q + h * D, q + h * D, ly->q_norm.data, D, hp->norm_eps);
             for (int h = 0; h < hp->n_head_kv; h++)
-                xllm_op_rmsnorm(k + h * D, k + h * D, ly->k_norm.data, D, hp->norm_eps);
+                xllm_cpu_rmsnorm(ctx->kern, k + h * D, k + h * D, ly->k_norm.data, D, hp->norm_eps);
         }
         const int neox = hp->rope_type == XLLM_ROPE_NEOX;
         xllm_op_rope(q, hp->n_head, (int)D, hp->n_rot, ws->rope_cos + t * half,
@@ -124,10 +184,12 @@ static void attention_block(xllm_context *ctx, const xllm_batch *b, int il) {
                      ws->rope_sin + t * half, neox);
     }
     store_kv(ctx, b, il);
-    attn_task a = {ctx, b, il};
+    attn_task a = {.ctx = ctx, .b = b, .il = il};
+    atomic_init(&a.next, 0);
     xllm_threadpool_run(ctx->tp, attn_worker, &a);
-    matmul(ctx, &ly->wo, 0, ws->att, ws->out, T);
-    for (int64_t i = 0; i < T * E; i++) ws->x[i] += ws->out[i];
+    /* x += att @ Wo^T: the residual add is fused into the matmul's store */
+    mm_input(ctx, ws->att, T, nq);
+    matmul(ctx, &ly->wo, 0, ws->x, true);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -136,11 +198,13 @@ static void attention_block(xllm_context *ctx, const xllm_batch *b, int il) {
 
 static void dense_ffn(xllm_context *ctx, const xllm_layer *ly, int64_t T) {
     xllm_workspace *ws = &ctx->ws;
-    const int64_t F = ctx->model->hp.n_ff;
-    matmul(ctx, &ly->ffn_gate, 0, ws->xn, ws->ffn_a, T);
-    matmul(ctx, &ly->ffn_up, 0, ws->xn, ws->ffn_b, T);
-    xllm_op_swiglu(ws->ffn_a, ws->ffn_a, ws->ffn_b, T * F);
-    matmul(ctx, &ly->ffn_down, 0, ws->ffn_a, ws->out, T);
+    const int64_t F = ctx->model->hp.n_ff, E = ctx->model->hp.n_embd;
+    mm_input(ctx, ws->xn, T, E);
+    matmul3(ctx, &ly->ffn_gate, &ly->ffn_up, NULL, ws->ffn_a, ws->ffn_b, NULL);
+    xllm_cpu_swiglu(ctx->kern, ws->ffn_a, ws->ffn_a, ws->ffn_b, T * F);
+    /* x += ffn_a @ Wdown^T (residual fused) */
+    mm_input(ctx, ws->ffn_a, T, F);
+    matmul(ctx, &ly->ffn_down, 0, ws->x, true);
 }
 
 /* Mixture of experts: softmax router, top-k experts per token, weights renormalized over the
@@ -149,7 +213,8 @@ static void moe_ffn(xllm_context *ctx, const xllm_layer *ly, int64_t T) {
     xllm_workspace *ws = &ctx->ws;
     const xllm_hparams *hp = &ctx->model->hp;
     const int64_t E = hp->n_embd, F = hp->n_ff_exp, NE = hp->n_expert, K = hp->n_expert_used;
-    matmul(ctx, &ly->ffn_gate_inp, 0, ws->xn, ws->router, T);
+    mm_input(ctx, ws->xn, T, E);
+    matmul(ctx, &ly->ffn_gate_inp, 0, ws->router, false);
     for (int64_t t = 0; t < T; t++) {
         float *p = ws->router + t * NE;
         xllm_op_softmax(p, NE);
@@ -181,10 +246,12 @@ static void moe_ffn(xllm_context *ctx, const xllm_layer *ly, int64_t T) {
                     n++;
                 }
         if (n == 0) continue;
-        matmul(ctx, &ly->gate_exps, e, ws->gather, ws->ffn_a, n);
-        matmul(ctx, &ly->up_exps, e, ws->gather, ws->ffn_b, n);
-        xllm_op_swiglu(ws->ffn_a, ws->ffn_a, ws->ffn_b, n * F);
-        matmul(ctx, &ly->down_exps, e, ws->ffn_a, ws->exp_out, n);
+        mm_input(ctx, ws->gather, n, E);
+        matmul(ctx, &ly->gate_exps, e, ws->ffn_a, false);
+        matmul(ctx, &ly->up_exps, e, ws->ffn_b, false);
+        xllm_cpu_swiglu(ctx->kern, ws->ffn_a, ws->ffn_a, ws->ffn_b, n * F);
+        mm_input(ctx, ws->ffn_a, n, F);
+        matmul(ctx, &ly->down_exps, e, ws->exp_out, false);
         for (int64_t r = 0; r < n; r++) {
             const int64_t t = ws->rows[r] / K;
             const float w = ws->exp_w[ws->rows[r]];
@@ -231,12 +298,14 @@ xllm_status xllm_forward(xllm_context *ctx, const xllm_batch *b, int32_t n_out) 
         const xllm_layer *ly = &m->layers[il];
         attention_block(ctx, b, il);
         for (int64_t t = 0; t < T; t++)
-            xllm_op_rmsnorm(ws->xn + t * E, ws->x + t * E, ly->ffn_norm.data, E, hp->norm_eps);
-        if (hp->n_expert > 0)
+            xllm_cpu_rmsnorm(ctx->kern, ws->xn + t * E, ws->x + t * E, ly->ffn_norm.data, E,
+                             hp->norm_eps);
+        if (hp->n_expert > 0) {
             moe_ffn(ctx, ly, T);
-        else
+            for (int64_t i = 0; i < T * E; i++) ws->x[i] += ws->out[i];
+        } else {
             dense_ffn(ctx, ly, T);
-        for (int64_t i = 0; i < T * E; i++) ws->x[i] += ws->out[i];
+        }
     }
 
     if (n_out == 0) return XLLM_OK;
@@ -244,9 +313,10 @@ xllm_status xllm_forward(xllm_context *ctx, const xllm_batch *b, int32_t n_out) 
     for (int64_t t = 0; t < T; t++) {
         int32_t o = ctx->out_row[t];
         if (o >= 0)
-            xllm_op_rmsnorm(ws->xn + (int64_t)o * E, ws->x + t * E, m->output_norm.data, E,
-                            hp->norm_eps);
+            xllm_cpu_rmsnorm(ctx->kern, ws->xn + (int64_t)o * E, ws->x + t * E, m->output_norm.data,
+                             E, hp->norm_eps);
     }
-    matmul(ctx, &m->output, 0, ws->xn, ctx->logits, n_out);
+    mm_input(ctx, ws->xn, n_out, E);
+    matmul(ctx, &m->output, 0, ctx->logits, false);
     return XLLM_OK;
 }

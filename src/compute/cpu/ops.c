@@ -130,3 +130,53 @@ void xllm_op_attention_head(const float *q, const void *k, const void *v, xllm_d
         for (int d = 0; d < head_dim; d++) out[d] += s * vf[d];
     }
 }
+
+/* Reference for the fused kernels: per query head, two passes over the visible positions (max,
+ * then exp-sum and the weighted V sum), in the same float arithmetic as the head kernel. */
+void xllm_op_attention_group(const xllm_attn_args *a) {
+    if (a->n_kv > 1) { /* one KV head at a time */
+        for (int h = 0; h < a->n_kv; h++) {
+            xllm_attn_args one = *a;
+            one.n_kv = 1;
+            one.kv_off = a->kv_off + (int64_t)h * a->head_dim;
+            one.q = a->q + (size_t)h * a->group * a->head_dim;
+            one.out = a->out + (size_t)h * a->group * a->head_dim;
+            xllm_op_attention_group(&one);
+        }
+        return;
+    }
+    const size_t es = a->kv_type == XLLM_DTYPE_F32 ? 4 : 2;
+    const int D = a->head_dim;
+    float kr[1024], acc[1024];
+    XLLM_ASSERT(D <= 1024);
+    for (int i = 0; i < a->n_tok; i++) {
+        const int32_t np = a->n_pos + i;
+        for (int j = 0; j < a->group; j++) {
+            const float *q = a->q + (size_t)i * a->q_stride + (size_t)j * D;
+            float *out = a->out + (size_t)i * a->out_stride + (size_t)j * D;
+            float mx = -INFINITY;
+            for (int32_t p = 0; p < np; p++) {
+                const uint8_t *k =
+                    (const uint8_t *)a->k + (size_t)p * a->row_bytes + a->kv_off * es;
+                load_row(kr, k, a->kv_type, D);
+                float sc = xllm_op_dot_f32(q, kr, D) * a->scale;
+                mx = sc > mx ? sc : mx;
+            }
+            double sum = 0;
+            memset(acc, 0, (size_t)D * sizeof(float));
+            for (int32_t p = 0; p < np; p++) {
+                const uint8_t *k =
+                    (const uint8_t *)a->k + (size_t)p * a->row_bytes + a->kv_off * es;
+                const uint8_t *v =
+                    (const uint8_t *)a->v + (size_t)p * a->row_bytes + a->kv_off * es;
+                load_row(kr, k, a->kv_type, D);
+                const float e = expf(xllm_op_dot_f32(q, kr, D) * a->scale - mx);
+                sum += e;
+                load_row(kr, v, a->kv_type, D);
+                for (int d = 0; d < D; d++) acc[d] += e * kr[d];
+            }
+            const float inv = (float)(1.0 / sum);
+            for (int d = 0; d < D; d++) out[d] = acc[d] * inv;
+        }
+    }
+}

@@ -1,0 +1,1283 @@
+/* AVX-512 kernels (F/BW/VL + VNNI, BF16 where present): 8-bit activation quantizer, direct
+ * decode GEMV per weight type, packed weight-stationary GEMM (int8 VNNI, bf16 dot, fp32 FMA),
+ * fused attention with online softmax, norms and activations. Compiled with AVX-512 flags;
+ * only called after run-time dispatch has checked the CPU. */
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "compute/cpu/kernels.h"
+#include "compute/dtype.h"
+#include "util/common.h"
+
+/* ---- helpers --------------------------------------------------------------------------- */
+
+static inline float h2f(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+static inline int32_t ld32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static inline __m512i load2x256(const void *a, const void *b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(a)), _mm256_loadu_si256(b),
+                              1);
+}
+
+static inline __mmask16 rows_mask(int nr) {
+    return (__mmask16)((1u << nr) - 1u);
+}
+
+/* exp(x) for a vector: range reduction to 2^n * exp(r), |r| <= ln2/2, degree-6 polynomial. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Loads 16 elements of a float-like row (F32, F16 or BF16) at element i as floats. */
+static inline __m512 load_f16(xllm_dtype t, const uint8_t *row, int64_t i) {
+    if (t == XLLM_DTYPE_F32) return _mm512_loadu_ps((const float *)row + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i));
+    if (t == XLLM_DTYPE_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Transposes 16 vectors of 16 dwords: r[i] lane j -> r[j] lane i. */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int i = 0; i < 8; i++) {
+        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        b[4 * i + 0] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        const __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44);
+        const __m512i e1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+        const __m512i e2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+        const __m512i e3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+        r[c] = _mm512_shuffle_i32x4(e0, e2, 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(e0, e2, 0xDD);
+        r[8 + c] = _mm512_shuffle_i32x4(e1, e3, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(e1, e3, 0xDD);
+    }
+}
+
+static inline float hsum(__m512 v) {
+    return _mm512_reduce_add_ps(v);
+}
+
+/* ---- activation quantizer ---------------------------------------------------------------- */
+
+static void quant_row(const float *x, int64_t n, int B, int8_t *q, float *d, int16_t *s16) {
+    for (int64_t j = 0; j < n / B; j++) {
+        const float *xb = x + j * B;
+        __m512 mx = _mm512_setzero_ps();
+        for (int i = 0; i < B; i += 16)
+            mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
+        const float amax = _mm512_reduce_max_ps(mx);
+        const __m512 id = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        d[j] = amax / 127.0f;
+        for (int i = 0; i < B; i += 16) {
+            const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), id));
+            _mm_storeu_si128((__m128i *)(q + j * B + i), _mm512_cvtsepi32_epi8(v));
+            s16[(j * B + i) / 16] = (int16_t)_mm512_reduce_add_epi32(v);
+        }
+    }
+}
+
+/* ---- direct decode kernels (T <= XLLM_GEMV_MAX_T) ------------------------------------------ */
+
+static inline void put(float *y, int64_t idx, float v, bool acc) {
+    y[idx] = acc ? y[idx] + v : v;
+}
+
+static void gemv_float(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
+                       int64_t T, float *y, int64_t y_stride, bool acc) {
+    const int64_t K = w->n_cols;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+        __m512 s[XLLM_GEMV_MAX_T][2];
+#pragma GCC unroll 8
+        for (int t = 0; t < XLLM_GEMV_MAX_T; t++) s[t][0] = s[t][1] = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 32 <= K; i += 32) {
+            const __m512 w0 = load_f16(w->type, row, i), w1 = load_f16(w->type, row, i + 16);
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) {
+                s[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * x_stride + i), s[t][0]);
+                s[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * x_stride + i + 16), s[t][1]);
+            }
+        }
+        for (; i + 16 <= K; i += 16) {
+            const __m512 w0 = load_f16(w->type, row, i);
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++)
+                s[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * x_stride + i), s[t][0]);
+        }
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) {
+            float v = hsum(_mm512_add_ps(s[t][0], s[t][1]));
+            for (int64_t k = i; k < K; k++) {
+                float wk = w->type == XLLM_DTYPE_F32 ? ((const float *)row)[k]
+                           : w->type == XLLM_DTYPE_F16
+                               ? xllm_fp16_to_fp32(((const uint16_t *)row)[k])
+                               : xllm_bf16_to_fp32(((const uint16_t *)row)[k]);
+                v += wk * x[t * x_stride + k];
+            }
+            put(y, t * y_stride + r, v, acc);
+        }
+    }
+}
+
+/* Q8_0 weights x 8-bit activations with 32-element blocks: weights made unsigned (+128), the
+ * offset taken back with the activation block sums (a->g holds d and d * sum per block). */
+/* One pair of blocks (j, j + 1) of a Q8_0 row against T tokens, into s[0..T). */
+static inline __attribute__((always_inline)) void q8_pair(const uint8_t *row, int64_t j,
+                                                          const xllm_q8act *a, int64_t K,
+                                                          int64_t nb, const int T, __m512 *s) {
+    const __m512i x80 = _mm512_set1_epi8((char)0x80);
+    const __m512i ilo = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i ihi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1);
+    const uint8_t *b0 = row + 34 * j, *b1 = b0 + 34;
+    const __m512i wq = _mm512_xor_si512(load2x256(b0 + 2, b1 + 2), x80);
+    const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(h2f(b0)), _mm256_set1_ps(h2f(b1)), 1);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++) {
+        const __m512i av = _mm512_loadu_si512(a->q + t * K + 32 * j);
+        const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, av);
+        /* g: (d_j, ds_j, d_j+1, ds_j+1) */
+        const __m512 g = _mm512_castps128_ps512(_mm_loadu_ps(a->g + (t * nb + j) * 2));
+        const __m512 da = _mm512_permutexvar_ps(ilo, g);
+        const __m512 ds =
+            _mm512_mul_ps(_mm512_permutexvar_ps(ihi, g), _mm512_set1_ps(-128.0f / 8.0f));
+        s[t] = _mm512_fmadd_ps(dw, _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), da, ds), s[t]);
+    }
+}
+
+/* Q8_0 weights x 8-bit activations with 32-element blocks: weights made unsigned (+128), the
+ * offset taken back with the activation block sums (a->g holds d and d * sum per block).
+ * Inlined per T so the accumulators stay in registers; two sets break the FMA chain. */
+static inline __attribute__((always_inline)) void gemv_q8_0_t(const xllm_mat *w, int64_t r0,
+                                                              int64_t r1, const xllm_q8act *a,
+                                                              const int T, float *y,
+                                                              int64_t y_stride, bool acc) {
+    const int64_t K = w->n_cols, nb = K / 32;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+        __m512 s[XLLM_GEMV_MAX_T], s2[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 8
+        for (int t = 0; t < XLLM_GEMV_MAX_T; t++) s[t] = s2[t] = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 4 <= nb; j += 4) {
+            q8_pair(row, j, a, K, nb, T, s);
+            q8_pair(row, j + 2, a, K, nb, T, s2);
+        }
+        for (; j + 2 <= nb; j += 2) q8_pair(row, j, a, K, nb, T, s);
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) s[t] = _mm512_add_ps(s[t], s2[t]);
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) {
+            float v = hsum(s[t]);
+            for (int64_t jj = j; jj < nb; jj++) { /* odd block count */
+                const uint8_t *b = row + 34 * jj;
+                /* int8 x int8 widened to int16 (a plain C loop here is vectorized wrongly by
+                 * GCC 12 with VNNI enabled: it treats one side as unsigned) */
+                const __m512i w16 =
+                    _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(b + 2)));
+                const __m512i a16 = _mm512_cvtepi8_epi16(
+                    _mm256_loadu_si256((const __m256i *)(a->q + t * K + 32 * jj)));
+                const int sum = _mm512_reduce_add_epi32(_mm512_madd_epi16(w16, a16));
+                v += h2f(b) * a->d[t * nb + jj] * (float)sum;
+            }
+            put(y, t * y_stride + r, v, acc);
+        }
+    }
+}
+
+/* Q4_K x 8-bit activations with 256-element blocks (one scale per super-block). */
+static inline __attribute__((always_inline)) void gemv_q4_k_t(const xllm_mat *w, int64_t r0,
+                                                              int64_t r1, const xllm_q8act *a,
+                                                              const int T, float *y,
+                                                              int64_t y_stride, bool acc) {
+    const int64_t K = w->n_cols, nsb = K / 256;
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m512i idx[4];
+    for (int c = 0; c < 4; c++) {
+        int16_t v[32];
+        for (int i = 0; i < 32; i++) v[i] = (int16_t)(2 * c + (i >= 16));
+        idx[c] = _mm512_loadu_si512(v);
+    }
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+        __m512 s[XLLM_GEMV_MAX_T];
+        __m256 sm[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) {
+            s[t] = _mm512_setzero_ps();
+            sm[t] = _mm256_setzero_ps();
+        }
+        for (int64_t sb = 0; sb < nsb; sb++) {
+            const uint8_t *b = row + 144 * sb;
+            const float d = h2f(b), dmin = h2f(b + 2);
+            const uint32_t u0 = (uint32_t)ld32(b + 4), u1 = (uint32_t)ld32(b + 8),
+                           u2 = (uint32_t)ld32(b + 12);
+            const uint64_t sc =
+                (uint64_t)(u0 & 0x3f3f3f3fu) |
+                ((uint64_t)((u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4)) << 32);
+            const uint64_t mn =
+                (uint64_t)(u1 & 0x3f3f3f3fu) |
+                ((uint64_t)(((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)) << 32);
+            const __m512i sc16 =
+                _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
+            const __m128i m8 = _mm_cvtsi64_si128((long long)mn);
+            const __m256i mdup = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
+            __m512i is[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) is[t] = _mm512_setzero_si512();
+            for (int c = 0; c < 4; c++) {
+                const __m256i qb = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * c));
+                const __m256i lo = _mm256_and_si256(qb, m4);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
+                const __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                const __m512i scv = _mm512_permutexvar_epi16(idx[c], sc16);
+#pragma GCC unroll 8
+                for (int t = 0; t < T; t++) {
+                    const __m512i av = _mm512_loadu_si512(a->q + t * K + 256 * sb + 64 * c);
+                    is[t] = _mm512_add_epi32(is[t],
+                                             _mm512_madd_epi16(_mm512_maddubs_epi16(wq, av), scv));
+                }
+            }
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) {
+                const float da = a->d[t * nsb + sb];
+                s[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]), _mm512_set1_ps(d * da), s[t]);
+                const __m256i ms = _mm256_madd_epi16(
+                    _mm256_loadu_si256((const __m256i *)(a->s16 + t * (K / 16) + 16 * sb)), mdup);
+                sm[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ms), _mm256_set1_ps(dmin * da), sm[t]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) {
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(sm[t]), _mm256_extractf128_ps(sm[t], 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            put(y, t * y_stride + r, hsum(s[t]) - _mm_cvtss_f32(h), acc);
+        }
+    }
+}
+
+/* Q6_K x 8-bit activations with 256-element blocks. */
+static inline __attribute__((always_inline)) void gemv_q6_k_t(const xllm_mat *w, int64_t r0,
+                                                              int64_t r1, const xllm_q8act *a,
+                                                              const int T, float *y,
+                                                              int64_t y_stride, bool acc) {
+    const int64_t K = w->n_cols, nsb = K / 256;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03);
+    __m512i idx[4]; /* chunk c (64 elements of 4 groups of 16): words 8i..8i+7 -> group 4c+i */
+    for (int c = 0; c < 4; c++) {
+        int16_t v[32];
+        for (int i = 0; i < 32; i++) v[i] = (int16_t)(4 * c + i / 8);
+        idx[c] = _mm512_loadu_si512(v);
+    }
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+        __m512 s[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) s[t] = _mm512_setzero_ps();
+        for (int64_t sb = 0; sb < nsb; sb++) {
+            const uint8_t *b = row + 210 * sb;
+            const float d = h2f(b + 208);
+            const __m256i sc16y = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+            const __m512i sc16 = _mm512_castsi256_si512(sc16y);
+            const __m256i sc32 = _mm256_slli_epi16(sc16y, 5); /* 32 * scale, fits int16 */
+            __m512i is[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) {
+                const __m256i cs = _mm256_madd_epi16(
+                    _mm256_loadu_si256((const __m256i *)(a->s16 + t * (K / 16) + 16 * sb)), sc32);
+                is[t] = _mm512_castsi256_si512(_mm256_sub_epi32(_mm256_setzero_si256(), cs));
+                is[t] = _mm512_inserti64x4(is[t], _mm256_setzero_si256(), 1);
+            }
+            for (int h = 0; h < 2; h++) {
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
+                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
+                const __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+                const __m256i v0 = _mm256_or_si256(_mm256_and_si256(l0, m4),
+                                                   _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4));
+                const __m256i v1 = _mm256_or_si256(
+                    _mm256_and_si256(l1, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4));
+                const __m256i v2 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4));
+                const __m256i v3 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4));
+                const __m512i z0 = _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
+                const __m512i z1 = _mm512_inserti64x4(_mm512_castsi256_si512(v2), v3, 1);
+                const __m512i s0 = _mm512_permutexvar_epi16(idx[2 * h], sc16);
+                const __m512i s1 = _mm512_permutexvar_epi16(idx[2 * h + 1], sc16);
+#pragma GCC unroll 8
+                for (int t = 0; t < T; t++) {
+                    const int8_t *aq = a->q + t * K + 256 * sb + 128 * h;
+                    const __m512i p0 =
+                        _mm512_madd_epi16(_mm512_maddubs_epi16(z0, _mm512_loadu_si512(aq)), s0);
+                    const __m512i p1 = _mm512_madd_epi16(
+                        _mm512_maddubs_epi16(z1, _mm512_loadu_si512(aq + 64)), s1);
+                    is[t] = _mm512_add_epi32(is[t], _mm512_add_epi32(p0, p1));
+                }
+            }
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++)
+                s[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[t]),
+                                       _mm512_set1_ps(d * a->d[t * nsb + sb]), s[t]);
+        }
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) put(y, t * y_stride + r, hsum(s[t]), acc);
+    }
+}
+
+static void gemv_q8_0(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
+                      float *y, int64_t y_stride, bool acc) {
+    if (T == 1)
+        gemv_q8_0_t(w, r0, r1, a, 1, y, y_stride, acc);
+    else if (T == 2)
+        gemv_q8_0_t(w, r0, r1, a, 2, y, y_stride, acc);
+    else if (T == 3)
+        gemv_q8_0_t(w, r0, r1, a, 3, y, y_stride, acc);
+    else
+        gemv_q8_0_t(w, r0, r1, a, 4, y, y_stride, acc);
+}
+
+static void gemv_q4_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
+                      float *y, int64_t y_stride, bool acc) {
+    if (T == 1)
+        gemv_q4_k_t(w, r0, r1, a, 1, y, y_stride, acc);
+    else if (T == 2)
+        gemv_q4_k_t(w, r0, r1, a, 2, y, y_stride, acc);
+    else if (T == 3)
+        gemv_q4_k_t(w, r0, r1, a, 3, y, y_stride, acc);
+    else
+        gemv_q4_k_t(w, r0, r1, a, 4, y, y_stride, acc);
+}
+
+static void gemv_q6_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
+                      float *y, int64_t y_stride, bool acc) {
+    if (T == 1)
+        gemv_q6_k_t(w, r0, r1, a, 1, y, y_stride, acc);
+    else if (T == 2)
+        gemv_q6_k_t(w, r0, r1, a, 2, y, y_stride, acc);
+    else if (T == 3)
+        gemv_q6_k_t(w, r0, r1, a, 3, y, y_stride, acc);
+    else
+        gemv_q6_k_t(w, r0, r1, a, 4, y, y_stride, acc);
+}
+
+static void gemv_f(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
+                   int64_t T, float *y, int64_t y_stride, bool acc) {
+    if (T == 1)
+        gemv_float(w, r0, r1, x, x_stride, 1, y, y_stride, acc);
+    else if (T == 2)
+        gemv_float(w, r0, r1, x, x_stride, 2, y, y_stride, acc);
+    else if (T == 3)
+        gemv_float(w, r0, r1, x, x_stride, 3, y, y_stride, acc);
+    else
+        gemv_float(w, r0, r1, x, x_stride, 4, y, y_stride, acc);
+}
+
+static bool gemv(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
+                 const xllm_q8act *a, int64_t T, float *y, int64_t y_stride, bool acc) {
+    switch (w->type) {
+        case XLLM_DTYPE_F32:
+        case XLLM_DTYPE_F16:
+        case XLLM_DTYPE_BF16:
+            gemv_f(w, r0, r1, x, x_stride, T, y, y_stride, acc);
+            return true;
+        case XLLM_DTYPE_Q8_0:
+            gemv_q8_0(w, r0, r1, a, T, y, y_stride, acc);
+            return true;
+        case XLLM_DTYPE_Q4_K:
+            gemv_q4_k(w, r0, r1, a, T, y, y_stride, acc);
+            return true;
+        case XLLM_DTYPE_Q6_K:
+            gemv_q6_k(w, r0, r1, a, T, y, y_stride, acc);
+            return true;
+        default:
+            return false;
+    }
+}
+
+/* ---- packing ----------------------------------------------------------------------------- */
+
+/* Unpacks row r of a Q8_0 / Q4_K matrix to u8 (vectorized); other types use the portable
+ * unpacker. s, m: one value per group. */
+static void unpack_row(xllm_dtype t, const uint8_t *row, int64_t K, uint8_t *q, float *s,
+                       float *m) {
+    if (t == XLLM_DTYPE_Q8_0) {
+        const __m256i x80 = _mm256_set1_epi8((char)0x80);
+        for (int64_t j = 0; j < K / 32; j++) {
+            const uint8_t *b = row + 34 * j;
+            _mm256_storeu_si256(
+                (__m256i *)(q + 32 * j),
+                _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(b + 2)), x80));
+            s[j] = h2f(b);
+            m[j] = -128.0f * s[j];
+        }
+        return;
+    }
+    if (t == XLLM_DTYPE_Q4_K) {
+        const __m256i m4 = _mm256_set1_epi8(0x0f);
+        for (int64_t sb = 0; sb < K / 256; sb++) {
+            const uint8_t *b = row + 144 * sb;
+            const float d = h2f(b), dmin = h2f(b + 2);
+            for (int c = 0; c < 4; c++) {
+                const __m256i qb = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * c));
+                _mm256_storeu_si256((__m256i *)(q + 256 * sb + 64 * c), _mm256_and_si256(qb, m4));
+                _mm256_storeu_si256((__m256i *)(q + 256 * sb + 64 * c + 32),
+                                    _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4));
+            }
+            const uint8_t *sc = b + 4;
+            for (int j = 0; j < 8; j++) {
+                int scv, mnv;
+                if (j < 4) {
+                    scv = sc[j] & 63;
+                    mnv = sc[j + 4] & 63;
+                } else {
+                    scv = (sc[j + 4] & 0x0f) | ((sc[j - 4] >> 6) << 4);
+                    mnv = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+                }
+                s[sb * 8 + j] = d * (float)scv;
+                m[sb * 8 + j] = -(dmin * (float)mnv);
+            }
+        }
+        return;
+    }
+    xllm_unpack_row_q(t, row, K, q, s, m);
+}
+
+/* Transposes 16 row vectors and stores them as chunk kc of the panel (16 x 64 bytes). */
+static inline __attribute__((always_inline)) void put_chunk(__m512i v[16], uint8_t *q, int64_t kc) {
+    transpose16(v);
+    for (int i = 0; i < 16; i++) _mm512_storeu_si512(q + (16 * kc + i) * 64, v[i]);
+}
+
+/* v[r] holds row r's values of n_g consecutive groups (lanes 0..n_g-1); stores them in the
+ * panel's (group, row) layout at dst + g0 * 16, and mul * them at dst2 (when non-NULL). */
+static inline __attribute__((always_inline)) void put_groups(__m512i v[16], float *dst, float *dst2,
+                                                             float mul, int64_t g0, int n_g) {
+    transpose16(v);
+    for (int i = 0; i < n_g; i++) {
+        const __m512 x = _mm512_castsi512_ps(v[i]);
+        _mm512_storeu_ps(dst + (g0 + i) * 16, x);
+        if (dst2) _mm512_storeu_ps(dst2 + (g0 + i) * 16, _mm512_mul_ps(x, _mm512_set1_ps(mul)));
+    }
+}
+
+static inline uint16_t ld16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+/* Direct packers of the common types: no staging copy, one transpose per 64 elements. */
+static void pack_q8_0(const xllm_mat *w, int64_t r0, int nr, xllm_qpanel *p) {
+    const int64_t K = w->n_cols, nb = K / 32;
+    const uint8_t *base = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+    const __m512i x80 = _mm512_set1_epi8((char)0x80);
+    for (int64_t kc = 0; kc < (K + 63) / 64; kc++) {
+        __m512i v[16];
+        for (int r = 0; r < 16; r++) {
+            if (r >= nr) {
+                v[r] = _mm512_setzero_si512();
+                continue;
+            }
+            const uint8_t *b = base + (size_t)r * w->row_bytes + 68 * kc;
+            _mm_prefetch((const char *)b + 68 * 16, _MM_HINT_T0);
+            v[r] = 2 * kc + 1 < nb
+                       ? load2x256(b + 2, b + 36)
+                       : _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b + 2)));
+            v[r] = _mm512_xor_si512(v[r], x80);
+        }
+        put_chunk(v, p->q, kc);
+    }
+    for (int64_t j0 = 0; j0 < nb; j0 += 16) {
+        const int ng = nb - j0 < 16 ? (int)(nb - j0) : 16;
+        __m512i v[16];
+        for (int r = 0; r < 16; r++) {
+            uint16_t h[16] = {0};
+            if (r < nr) {
+                const uint8_t *b = base + (size_t)r * w->row_bytes + 34 * j0;
+                for (int i = 0; i < ng; i++) h[i] = ld16(b + 34 * i);
+            }
+            v[r] = _mm512_castps_si512(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h)));
+        }
+        put_groups(v, p->s, p->m, -128.0f, j0, ng);
+    }
+}
+
+static void pack_q4_k(const xllm_mat *w, int64_t r0, int nr, xllm_qpanel *p) {
+    const int64_t K = w->n_cols, nsb = K / 256;
+    const uint8_t *base = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        for (int c = 0; c < 4; c++) {
+            __m512i v[16];
+            for (int r = 0; r < 16; r++) {
+                if (r >= nr) {
+                    v[r] = _mm512_setzero_si512();
+                    continue;
+                }
+                const __m256i qb = _mm256_loadu_si256(
+                    (const __m256i *)(base + (size_t)r * w->row_bytes + 144 * sb + 16 + 32 * c));
+                v[r] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(qb, m4)),
+                                          _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), 1);
+            }
+            put_chunk(v, p->q, sb * 4 + c);
+        }
+        for (int r = 0; r < 16; r++) {
+            if (r >= nr) {
+                for (int j = 0; j < 8; j++)
+                    p->s[(sb * 8 + j) * 16 + r] = p->m[(sb * 8 + j) * 16 + r] = 0.0f;
+                continue;
+            }
+            const uint8_t *b = base + (size_t)r * w->row_bytes + 144 * sb;
+            const float d = h2f(b), dmin = h2f(b + 2);
+            const uint32_t u0 = (uint32_t)ld32(b + 4), u1 = (uint32_t)ld32(b + 8),
+                           u2 = (uint32_t)ld32(b + 12);
+            const uint32_t sc[2] = {u0 & 0x3f3f3f3fu,
+                                    (u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4)};
+            const uint32_t mn[2] = {u1 & 0x3f3f3f3fu,
+                                    ((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)};
+            for (int j = 0; j < 8; j++) {
+                p->s[(sb * 8 + j) * 16 + r] = d * (float)((sc[j >> 2] >> (8 * (j & 3))) & 0xff);
+                p->m[(sb * 8 + j) * 16 + r] =
+                    -(dmin * (float)((mn[j >> 2] >> (8 * (j & 3))) & 0xff));
+            }
+        }
+    }
+}
+
+static void pack_q6_k(const xllm_mat *w, int64_t r0, int nr, xllm_qpanel *p) {
+    const int64_t K = w->n_cols, nsb = K / 256;
+    const uint8_t *base = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03);
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        for (int h = 0; h < 2; h++) {
+            __m512i v0[16], v1[16];
+            for (int r = 0; r < 16; r++) {
+                if (r >= nr) {
+                    v0[r] = v1[r] = _mm512_setzero_si512();
+                    continue;
+                }
+                const uint8_t *b = base + (size_t)r * w->row_bytes + 210 * sb;
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));
+                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32));
+                const __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+                const __m256i a0 = _mm256_or_si256(_mm256_and_si256(l0, m4),
+                                                   _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4));
+                const __m256i a1 = _mm256_or_si256(
+                    _mm256_and_si256(l1, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4));
+                const __m256i a2 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4));
+                const __m256i a3 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4));
+                v0[r] = _mm512_inserti64x4(_mm512_castsi256_si512(a0), a1, 1);
+                v1[r] = _mm512_inserti64x4(_mm512_castsi256_si512(a2), a3, 1);
+            }
+            put_chunk(v0, p->q, sb * 4 + 2 * h);
+            put_chunk(v1, p->q, sb * 4 + 2 * h + 1);
+        }
+        __m512i v[16];
+        for (int r = 0; r < 16; r++) {
+            const uint8_t *b = base + (size_t)r * w->row_bytes + 210 * sb;
+            v[r] = r < nr ? _mm512_castps_si512(
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                  _mm_loadu_si128((const __m128i *)(b + 192)))),
+                                              _mm512_set1_ps(h2f(b + 208))))
+                          : _mm512_setzero_si512();
+        }
+        put_groups(v, p->s, p->m, -32.0f, sb * 16, 16);
+    }
+}
+
+/* stage: 16 rows of K bytes (K rounded up to 64, zero tail). */
+static bool pack_q(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_qpanel *p) {
+    const int64_t K = w->n_cols, Kp = (K + 63) / 64 * 64;
+    const int G = xllm_panel_group(w->type), ng = (int)(K / G);
+    if (!xllm_act_block(w->type)) return false;
+    float sr[XLLM_QK_K / 16 * 64], mr[XLLM_QK_K / 16 * 64]; /* one row's groups, chunked */
+    p->G = G;
+    p->sym = 0;
+    switch (w->type) {
+        case XLLM_DTYPE_Q8_0:
+            pack_q8_0(w, r0, nr, p);
+            p->sym = 128;
+            return true;
+        case XLLM_DTYPE_Q4_K:
+            pack_q4_k(w, r0, nr, p);
+            return true;
+        case XLLM_DTYPE_Q6_K:
+            pack_q6_k(w, r0, nr, p);
+            p->sym = 32;
+            return true;
+        default:
+            break;
+    }
+    for (int r = 0; r < XLLM_PANEL; r++) {
+        uint8_t *qr = stage + (size_t)r * Kp;
+        if (r >= nr) {
+            memset(qr, 0, (size_t)Kp);
+            for (int g = 0; g < ng; g++) p->s[g * 16 + r] = p->m[g * 16 + r] = 0.0f;
+            continue;
+        }
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)(r0 + r) * w->row_bytes;
+        /* unpack in chunks of up to 1024 elements so sr / mr stay small */
+        const xllm_dtype_traits *tr = xllm_dtype_get_traits(w->type);
+        const int64_t chunk = 1024;
+        for (int64_t e = 0; e < K; e += chunk) {
+            const int64_t len = K - e < chunk ? K - e : chunk;
+            unpack_row(w->type, row + (size_t)(e / tr->block_size) * tr->block_bytes, len, qr + e,
+                       sr, mr);
+            for (int64_t g = 0; g < len / G; g++) {
+                p->s[(e / G + g) * 16 + r] = sr[g];
+                p->m[(e / G + g) * 16 + r] = mr[g];
+            }
+        }
+        if (Kp > K) memset(qr + K, 0, (size_t)(Kp - K));
+    }
+    p->sym = w->type == XLLM_DTYPE_Q4_0   ? 8
+             : w->type == XLLM_DTYPE_Q5_0 ? 16
+             : w->type == XLLM_DTYPE_Q3_K ? 4
+                                          : 0;
+    for (int64_t kc = 0; kc < Kp / 64; kc++) {
+        __m512i v[16];
+        for (int r = 0; r < 16; r++) v[r] = _mm512_loadu_si512(stage + (size_t)r * Kp + 64 * kc);
+        transpose16(v);
+        for (int i = 0; i < 16; i++) _mm512_storeu_si512(p->q + (16 * kc + i) * 64, v[i]);
+    }
+    return true;
+}
+
+static void pack_f(const xllm_mat *w, int64_t r0, int nr, float *panel) {
+    const int64_t K = w->n_cols;
+    const uint8_t *base = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512i v[16];
+        for (int r = 0; r < 16; r++)
+            v[r] = r < nr
+                       ? _mm512_castps_si512(load_f16(w->type, base + (size_t)r * w->row_bytes, k))
+                       : _mm512_setzero_si512();
+        transpose16(v);
+        for (int i = 0; i < 16; i++) _mm512_storeu_si512(panel + (k + i) * 16, v[i]);
+    }
+    for (; k < K; k++)
+        for (int r = 0; r < 16; r++) {
+            float v = 0.0f;
+            if (r < nr) {
+                const uint8_t *row = base + (size_t)r * w->row_bytes;
+                v = w->type == XLLM_DTYPE_F32   ? ((const float *)row)[k]
+                    : w->type == XLLM_DTYPE_F16 ? xllm_fp16_to_fp32(((const uint16_t *)row)[k])
+                                                : xllm_bf16_to_fp32(((const uint16_t *)row)[k]);
+            }
+            panel[k * 16 + r] = v;
+        }
+}
+
+/* BF16 rows as dword pairs: panel (K/2, 16, 2); K even (the driver checks K % 32 == 0). */
+static void pack_bf16(const xllm_mat *w, int64_t r0, int nr, uint16_t *panel) {
+    const int64_t K = w->n_cols;
+    const uint8_t *base = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512i v[16];
+        for (int r = 0; r < 16; r++)
+            v[r] = r < nr ? _mm512_loadu_si512(base + (size_t)r * w->row_bytes + 2 * k)
+                          : _mm512_setzero_si512();
+        transpose16(v);
+        for (int i = 0; i < 16; i++) _mm512_storeu_si512(panel + (k / 2 + i) * 32, v[i]);
+    }
+}
+
+/* ---- GEMM microkernels: 16 rows x NT tokens ------------------------------------------------ */
+
+static inline void store_rows(float *y, __m512 v, int nr, bool acc) {
+    const __mmask16 mk = rows_mask(nr);
+    if (acc) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, y));
+    _mm512_mask_storeu_ps(y, mk, v);
+}
+
+/* NP panels (16 rows each) x NT tokens, groups of G elements: per group, int32 dot products
+ * by VNNI, then y += s * d_a * dot + m * d_a * sum_a in fp32. */
+static inline __attribute__((always_inline)) void gemm_q_tile(const xllm_qpanel *p, const int NP,
+                                                              const int G, const int SYM, int64_t K,
+                                                              const xllm_q8act *a, int64_t t0,
+                                                              const int NT, int nr, float *y,
+                                                              int64_t y_stride, bool acc) {
+    const int64_t ng = K / G;
+    __m512 s[2][8];
+    const int8_t *aq[8];
+    const float *ag[8];
+#pragma GCC unroll 8
+    for (int c = 0; c < NT; c++) {
+        aq[c] = a->q + (t0 + c) * K;
+        ag[c] = a->g + (t0 + c) * ng * 2;
+#pragma GCC unroll 2
+        for (int i = 0; i < NP; i++) s[i][c] = _mm512_setzero_ps();
+    }
+    const uint8_t *wq0 = p[0].q, *wq1 = NP > 1 ? p[1].q : p[0].q;
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i is[2][8];
+#pragma GCC unroll 8
+        for (int c = 0; c < NT; c++) {
+            /* symmetric types start from -sym * sum(a): the offset costs no float op */
+            __m512i init = _mm512_setzero_si512();
+            if (SYM) {
+                const int16_t *s16 = a->s16 + (t0 + c) * (K / 16) + g * (G / 16);
+                const int sum = G == 32 ? s16[0] + s16[1] : s16[0];
+                init = _mm512_set1_epi32(-SYM * sum);
+            }
+#pragma GCC unroll 2
+            for (int i = 0; i < NP; i++) is[i][c] = init;
+        }
+#pragma GCC unroll 8
+        for (int kk = 0; kk < G / 4; kk++) {
+            const __m512i w0 = _mm512_loadu_si512(wq0 + (g * (G / 4) + kk) * 64);
+            const __m512i w1 = NP > 1 ? _mm512_loadu_si512(wq1 + (g * (G / 4) + kk) * 64) : w0;
+            const int64_t off = g * G + 4 * kk;
+#pragma GCC unroll 8
+            for (int c = 0; c < NT; c++) {
+                const __m512i av = _mm512_set1_epi32(ld32(aq[c] + off));
+                is[0][c] = _mm512_dpbusd_epi32(is[0][c], w0, av);
+                if (NP > 1) is[1][c] = _mm512_dpbusd_epi32(is[1][c], w1, av);
+            }
+        }
+#pragma GCC unroll 2
+        for (int i = 0; i < NP; i++) {
+            const __m512 sv = _mm512_loadu_ps(p[i].s + g * 16);
+#pragma GCC unroll 8
+            for (int c = 0; c < NT; c++) {
+                s[i][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[i][c]),
+                                          _mm512_mul_ps(sv, _mm512_set1_ps(ag[c][2 * g])), s[i][c]);
+                if (!SYM)
+                    s[i][c] = _mm512_fmadd_ps(_mm512_loadu_ps(p[i].m + g * 16),
+                                              _mm512_set1_ps(ag[c][2 * g + 1]), s[i][c]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < NT; c++)
+#pragma GCC unroll 2
+        for (int i = 0; i < NP; i++)
+            if (nr > 16 * i)
+                store_rows(y + (t0 + c) * y_stride + 16 * i, s[i][c],
+                           nr - 16 * i > 16 ? 16 : nr - 16 * i, acc);
+}
+
+/* All T tokens against np (1 or 2) panels, in tiles of NT tokens. */
+static inline __attribute__((always_inline)) void gemm_q_g(const xllm_qpanel *p, int np,
+                                                           const int G, const int SYM, int64_t K,
+                                                           const xllm_q8act *a, int64_t T, int nr,
+                                                           float *y, int64_t y_stride, bool acc) {
+    int64_t t = 0;
+    if (np == 2) {
+        for (; t + 4 <= T; t += 4) gemm_q_tile(p, 2, G, SYM, K, a, t, 4, nr, y, y_stride, acc);
+        switch (T - t) {
+            case 3:
+                gemm_q_tile(p, 2, G, SYM, K, a, t, 3, nr, y, y_stride, acc);
+                break;
+            case 2:
+                gemm_q_tile(p, 2, G, SYM, K, a, t, 2, nr, y, y_stride, acc);
+                break;
+            case 1:
+                gemm_q_tile(p, 2, G, SYM, K, a, t, 1, nr, y, y_stride, acc);
+                break;
+            default:
+                break;
+        }
+        return;
+    }
+    for (; t + 8 <= T; t += 8) gemm_q_tile(p, 1, G, SYM, K, a, t, 8, nr, y, y_stride, acc);
+    switch (T - t) {
+        case 7:
+            gemm_q_tile(p, 1, G, SYM, K, a, t, 7, nr, y, y_stride, acc);
+            break;
+        case 6:
+            gemm_q_tile(p, 1, G, SYM, K, a, t, 6, nr, y, y_stride, acc);
+            break;
+        case 5:
+            gemm_q_tile(p, 1, G, SYM, K, a, t, 5, nr, y, y_stride, acc);
+            break;
+        case 4:
+            gemm_q_tile(p, 1, G, SYM, K, a, t, 4, nr, y, y_stride, acc);
+            break;
+        case 3:
+            gemm_q_tile(p, 1, G, SYM, K, a, t, 3, nr, y, y_stride, acc);
+            break;
+        case 2:
+            gemm_q_tile(p, 1, G, SYM, K, a, t, 2, nr, y, y_stride, acc);
+            break;
+        case 1:
+            gemm_q_tile(p, 1, G, SYM, K, a, t, 1, nr, y, y_stride, acc);
+            break;
+        default:
+            break;
+    }
+}
+
+static void gemm_q(const xllm_qpanel *p, int np, int64_t K, const xllm_q8act *a, int64_t T, int nr,
+                   float *y, int64_t y_stride, bool acc) {
+    /* both panels of a call come from one matrix: same G and sym */
+    if (p[0].G == 32) {
+        if (p[0].sym == 128)
+            gemm_q_g(p, np, 32, 128, K, a, T, nr, y, y_stride, acc);
+        else if (p[0].sym == 8)
+            gemm_q_g(p, np, 32, 8, K, a, T, nr, y, y_stride, acc);
+        else if (p[0].sym == 16)
+            gemm_q_g(p, np, 32, 16, K, a, T, nr, y, y_stride, acc);
+        else
+            gemm_q_g(p, np, 32, 0, K, a, T, nr, y, y_stride, acc);
+    } else {
+        if (p[0].sym == 32)
+            gemm_q_g(p, np, 16, 32, K, a, T, nr, y, y_stride, acc);
+        else if (p[0].sym == 4)
+            gemm_q_g(p, np, 16, 4, K, a, T, nr, y, y_stride, acc);
+        else
+            gemm_q_g(p, np, 16, 0, K, a, T, nr, y, y_stride, acc);
+    }
+}
+
+static inline __attribute__((always_inline)) void
+gemm_f_tile(const float *panel, int64_t K, const float *x, int64_t x_stride, int64_t t0,
+            const int NT, int nr, float *y, int64_t y_stride, bool acc) {
+    __m512 s[8];
+#pragma GCC unroll 8
+    for (int c = 0; c < NT; c++) s[c] = _mm512_setzero_ps();
+    const float *xr = x + t0 * x_stride;
+    for (int64_t k = 0; k < K; k++) {
+        const __m512 wv = _mm512_loadu_ps(panel + k * 16);
+#pragma GCC unroll 8
+        for (int c = 0; c < NT; c++)
+            s[c] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xr[c * x_stride + k]), s[c]);
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < NT; c++) store_rows(y + (t0 + c) * y_stride, s[c], nr, acc);
+}
+
+static void gemm_f(const float *panel, int64_t K, const float *x, int64_t x_stride, int64_t T,
+                   int nr, float *y, int64_t y_stride, bool acc) {
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8) gemm_f_tile(panel, K, x, x_stride, t, 8, nr, y, y_stride, acc);
+    switch (T - t) {
+        case 7:
+            gemm_f_tile(panel, K, x, x_stride, t, 7, nr, y, y_stride, acc);
+            break;
+        case 6:
+            gemm_f_tile(panel, K, x, x_stride, t, 6, nr, y, y_stride, acc);
+            break;
+        case 5:
+            gemm_f_tile(panel, K, x, x_stride, t, 5, nr, y, y_stride, acc);
+            break;
+        case 4:
+            gemm_f_tile(panel, K, x, x_stride, t, 4, nr, y, y_stride, acc);
+            break;
+        case 3:
+            gemm_f_tile(panel, K, x, x_stride, t, 3, nr, y, y_stride, acc);
+            break;
+        case 2:
+            gemm_f_tile(panel, K, x, x_stride, t, 2, nr, y, y_stride, acc);
+            break;
+        case 1:
+            gemm_f_tile(panel, K, x, x_stride, t, 1, nr, y, y_stride, acc);
+            break;
+        default:
+            break;
+    }
+}
+
+/* NP bf16 panels (consecutive, K * 16 values apart) x NT tokens with vdpbf16ps. */
+__attribute__((target("avx512bf16"))) static inline __attribute__((always_inline)) void
+gemm_bf16_tile(const uint16_t *panel, const int NP, int64_t K, const uint16_t *xb, int64_t t0,
+               const int NT, int nr, float *y, int64_t y_stride, bool acc) {
+    __m512 s[2][12];
+#pragma GCC unroll 12
+    for (int c = 0; c < NT; c++)
+#pragma GCC unroll 2
+        for (int i = 0; i < NP; i++) s[i][c] = _mm512_setzero_ps();
+    const uint16_t *xr = xb + t0 * K, *p1 = panel + K * 16;
+    for (int64_t k2 = 0; k2 < K / 2; k2++) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + k2 * 32);
+        const __m512bh w1 = NP > 1 ? (__m512bh)_mm512_loadu_si512(p1 + k2 * 32) : w0;
+#pragma GCC unroll 12
+        for (int c = 0; c < NT; c++) {
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(ld32(xr + c * K + 2 * k2));
+            s[0][c] = _mm512_dpbf16_ps(s[0][c], w0, xv);
+            if (NP > 1) s[1][c] = _mm512_dpbf16_ps(s[1][c], w1, xv);
+        }
+    }
+#pragma GCC unroll 12
+    for (int c = 0; c < NT; c++)
+#pragma GCC unroll 2
+        for (int i = 0; i < NP; i++)
+            if (nr > 16 * i)
+                store_rows(y + (t0 + c) * y_stride + 16 * i, s[i][c],
+                           nr - 16 * i > 16 ? 16 : nr - 16 * i, acc);
+}
+
+#define BF16_TILES(NP_)                                                                            \
+    do {                                                                                           \
+        for (; t + 8 <= T; t += 8) gemm_bf16_tile(panel, NP_, K, xb, t, 8, nr, y, y_stride, acc);  \
+        switch (T - t) {                                                                           \
+            case 7:                                                                                \
+                gemm_bf16_tile(panel, NP_, K, xb, t, 7, nr, y, y_stride, acc);                     \
+                break;                                                                             \
+            case 6:                                                                                \
+                gemm_bf16_tile(panel, NP_, K, xb, t, 6, nr, y, y_stride, acc);                     \
+                break;                                                                             \
+            case 5:                                                                                \
+                gemm_bf16_tile(panel, NP_, K, xb, t, 5, nr, y, y_stride, acc);                     \
+                break;                                                                             \
+            case 4:                                                                                \
+                gemm_bf16_tile(panel, NP_, K, xb, t, 4, nr, y, y_stride, acc);                     \
+                break;                                                                             \
+            case 3:                                                                                \
+                gemm_bf16_tile(panel, NP_, K, xb, t, 3, nr, y, y_stride, acc);                     \
+                break;                                                                             \
+            case 2:                                                                                \
+                gemm_bf16_tile(panel, NP_, K, xb, t, 2, nr, y, y_stride, acc);                     \
+                break;                                                                             \
+            case 1:                                                                                \
+                gemm_bf16_tile(panel, NP_, K, xb, t, 1, nr, y, y_stride, acc);                     \
+                break;                                                                             \
+            default:                                                                               \
+                break;                                                                             \
+        }                                                                                          \
+    } while (0)
+
+__attribute__((target("avx512bf16"))) static void gemm_bf16(const uint16_t *panel, int np,
+                                                            int64_t K, const uint16_t *xb,
+                                                            int64_t T, int nr, float *y,
+                                                            int64_t y_stride, bool acc) {
+    int64_t t = 0;
+    if (np == 2)
+        for (; t + 12 <= T; t += 12) gemm_bf16_tile(panel, 2, K, xb, t, 12, nr, y, y_stride, acc);
+    if (np == 2)
+        BF16_TILES(2);
+    else
+        BF16_TILES(1);
+}
+
+__attribute__((target("avx512bf16"))) static void to_bf16(const float *x, uint16_t *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(y + i),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+    for (; i < n; i++) y[i] = xllm_fp32_to_bf16(x[i]);
+}
+
+static void to_f16(const float *x, uint16_t *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(y + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) y[i] = xllm_fp32_to_fp16(x[i]);
+}
+
+/* ---- elementwise ------------------------------------------------------------------------- */
+
+static float dot_f32(const float *a, const float *b, int64_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    if (i + 16 <= n) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        i += 16;
+    }
+    if (i < n) {
+        const __mmask16 mk = (__mmask16)((1u << (n - i)) - 1u);
+        s1 =
+            _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + i), _mm512_maskz_loadu_ps(mk, b + i), s1);
+    }
+    return hsum(_mm512_add_ps(s0, s1));
+}
+
+static void rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) {
+    const float ss = dot_f32(x, x, n);
+    const __m512 sc = _mm512_set1_ps((float)(1.0 / sqrt((double)ss / (double)n + eps)));
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), sc),
+                                                _mm512_loadu_ps(w + i)));
+    if (i < n) {
+        const __mmask16 mk = (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(out + i, mk,
+                              _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + i), sc),
+                                            _mm512_maskz_loadu_ps(mk, w + i)));
+    }
+}
+
+static inline __m512 silu_mul(__m512 g, __m512 u) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+
+static void swiglu(float *out, const float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, silu_mul(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
+    if (i < n) {
+        const __mmask16 mk = (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(
+            out + i, mk,
+            silu_mul(_mm512_maskz_loadu_ps(mk, g + i), _mm512_maskz_loadu_ps(mk, u + i)));
+    }
+}
+
+/* ---- fused attention --------------------------------------------------------------------- */
+
+/* Positions per block: K is transposed per block so a query's 16 scores come out of D FMAs
+ * as one vector (no horizontal sums); V rows of the block are converted once and reused by
+ * every query of the call. */
+#define ATT_BLK 16
+
+/* Converts 16 elements of a K/V row (F32 or F16) to floats. */
+static inline __m512 kv16(const uint8_t *row, xllm_dtype t, int d) {
+    return t == XLLM_DTYPE_F32
+               ? _mm512_loadu_ps((const float *)row + d)
+               : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + d)));
+}
+
+/* One query against one block: scores, online-softmax update, o += p V. DV = D / 16 when the
+ * caller knows it (registers hold o), 0 for the general loop. */
+static inline __attribute__((always_inline)) void
+att_query(const int DV, int D, const float *q, const float (*kt)[16], const float (*vb)[256],
+          int cnt, float *m, float *l, float *o, const float (*kr)[256]) {
+    const __mmask16 valid = (__mmask16)(cnt >= 16 ? 0xffffu : (1u << cnt) - 1u);
+    __m512 s;
+    if (kr) {
+        /* few queries: dot products against K rows, then one transpose adds the 16 partial
+         * vectors into a vector of 16 scores */
+        __m512i acc[16];
+        for (int pp = 0; pp < 16; pp++) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            if (pp < cnt) {
+                int d = 0;
+                for (; d + 32 <= D; d += 32) {
+                    a0 = _mm512_fmadd_ps(_mm512_load_ps(q + d), _mm512_load_ps(kr[pp] + d), a0);
+                    a1 = _mm512_fmadd_ps(_mm512_load_ps(q + d + 16),
+                                         _mm512_load_ps(kr[pp] + d + 16), a1);
+                }
+                if (d < D)
+                    a0 = _mm512_fmadd_ps(_mm512_load_ps(q + d), _mm512_load_ps(kr[pp] + d), a0);
+            }
+            acc[pp] = _mm512_castps_si512(_mm512_add_ps(a0, a1));
+        }
+        transpose16(acc);
+        __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+        for (int j = 0; j < 16; j += 2) {
+            t0 = _mm512_add_ps(t0, _mm512_castsi512_ps(acc[j]));
+            t1 = _mm512_add_ps(t1, _mm512_castsi512_ps(acc[j + 1]));
+        }
+        s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_add_ps(t0, t1));
+    } else {
+        /* 8 independent FMA chains (D is a multiple of 16) */
+        __m512 sc[8];
+#pragma GCC unroll 8
+        for (int u = 0; u < 8; u++) sc[u] = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 8) {
+#pragma GCC unroll 8
+            for (int u = 0; u < 8; u++)
+                sc[u] = _mm512_fmadd_ps(_mm512_set1_ps(q[d + u]), _mm512_load_ps(kt[d + u]), sc[u]);
+        }
+        const __m512 s01 = _mm512_add_ps(_mm512_add_ps(sc[0], sc[1]), _mm512_add_ps(sc[2], sc[3]));
+        const __m512 s23 = _mm512_add_ps(_mm512_add_ps(sc[4], sc[5]), _mm512_add_ps(sc[6], sc[7]));
+        s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_add_ps(s01, s23));
+    }
+    const float bm = _mm512_reduce_max_ps(s);
+    const float mnew = bm > *m ? bm : *m;
+    const float alpha = expf(*m - mnew); /* 0 on the first block (m = -inf) */
+    const __m512 p = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(s, _mm512_set1_ps(mnew))));
+    *l = *l * alpha + _mm512_reduce_add_ps(p);
+    *m = mnew;
+    float pv[16] __attribute__((aligned(64)));
+    _mm512_store_ps(pv, p);
+    const __m512 av = _mm512_set1_ps(alpha);
+    if (DV > 0) {
+        __m512 ov[16];
+#pragma GCC unroll 16
+        for (int j = 0; j < DV; j++) ov[j] = _mm512_mul_ps(_mm512_load_ps(o + 16 * j), av);
+        for (int pp = 0; pp < cnt; pp++) {
+            const __m512 w = _mm512_set1_ps(pv[pp]);
+#pragma GCC unroll 16
+            for (int j = 0; j < DV; j++)
+                ov[j] = _mm512_fmadd_ps(w, _mm512_load_ps(vb[pp] + 16 * j), ov[j]);
+        }
+#pragma GCC unroll 16
+        for (int j = 0; j < DV; j++) _mm512_store_ps(o + 16 * j, ov[j]);
+    } else {
+        for (int j = 0; j < D; j += 16) {
+            __m512 ov = _mm512_mul_ps(_mm512_load_ps(o + j), av);
+            for (int pp = 0; pp < cnt; pp++)
+                ov = _mm512_fmadd_ps(_mm512_set1_ps(pv[pp]), _mm512_load_ps(vb[pp] + j), ov);
+            _mm512_store_ps(o + j, ov);
+        }
+    }
+}
+
+static void attention(const xllm_attn_args *a) {
+    /* H consecutive KV heads per call (all of a token's, for decode): the block loop then reads
+     * whole K / V rows, which the heads share in cache */
+    const int D = a->head_dim, H = a->n_kv > 0 ? a->n_kv : 1, nqh = a->n_tok * a->group,
+              nq = H * nqh;
+    if (D % 16 != 0) {
+        xllm_op_attention_group(a);
+        return;
+    }
+    const size_t es = a->kv_type == XLLM_DTYPE_F32 ? 4 : 2;
+    float qf[XLLM_ATTN_MAX_Q][256] __attribute__((aligned(64)));
+    float o[XLLM_ATTN_MAX_Q][256] __attribute__((aligned(64)));
+    float kt[256][16] __attribute__((aligned(64)));      /* K block transposed: (D, 16 positions) */
+    float vb[ATT_BLK][256] __attribute__((aligned(64))); /* V block: (16 positions, D) */
+    float kf[ATT_BLK][256] __attribute__((aligned(64))); /* K block rows (few-query path) */
+    float mx[XLLM_ATTN_MAX_Q], l[XLLM_ATTN_MAX_Q];
+    int32_t lim[XLLM_ATTN_MAX_Q];
+    for (int i = 0; i < nq; i++) {
+        const int hh = i / nqh, tok = (i % nqh) / a->group,
+                  h = hh * a->group + (i % nqh) % a->group;
+        const float *q = a->q + (size_t)tok * a->q_stride + (size_t)h * D;
+        for (int d = 0; d < D; d += 16)
+            _mm512_store_ps(qf[i] + d,
+                            _mm512_mul_ps(_mm512_loadu_ps(q + d), _mm512_set1_ps(a->scale)));
+        memset(o[i], 0, (size_t)D * sizeof(float));
+        mx[i] = -INFINITY;
+        l[i] = 0.0f;
+        lim[i] = a->n_pos + tok;
+    }
+    const int32_t n_max = a->n_pos + a->n_tok - 1;
+    const uint8_t *kb = (const uint8_t *)a->k + a->kv_off * es;
+    const uint8_t *vbase = (const uint8_t *)a->v + a->kv_off * es;
+    for (int32_t p0 = 0; p0 < n_max; p0 += ATT_BLK) {
+        const int pb = n_max - p0 < ATT_BLK ? n_max - p0 : ATT_BLK;
+        /* the next block's K / V rows are strided (row_bytes apart): prefetch them */
+        const size_t hb = (size_t)H * D * es;
+        for (int p = 0; p < ATT_BLK && p0 + 2 * ATT_BLK + p < n_max; p++)
+            for (size_t off = 0; off < hb; off += 64) {
+                _mm_prefetch((const char *)kb + (size_t)(p0 + 2 * ATT_BLK + p) * a->row_bytes + off,
+                             _MM_HINT_T0);
+                _mm_prefetch((const char *)vbase + (size_t)(p0 + 2 * ATT_BLK + p) * a->row_bytes +
+                                 off,
+                             _MM_HINT_T0);
+            }
+        for (int hh = 0; hh < H; hh++) {
+            const uint8_t *kbh = kb + (size_t)hh * D * es, *vbh = vbase + (size_t)hh * D * es;
+            const bool rows = nqh <= 8; /* few queries: no K transpose, reduce the scores instead */
+            for (int p = 0; p < pb && rows; p++)
+                for (int d = 0; d < D; d += 16)
+                    _mm512_store_ps(kf[p] + d,
+                                    kv16(kbh + (size_t)(p0 + p) * a->row_bytes, a->kv_type, d));
+            for (int d = 0; d < D && !rows; d += 16) {
+                __m512i r[16];
+                for (int p = 0; p < 16; p++)
+                    r[p] = p < pb ? _mm512_castps_si512(
+                                        kv16(kbh + (size_t)(p0 + p) * a->row_bytes, a->kv_type, d))
+                                  : _mm512_setzero_si512();
+                transpose16(r);
+                for (int j = 0; j < 16; j++) _mm512_store_si512(kt[d + j], r[j]);
+            }
+            for (int p = 0; p < pb; p++) {
+                const uint8_t *vr = vbh + (size_t)(p0 + p) * a->row_bytes;
+                for (int d = 0; d < D; d += 16) _mm512_store_ps(vb[p] + d, kv16(vr, a->kv_type, d));
+            }
+            for (int i = hh * nqh; i < (hh + 1) * nqh; i++) {
+                const int cnt = lim[i] - p0 < pb ? lim[i] - p0 : pb;
+                if (cnt <= 0) continue;
+                if (D == 128)
+                    att_query(8, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt,
+                              &mx[i], &l[i], o[i], rows ? (const float(*)[256])kf : NULL);
+                else if (D == 64)
+                    att_query(4, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt,
+                              &mx[i], &l[i], o[i], rows ? (const float(*)[256])kf : NULL);
+                else
+                    att_query(0, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt,
+                              &mx[i], &l[i], o[i], rows ? (const float(*)[256])kf : NULL);
+            }
+        }
+    }
+    for (int i = 0; i < nq; i++) {
+        const int hh = i / nqh, tok = (i % nqh) / a->group,
+                  h = hh * a->group + (i % nqh) % a->group;
+        float *out = a->out + (size_t)tok * a->out_stride + (size_t)h * D;
+        const __m512 inv = _mm512_set1_ps(1.0f / l[i]);
+        for (int d = 0; d < D; d += 16)
+            _mm512_storeu_ps(out + d, _mm512_mul_ps(_mm512_load_ps(o[i] + d), inv));
+    }
+}
+
+/* ---- tables ------------------------------------------------------------------------------ */
+
+static const xllm_cpu_kernels k_avx512 = {
+    .level = XLLM_CPU_AVX512,
+    .bf16_dot = false,
+    .quant_row = quant_row,
+    .gemv = gemv,
+    .pack_q = pack_q,
+    .gemm_q = gemm_q,
+    .pack_f = pack_f,
+    .gemm_f = gemm_f,
+    .dot_f32 = dot_f32,
+    .rmsnorm = rmsnorm,
+    .swiglu = swiglu,
+    .attention = attention,
+    .to_f16 = to_f16,
+};
+
+static const xllm_cpu_kernels k_avx512_bf16 = {
+    .level = XLLM_CPU_AVX512,
+    .bf16_dot = true,
+    .quant_row = quant_row,
+    .gemv = gemv,
+    .pack_q = pack_q,
+    .gemm_q = gemm_q,
+    .pack_f = pack_f,
+    .gemm_f = gemm_f,
+    .pack_bf16 = pack_bf16,
+    .gemm_bf16 = gemm_bf16,
+    .to_bf16 = to_bf16,
+    .dot_f32 = dot_f32,
+    .rmsnorm = rmsnorm,
+    .swiglu = swiglu,
+    .attention = attention,
+    .to_f16 = to_f16,
+};
+
+const xllm_cpu_kernels *xllm_cpu_kernels_avx512(void) {
+    return xllm_cpu_has_bf16() ? &k_avx512_bf16 : &k_avx512;
+}
+#endif

@@ -1,0 +1,207 @@
+/* Portable pieces shared by every ISA level: unpacking quantized rows into the common panel
+ * form (u8 value, per-group scale and offset), the scalar 8-bit activation quantizer, and the
+ * scalar kernel table (the reference the fast paths are tested against). */
+#include <math.h>
+#include <string.h>
+
+#include "compute/cpu/kernels.h"
+#include "compute/dtype.h"
+#include "util/common.h"
+
+static float h2f(const uint8_t *p) {
+    return xllm_fp16_to_fp32((uint16_t)(p[0] | (p[1] << 8)));
+}
+
+static uint32_t rd32(const uint8_t *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+/* 6-bit scale / min j of Q4_K and Q5_K (layout as in quant_ref.c). */
+static void k4_sm(int j, const uint8_t *s, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+static int q3k_sc(int i, const uint8_t *s) {
+    int lo = i < 8 ? (s[i] & 0x0f) : (s[i - 8] >> 4);
+    int hi = (s[8 + (i & 3)] >> (2 * (i >> 2))) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+
+bool xllm_unpack_row_q(xllm_dtype t, const void *row, int64_t n, uint8_t *q, float *s, float *m) {
+    const xllm_dtype_traits *tr = xllm_dtype_get_traits(t);
+    if (!tr || !tr->quantized) return false;
+    const uint8_t *b = row;
+    const int64_t nb = n / tr->block_size;
+    for (int64_t ib = 0; ib < nb; ib++, b += tr->block_bytes) {
+        uint8_t *o = q + ib * tr->block_size;
+        switch (t) {
+            case XLLM_DTYPE_Q4_0:
+            case XLLM_DTYPE_Q4_1: {
+                const bool one = t == XLLM_DTYPE_Q4_1;
+                const uint8_t *qs = b + (one ? 4 : 2);
+                for (int j = 0; j < 16; j++) {
+                    o[j] = qs[j] & 0x0f;
+                    o[j + 16] = qs[j] >> 4;
+                }
+                s[ib] = h2f(b);
+                m[ib] = one ? h2f(b + 2) : -8.0f * s[ib];
+                break;
+            }
+            case XLLM_DTYPE_Q5_0:
+            case XLLM_DTYPE_Q5_1: {
+                const bool one = t == XLLM_DTYPE_Q5_1;
+                const uint32_t qh = rd32(b + (one ? 4 : 2));
+                const uint8_t *qs = b + (one ? 8 : 6);
+                for (int j = 0; j < 16; j++) {
+                    o[j] = (uint8_t)((qs[j] & 0x0f) | (((qh >> j) & 1u) << 4));
+                    o[j + 16] = (uint8_t)((qs[j] >> 4) | (((qh >> (j + 16)) & 1u) << 4));
+                }
+                s[ib] = h2f(b);
+                m[ib] = one ? h2f(b + 2) : -16.0f * s[ib];
+                break;
+            }
+            case XLLM_DTYPE_Q8_0:
+                for (int j = 0; j < 32; j++) o[j] = (uint8_t)(b[2 + j] ^ 0x80);
+                s[ib] = h2f(b);
+                m[ib] = -128.0f * s[ib];
+                break;
+            case XLLM_DTYPE_Q2_K: {
+                const float d = h2f(b + 80), dmin = h2f(b + 82);
+                for (int e = 0; e < XLLM_QK_K; e++)
+                    o[e] = (b[16 + 32 * (e >> 7) + (e & 31)] >> (2 * ((e >> 5) & 3))) & 3;
+                for (int g = 0; g < 16; g++) {
+                    s[ib * 16 + g] = d * (float)(b[g] & 0x0f);
+                    m[ib * 16 + g] = -(dmin * (float)(b[g] >> 4));
+                }
+                break;
+            }
+            case XLLM_DTYPE_Q3_K: {
+                const float d = h2f(b + 108);
+                for (int e = 0; e < XLLM_QK_K; e++) {
+                    int h = e >> 7, k = (e >> 5) & 3, l = e & 31;
+                    o[e] = (uint8_t)(((b[32 + 32 * h + l] >> (2 * k)) & 3) |
+                                     (((b[l] >> (4 * h + k)) & 1) << 2));
+                }
+                for (int g = 0; g < 16; g++) {
+                    s[ib * 16 + g] = d * (float)q3k_sc(g, b + 96);
+                    m[ib * 16 + g] = -4.0f * s[ib * 16 + g];
+                }
+                break;
+            }
+            case XLLM_DTYPE_Q4_K:
+            case XLLM_DTYPE_Q5_K: {
+                const bool five = t == XLLM_DTYPE_Q5_K;
+                const float d = h2f(b), dmin = h2f(b + 2);
+                const uint8_t *qh = b + 16, *qs = b + (five ? 48 : 16);
+                for (int c = 0; c < 4; c++)
+                    for (int l = 0; l < 32; l++) {
+                        int v0 = qs[32 * c + l] & 0x0f, v1 = qs[32 * c + l] >> 4;
+                        if (five) {
+                            v0 |= ((qh[l] >> (2 * c)) & 1) << 4;
+                            v1 |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
+                        }
+                        o[64 * c + l] = (uint8_t)v0;
+                        o[64 * c + 32 + l] = (uint8_t)v1;
+                    }
+                for (int j = 0; j < 8; j++) {
+                    int sc, mn;
+                    k4_sm(j, b + 4, &sc, &mn);
+                    s[ib * 8 + j] = d * (float)sc;
+                    m[ib * 8 + j] = -(dmin * (float)mn);
+                }
+                break;
+            }
+            case XLLM_DTYPE_Q6_K: {
+                const float d = h2f(b + 208);
+                for (int e = 0; e < XLLM_QK_K; e++) {
+                    int h = e >> 7, k = (e >> 5) & 3, l = e & 31;
+                    int lo = (b[64 * h + 32 * (k & 1) + l] >> (4 * (k >> 1))) & 0x0f;
+                    int hi = (b[128 + 32 * h + l] >> (2 * k)) & 3;
+                    o[e] = (uint8_t)(lo | (hi << 4));
+                }
+                for (int g = 0; g < 16; g++) {
+                    s[ib * 16 + g] = d * (float)(int8_t)b[192 + g];
+                    m[ib * 16 + g] = -32.0f * s[ib * 16 + g];
+                }
+                break;
+            }
+            default:
+                return false;
+        }
+    }
+    return true;
+}
+
+void xllm_quant_row_q8_scalar(const float *x, int64_t n, int B, int8_t *q, float *d, int16_t *s16) {
+    for (int64_t j = 0; j < n / B; j++) {
+        const float *xb = x + j * B;
+        float amax = 0.0f;
+        for (int i = 0; i < B; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        d[j] = amax / 127.0f;
+        for (int i = 0; i < B; i++) q[j * B + i] = (int8_t)lrintf(xb[i] * id);
+    }
+    for (int64_t g = 0; g < n / 16; g++) {
+        int sum = 0;
+        for (int i = 0; i < 16; i++) sum += q[g * 16 + i];
+        s16[g] = (int16_t)sum;
+    }
+}
+
+static void to_f16_scalar(const float *x, uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = xllm_fp32_to_fp16(x[i]);
+}
+
+void xllm_cpu_to_f16(const xllm_cpu_kernels *k, const float *x, uint16_t *y, int64_t n) {
+    (k->to_f16 ? k->to_f16 : to_f16_scalar)(x, y, n);
+}
+
+static const xllm_cpu_kernels k_scalar = {
+    .level = XLLM_CPU_SCALAR,
+    .quant_row = xllm_quant_row_q8_scalar,
+    .dot_f32 = xllm_op_dot_f32,
+    .rmsnorm = xllm_op_rmsnorm,
+    .swiglu = xllm_op_swiglu,
+    .attention = xllm_op_attention_group,
+};
+
+const xllm_cpu_kernels *xllm_cpu_kernels_scalar(void) {
+    return &k_scalar;
+}
+
+const xllm_cpu_kernels *xllm_cpu_kernels_get(xllm_cpu_level level) {
+    const xllm_cpu_level have = xllm_cpu_detect();
+    if (level > have) level = have;
+#if defined(__x86_64__)
+    if (level == XLLM_CPU_AVX512) return xllm_cpu_kernels_avx512();
+    if (level == XLLM_CPU_AVX2) return xllm_cpu_kernels_avx2();
+#endif
+    return &k_scalar;
+}
+
+void xllm_cpu_rmsnorm(const xllm_cpu_kernels *k, float *out, const float *x, const float *w,
+                      int64_t n, float eps) {
+    k->rmsnorm(out, x, w, n, eps);
+}
+
+void xllm_cpu_swiglu(const xllm_cpu_kernels *k, float *out, const float *g, const float *u,
+                     int64_t n) {
+    k->swiglu(out, g, u, n);
+}
+
+float xllm_cpu_dot_f32(const xllm_cpu_kernels *k, const float *a, const float *b, int64_t n) {
+    return k->dot_f32(a, b, n);
+}
+
+void xllm_cpu_attention(const xllm_cpu_kernels *k, const xllm_attn_args *a) {
+    if (a->head_dim > 256 || (a->n_kv > 1 ? a->n_kv : 1) * a->n_tok * a->group > XLLM_ATTN_MAX_Q)
+        xllm_op_attention_group(a);
+    else
+        k->attention(a);
+}

@@ -1,0 +1,111 @@
+/* The kernel table of one ISA level and the data forms its kernels share: 8-bit activations,
+ * interleaved weight panels. The matmul driver (matmul.c) picks a table once per context. */
+#ifndef XLLM_COMPUTE_CPU_KERNELS_H
+#define XLLM_COMPUTE_CPU_KERNELS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "compute/cpu/cpu.h"
+#include "compute/cpu/ops.h"
+
+/* Rows of weights in one panel of the batched (GEMM) path. */
+#define XLLM_PANEL 16
+/* Largest token count the direct (GEMV) kernels take; bigger batches pack panels. */
+#define XLLM_GEMV_MAX_T 4
+
+/* 8-bit form of T activation rows of n floats (n a multiple of 32, or of 256 when B = 256):
+ * row t is x[t] ~ d[t][j] * q[t][i] for i in block j of B elements. */
+typedef struct xllm_q8act {
+    int8_t *q;    /* (T, n) int8, row t at q + t * n */
+    float *d;     /* (T, n / B) scales */
+    int16_t *s16; /* (T, n / 16) sums of q over each 16 elements */
+    float *g;     /* (T, n / G, 2) per group of G: (d, d * sum q) for the packed GEMM */
+    int B;        /* 32 or 256 */
+    int G;        /* group size of g: 32 or 16 (0 while g is not made) */
+} xllm_q8act;
+
+/* A panel of XLLM_PANEL weight rows of K elements in the common 8-bit form: row r, element e
+ * is s[e / G][r] * q + m[e / G][r], with q (u8) at q[(e / 4) * 64 + r * 4 + e % 4]. */
+typedef struct xllm_qpanel {
+    uint8_t *q; /* (K / 4, 16, 4) */
+    float *s;   /* (K / G, 16) */
+    float *m;   /* (K / G, 16) */
+    int G;      /* 16 or 32 */
+    int sym;    /* > 0: a symmetric type, m = -sym * s (the offset is taken in int32) */
+} xllm_qpanel;
+
+/* Activation form a weight type wants: block size of its 8-bit activations, 0 for float. */
+static inline int xllm_act_block(xllm_dtype t) {
+    switch (t) {
+        case XLLM_DTYPE_Q4_0:
+        case XLLM_DTYPE_Q4_1:
+        case XLLM_DTYPE_Q5_0:
+        case XLLM_DTYPE_Q5_1:
+        case XLLM_DTYPE_Q8_0:
+            return 32;
+        case XLLM_DTYPE_Q2_K:
+        case XLLM_DTYPE_Q3_K:
+        case XLLM_DTYPE_Q4_K:
+        case XLLM_DTYPE_Q5_K:
+        case XLLM_DTYPE_Q6_K:
+            return 256;
+        default:
+            return 0;
+    }
+}
+
+/* Group size of a quantized type's scales in the panel form. */
+static inline int xllm_panel_group(xllm_dtype t) {
+    return (t == XLLM_DTYPE_Q2_K || t == XLLM_DTYPE_Q3_K || t == XLLM_DTYPE_Q6_K) ? 16 : 32;
+}
+
+typedef struct xllm_cpu_kernels {
+    xllm_cpu_level level;
+    bool bf16_dot; /* gemm_bf16 available (AVX512_BF16) */
+    /* One row of n floats to the 8-bit form (q: n, d: n / B, s16: n / 16). */
+    void (*quant_row)(const float *x, int64_t n, int B, int8_t *q, float *d, int16_t *s16);
+    /* Direct decode kernels over rows [r0, r1) of w for T <= XLLM_GEMV_MAX_T tokens;
+     * y[t * y_stride + r] = (or +=, when acc) row r . x_t. Return false for a type they do
+     * not handle (the driver then packs panels). x: float rows; a: the 8-bit form. */
+    bool (*gemv)(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
+                 const xllm_q8act *a, int64_t T, float *y, int64_t y_stride, bool acc);
+    /* Packs nr <= 16 rows starting at r0 of a quantized w into p (buffers sized by the
+     * driver); stage: 16 * K bytes of scratch. False for a type it does not handle. */
+    bool (*pack_q)(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_qpanel *p);
+    /* y (T, nr) (+)= panels . a for tokens [0, T): np (1 or 2) panels p[0..np) of 16 rows
+     * each, nr <= 16 * np rows in all. */
+    void (*gemm_q)(const xllm_qpanel *p, int np, int64_t K, const xllm_q8act *a, int64_t T, int nr,
+                   float *y, int64_t y_stride, bool acc);
+    /* Float panels: nr rows of w (F32/F16/BF16) as (K, 16) floats. */
+    void (*pack_f)(const xllm_mat *w, int64_t r0, int nr, float *panel);
+    void (*gemm_f)(const float *panel, int64_t K, const float *x, int64_t x_stride, int64_t T,
+                   int nr, float *y, int64_t y_stride, bool acc);
+    /* BF16 panels (K / 2, 16, 2) and activations as bf16 (T, K) (optional: NULL). */
+    void (*pack_bf16)(const xllm_mat *w, int64_t r0, int nr, uint16_t *panel);
+    /* np (1 or 2) consecutive panels, K * 16 values apart */
+    void (*gemm_bf16)(const uint16_t *panel, int np, int64_t K, const uint16_t *xb, int64_t T,
+                      int nr, float *y, int64_t y_stride, bool acc);
+    void (*to_bf16)(const float *x, uint16_t *y, int64_t n);
+    /* fp32 -> IEEE half, round to nearest even (KV stores) */
+    void (*to_f16)(const float *x, uint16_t *y, int64_t n);
+    /* Elementwise and small ops. */
+    float (*dot_f32)(const float *a, const float *b, int64_t n);
+    void (*rmsnorm)(float *out, const float *x, const float *w, int64_t n, float eps);
+    void (*swiglu)(float *out, const float *g, const float *u, int64_t n);
+    /* Attention of `group` query heads sharing one KV head (see xllm_op_attention_group). */
+    void (*attention)(const xllm_attn_args *a);
+} xllm_cpu_kernels;
+
+const xllm_cpu_kernels *xllm_cpu_kernels_scalar(void);
+const xllm_cpu_kernels *xllm_cpu_kernels_avx2(void);
+const xllm_cpu_kernels *xllm_cpu_kernels_avx512(void);
+
+/* Portable helpers shared by the ISA files (kern_common.c). */
+/* Unpacks one quantized row (n elements) to u8 q (n) and per-G scale/offset (n / G each) in
+ * the panel form; false for a type without a panel form. */
+bool xllm_unpack_row_q(xllm_dtype t, const void *row, int64_t n, uint8_t *q, float *s, float *m);
+void xllm_quant_row_q8_scalar(const float *x, int64_t n, int B, int8_t *q, float *d, int16_t *s16);
+
+#endif

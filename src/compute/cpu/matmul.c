@@ -1,0 +1,436 @@
+/* The matmul driver: picks a path per weight type and batch size (direct GEMV for a few
+ * tokens, packed weight-stationary GEMM for more), makes the input's 8-bit / bf16 forms once
+ * per input, and splits rows (or 16-row panels) across the thread pool. */
+#include <stdatomic.h>
+#include <string.h>
+
+#include "compute/cpu/kernels.h"
+#include "compute/dtype.h"
+#include "util/common.h"
+
+enum {
+    FORM_Q32 = 1,     /* 8-bit, 32-element blocks, with g for groups of 32 */
+    FORM_Q256 = 2,    /* 8-bit, 256-element blocks */
+    FORM_G256_32 = 4, /* g of the 256 form for groups of 32 */
+    FORM_G256_16 = 8, /* ... and for groups of 16 */
+    FORM_BF16 = 16,
+};
+
+typedef struct mm_thread {
+    uint8_t *stage; /* (16, Kp) bytes */
+    uint8_t *pq;    /* 2 x (Kp / 4, 16, 4) panel values */
+    float *ps, *pm; /* 2 x (Kp / 16 + 1, 16) panel scales / offsets */
+    float *pf;      /* 2 x (Kp, 16) float panels; also bf16 panels (K / 2, 16, 2) */
+    float *row;     /* (K) one dequantized row (portable paths) */
+} mm_thread;
+
+struct xllm_mm {
+    xllm_threadpool *tp;
+    const xllm_cpu_kernels *k;
+    int64_t max_T, max_cols;
+    int n_threads;
+    mm_thread *th;
+    /* the current input */
+    const float *x;
+    int64_t x_stride, T, n;
+    unsigned forms;
+    xllm_q8act q32, q256, q256_16; /* q256_16 shares q/d/s16 with q256, its own g */
+    uint16_t *xb;                  /* (max_T, max_cols) bf16 form */
+    /* weights packed once (xllm_mm_prepack): open-addressing table keyed by the data pointer */
+    struct prepacked *pre;
+    int64_t pre_cap, pre_n;
+};
+
+/* One matrix in panel form: panel i (16 rows) at q + i * qstride, s / m + i * sstride. */
+typedef struct prepacked {
+    const void *data; /* the matrix's data pointer (key); NULL = free slot */
+    int64_t n_rows, n_cols;
+    uint8_t *q;
+    float *s, *m;
+    size_t qstride, sstride;
+    int G, sym;
+} prepacked;
+
+static const prepacked *find_prepacked(const xllm_mm *mm, const xllm_mat *w) {
+    if (!mm->pre_cap) return NULL;
+    size_t h = ((uintptr_t)w->data >> 6) % (size_t)mm->pre_cap;
+    for (;;) {
+        const prepacked *e = &mm->pre[h];
+        if (!e->data) return NULL;
+        if (e->data == w->data && e->n_rows == w->n_rows && e->n_cols == w->n_cols) return e;
+        h = (h + 1) % (size_t)mm->pre_cap;
+    }
+}
+
+static void *zalloc(size_t n) {
+    return xllm_xcalloc(n ? n : 1, 1);
+}
+
+xllm_mm *xllm_mm_new(xllm_threadpool *tp, xllm_cpu_level level, int64_t max_T, int64_t max_cols) {
+    xllm_mm *mm = xllm_xcalloc(1, sizeof(*mm));
+    mm->tp = tp;
+    mm->k = xllm_cpu_kernels_get(level);
+    mm->max_T = max_T;
+    mm->max_cols = max_cols;
+    mm->n_threads = xllm_threadpool_n_threads(tp);
+    const size_t K = (size_t)max_cols, Kp = (K + 63) / 64 * 64, T = (size_t)max_T;
+    mm->th = xllm_xcalloc((size_t)mm->n_threads, sizeof(mm_thread));
+    for (int i = 0; i < mm->n_threads; i++) {
+        mm_thread *t = &mm->th[i];
+        t->stage = zalloc(16 * Kp);
+        t->pq = zalloc(2 * 16 * Kp);
+        t->ps = zalloc(2 * (Kp / 16 + 1) * 16 * sizeof(float));
+        t->pm = zalloc(2 * (Kp / 16 + 1) * 16 * sizeof(float));
+        t->pf = zalloc(2 * 16 * Kp * sizeof(float));
+        t->row = zalloc(Kp * sizeof(float));
+    }
+    xllm_q8act *fs[2] = {&mm->q32, &mm->q256};
+    for (int i = 0; i < 2; i++) {
+        fs[i]->q = zalloc(T * Kp);
+        fs[i]->d = zalloc(T * (Kp / 32 + 1) * sizeof(float));
+        fs[i]->s16 = zalloc(T * (Kp / 16 + 1) * sizeof(int16_t));
+        fs[i]->g = zalloc(T * (Kp / 16 + 1) * 2 * sizeof(float));
+    }
+    mm->q32.B = 32;
+    mm->q32.G = 32;
+    mm->q256.B = 256;
+    mm->q256.G = 32;
+    mm->q256_16 = mm->q256;
+    mm->q256_16.g = zalloc(T * (Kp / 16 + 1) * 2 * sizeof(float));
+    mm->q256_16.G = 16;
+    mm->xb = zalloc(T * Kp * sizeof(uint16_t));
+    return mm;
+}
+
+void xllm_mm_free(xllm_mm *mm) {
+    if (!mm) return;
+    for (int64_t i = 0; i < mm->pre_cap; i++) {
+        free(mm->pre[i].q);
+        free(mm->pre[i].s);
+        free(mm->pre[i].m);
+    }
+    free(mm->pre);
+    for (int i = 0; i < mm->n_threads; i++) {
+        mm_thread *t = &mm->th[i];
+        free(t->stage);
+        free(t->pq);
+        free(t->ps);
+        free(t->pm);
+        free(t->pf);
+        free(t->row);
+    }
+    free(mm->th);
+    xllm_q8act *fs[2] = {&mm->q32, &mm->q256};
+    for (int i = 0; i < 2; i++) {
+        free(fs[i]->q);
+        free(fs[i]->d);
+        free(fs[i]->s16);
+        free(fs[i]->g);
+    }
+    free(mm->q256_16.g);
+    free(mm->xb);
+    free(mm);
+}
+
+const xllm_cpu_kernels *xllm_mm_kernels(const xllm_mm *mm) {
+    return mm->k;
+}
+
+xllm_cpu_level xllm_mm_level(const xllm_mm *mm) {
+    return mm->k->level;
+}
+
+void xllm_mm_input(xllm_mm *mm, const float *x, int64_t x_stride, int64_t T, int64_t n) {
+    XLLM_ASSERT(T >= 0 && T <= mm->max_T && n <= mm->max_cols);
+    mm->x = x;
+    mm->x_stride = x_stride;
+    mm->T = T;
+    mm->n = n;
+    mm->forms = 0;
+}
+
+/* ---- input forms ------------------------------------------------------------------------ */
+
+typedef struct form_task {
+    xllm_mm *mm;
+    unsigned want;
+} form_task;
+
+/* g for tokens [lo, hi): per group of G, (d of its block, d * sum of its q). */
+static void make_g(const xllm_q8act *a, xllm_q8act *out, int64_t n, int64_t lo, int64_t hi) {
+    const int64_t ng = n / out->G, nb = n / a->B, n16 = n / 16;
+    for (int64_t t = lo; t < hi; t++)
+        for (int64_t g = 0; g < ng; g++) {
+            const float d = a->d[t * nb + (g * out->G) / a->B];
+            int sum = 0;
+            for (int i = 0; i < out->G / 16; i++) sum += a->s16[t * n16 + g * (out->G / 16) + i];
+            out->g[(t * ng + g) * 2] = d;
+            out->g[(t * ng + g) * 2 + 1] = d * (float)sum;
+        }
+}
+
+static void form_worker(void *arg, int ith, int nth) {
+    const form_task *f = arg;
+    xllm_mm *mm = f->mm;
+    const int64_t n = mm->n;
+    int64_t lo, hi;
+    xllm_split_range(mm->T, ith, nth, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
+        const float *x = mm->x + t * mm->x_stride;
+        if (f->want & FORM_Q32)
+            mm->k->quant_row(x, n, 32, mm->q32.q + t * n, mm->q32.d + t * (n / 32),
+                             mm->q32.s16 + t * (n / 16));
+        if (f->want & FORM_Q256)
+            mm->k->quant_row(x, n, 256, mm->q256.q + t * n, mm->q256.d + t * (n / 256),
+                             mm->q256.s16 + t * (n / 16));
+        if (f->want & FORM_BF16) mm->k->to_bf16(x, mm->xb + t * n, n);
+    }
+    if (f->want & FORM_Q32) make_g(&mm->q32, &mm->q32, n, lo, hi);
+    if (f->want & FORM_G256_32) make_g(&mm->q256, &mm->q256, n, lo, hi);
+    if (f->want & FORM_G256_16) make_g(&mm->q256, &mm->q256_16, n, lo, hi);
+}
+
+static void ensure_forms(xllm_mm *mm, unsigned want) {
+    if (want & (FORM_G256_32 | FORM_G256_16)) want |= FORM_Q256;
+    if ((mm->forms & FORM_Q256) && (want & FORM_Q256)) want &= ~(unsigned)FORM_Q256;
+    want &= ~mm->forms;
+    if (!want) return;
+    form_task f = {mm, want};
+    if (mm->T <= 4)
+        form_worker(&f, 0, 1); /* a few rows: not worth waking the pool (one barrier less) */
+    else
+        xllm_threadpool_run(mm->tp, form_worker, &f);
+    mm->forms |= want;
+}
+
+/* The 8-bit form (with g for groups of G) a quantized type reads. */
+static const xllm_q8act *q_form(xllm_mm *mm, xllm_dtype t, bool need_g16) {
+    if (xllm_act_block(t) == 32) {
+        ensure_forms(mm, FORM_Q32);
+        return &mm->q32;
+    }
+    if (need_g16) {
+        ensure_forms(mm, FORM_G256_16);
+        return &mm->q256_16;
+    }
+    ensure_forms(mm, FORM_G256_32);
+    return &mm->q256;
+}
+
+/* ---- paths ------------------------------------------------------------------------------ */
+
+typedef enum path { PATH_SCALAR, PATH_GEMV, PATH_GEMM_Q, PATH_GEMM_BF16, PATH_GEMM_F } path;
+
+/* One matrix of a run: its path and how its rows are cut into work units. */
+typedef struct mm_job {
+    const xllm_mat *w;
+    const xllm_q8act *a;
+    float *y;
+    int64_t y_stride;
+    path p;
+    const prepacked *pre;    /* panels packed ahead of time, or NULL */
+    int64_t n_chunks, chunk; /* work units: chunk rows (row paths) or 32-row panel pairs */
+} mm_job;
+
+#define MM_MAX_JOBS 4
+
+typedef struct run_task {
+    xllm_mm *mm;
+    mm_job job[MM_MAX_JOBS]; /* matrices sharing the input, run in one parallel region */
+    int n_jobs;
+    int64_t total; /* units over all jobs */
+    bool acc;
+    atomic_int_fast64_t next; /* next unit to take: threads take units dynamically, so a thread
+                                 the OS preempts does not hold the others at the barrier */
+} run_task;
+
+/* Dequantizes 16 rows to a float panel (K, 16) with the reference dequantizer. */
+static void pack_f_ref(const xllm_mat *w, int64_t r0, int nr, float *row, float *panel) {
+    const int64_t K = w->n_cols;
+    for (int r = 0; r < 16; r++) {
+        if (r < nr)
+            xllm_dequant_row_ref(
+                w->type, (const uint8_t *)w->data + (size_t)(r0 + r) * w->row_bytes, row, K);
+        for (int64_t k = 0; k < K; k++) panel[k * 16 + r] = r < nr ? row[k] : 0.0f;
+    }
+}
+
+static void run_worker(void *arg, int ith, int nth) {
+    run_task *rt = arg;
+    xllm_mm *mm = rt->mm;
+    const xllm_cpu_kernels *k = mm->k;
+    mm_thread *th = &mm->th[ith];
+    const int64_t T = mm->T;
+    const bool acc = rt->acc;
+    for (;;) {
+        int64_t c = atomic_fetch_add_explicit(&rt->next, 1, memory_order_relaxed);
+        if (c >= rt->total) break;
+        const mm_job *t = rt->job;
+        while (c >= t->n_chunks) c -= (t++)->n_chunks;
+        const xllm_mat *w = t->w;
+        const int64_t K = w->n_cols;
+        if (t->p == PATH_SCALAR || t->p == PATH_GEMV) {
+            const int64_t lo = c * t->chunk, hi = XLLM_MIN(lo + t->chunk, w->n_rows);
+            if (t->p == PATH_GEMV) {
+                k->gemv(w, lo, hi, mm->x, mm->x_stride, t->a, T, t->y, t->y_stride, acc);
+                continue;
+            }
+            for (int64_t r = lo; r < hi; r++) {
+                const uint8_t *src = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+                const float *wr = (const float *)src;
+                if (w->type != XLLM_DTYPE_F32) {
+                    xllm_dequant_row_ref(w->type, src, th->row, K);
+                    wr = th->row;
+                }
+                for (int64_t i = 0; i < T; i++) {
+                    const float v = k->dot_f32(wr, mm->x + i * mm->x_stride, K);
+                    float *yp = t->y + i * t->y_stride + r;
+                    *yp = acc ? *yp + v : v;
+                }
+            }
+            continue;
+        }
+        /* a unit is two panels (32 rows) on the GEMM paths */
+        const int64_t r0 = c * 2 * XLLM_PANEL;
+        const int nr = (int)XLLM_MIN((int64_t)2 * XLLM_PANEL, w->n_rows - r0);
+        const int np = nr > XLLM_PANEL ? 2 : 1;
+        const size_t Kp = (size_t)(mm->max_cols + 63) / 64 * 64;
+        float *y = t->y + r0;
+        if (t->p == PATH_GEMM_Q) {
+            xllm_qpanel p[2];
+            const prepacked *pp = t->pre;
+            for (int i = 0; i < np && pp; i++) {
+                const int64_t pi = r0 / XLLM_PANEL + i;
+                p[i] = (xllm_qpanel){.q = pp->q + pi * pp->qstride,
+                                     .s = pp->s + pi * pp->sstride,
+                                     .m = pp->m + pi * pp->sstride,
+                                     .G = pp->G,
+                                     .sym = pp->sym};
+            }
+            for (int i = 0; i < np && !pp; i++) {
+                p[i] = (xllm_qpanel){.q = th->pq + i * 16 * Kp,
+                                     .s = th->ps + i * (Kp / 16 + 1) * 16,
+                                     .m = th->pm + i * (Kp / 16 + 1) * 16};
+                k->pack_q(w, r0 + i * XLLM_PANEL, XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
+                          th->stage, &p[i]);
+            }
+            k->gemm_q(p, np, K, t->a, T, nr, y, t->y_stride, acc);
+        } else if (t->p == PATH_GEMM_BF16) {
+            uint16_t *pb = (uint16_t *)th->pf;
+            for (int i = 0; i < np; i++)
+                k->pack_bf16(w, r0 + i * XLLM_PANEL, XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
+                             pb + (size_t)i * (size_t)K * 16);
+            k->gemm_bf16(pb, np, K, mm->xb, T, nr, y, t->y_stride, acc);
+        } else {
+            for (int i = 0; i < np; i++) {
+                const int nri = XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL);
+                if (w->type == XLLM_DTYPE_F32 || w->type == XLLM_DTYPE_F16 ||
+                    w->type == XLLM_DTYPE_BF16)
+                    k->pack_f(w, r0 + i * XLLM_PANEL, nri, th->pf);
+                else
+                    pack_f_ref(w, r0 + i * XLLM_PANEL, nri, th->row, th->pf);
+                k->gemm_f(th->pf, K, mm->x, mm->x_stride, T, nri, y + i * XLLM_PANEL, t->y_stride,
+                          acc);
+            }
+        }
+    }
+}
+
+/* Picks the path of one matrix on the current input and makes the input forms it reads. */
+static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
+    XLLM_ASSERT(w->n_cols == mm->n);
+    const xllm_cpu_kernels *k = mm->k;
+    const int B = xllm_act_block(w->type);
+    const int64_t K = w->n_cols;
+    mm_job t = {.w = w, .y = y, .y_stride = y_stride, .p = PATH_SCALAR};
+    if (k->level == XLLM_CPU_SCALAR) {
+        t.p = PATH_SCALAR;
+    } else if (mm->T <= XLLM_GEMV_MAX_T && k->gemv &&
+               k->gemv(w, 0, 0, NULL, 0, NULL, 0, NULL, 0, false)) {
+        t.p = PATH_GEMV;
+        if (B) t.a = q_form(mm, w->type, false);
+    } else if (B && k->pack_q) {
+        t.p = PATH_GEMM_Q;
+        t.a = q_form(mm, w->type, xllm_panel_group(w->type) == 16);
+        t.pre = find_prepacked(mm, w);
+    } else if (w->type == XLLM_DTYPE_BF16 && k->gemm_bf16 && K % 32 == 0) {
+        t.p = PATH_GEMM_BF16;
+        ensure_forms(mm, FORM_BF16);
+    } else if (k->gemm_f) {
+        t.p = PATH_GEMM_F;
+    }
+    if (t.p == PATH_SCALAR || t.p == PATH_GEMV) {
+        /* ~8 units per thread, whole multiples of 16 rows */
+        t.chunk = (w->n_rows / (8 * mm->n_threads) + 15) / 16 * 16;
+        if (t.chunk < 16) t.chunk = 16;
+        t.n_chunks = (w->n_rows + t.chunk - 1) / t.chunk;
+    } else {
+        t.chunk = 2 * XLLM_PANEL;
+        t.n_chunks = (w->n_rows + 2 * XLLM_PANEL - 1) / (2 * XLLM_PANEL);
+    }
+    return t;
+}
+
+bool xllm_mm_prepack(xllm_mm *mm, const xllm_mat *w) {
+    const xllm_cpu_kernels *k = mm->k;
+    if (!k->pack_q || !xllm_act_block(w->type) || w->n_rows <= 0 || w->n_cols > mm->max_cols ||
+        find_prepacked(mm, w))
+        return false;
+    if (mm->pre_n * 2 + 2 > mm->pre_cap) { /* grow and rehash */
+        const int64_t old_cap = mm->pre_cap;
+        prepacked *old = mm->pre;
+        mm->pre_cap = old_cap ? old_cap * 2 : 64;
+        mm->pre = xllm_xcalloc((size_t)mm->pre_cap, sizeof(prepacked));
+        for (int64_t i = 0; i < old_cap; i++) {
+            if (!old[i].data) continue;
+            size_t h = ((uintptr_t)old[i].data >> 6) % (size_t)mm->pre_cap;
+            while (mm->pre[h].data) h = (h + 1) % (size_t)mm->pre_cap;
+            mm->pre[h] = old[i];
+        }
+        free(old);
+    }
+    const int64_t K = w->n_cols, Kp = (K + 63) / 64 * 64, np = (w->n_rows + 15) / 16;
+    prepacked e = {.data = w->data, .n_rows = w->n_rows, .n_cols = K};
+    e.qstride = (size_t)(16 * Kp);
+    e.sstride = (size_t)((Kp / 16 + 1) * 16);
+    e.q = malloc(e.qstride * (size_t)np);
+    e.s = malloc(e.sstride * (size_t)np * sizeof(float));
+    e.m = malloc(e.sstride * (size_t)np * sizeof(float));
+    if (!e.q || !e.s || !e.m) {
+        free(e.q);
+        free(e.s);
+        free(e.m);
+        return false;
+    }
+    for (int64_t pi = 0; pi < np; pi++) {
+        xllm_qpanel p = {
+            .q = e.q + pi * e.qstride, .s = e.s + pi * e.sstride, .m = e.m + pi * e.sstride};
+        k->pack_q(w, pi * 16, (int)XLLM_MIN((int64_t)16, w->n_rows - pi * 16), mm->th[0].stage, &p);
+        e.G = p.G;
+        e.sym = p.sym;
+    }
+    size_t h = ((uintptr_t)w->data >> 6) % (size_t)mm->pre_cap;
+    while (mm->pre[h].data) h = (h + 1) % (size_t)mm->pre_cap;
+    mm->pre[h] = e;
+    mm->pre_n++;
+    return true;
+}
+
+void xllm_mm_run_multi(xllm_mm *mm, int n, const xllm_mat *const *w, float *const *y,
+                       const int64_t *y_stride, bool acc) {
+    XLLM_ASSERT(n >= 1 && n <= MM_MAX_JOBS);
+    if (mm->T == 0) return;
+    run_task t = {.mm = mm, .acc = acc};
+    for (int i = 0; i < n; i++) {
+        if (w[i]->n_rows == 0) continue;
+        t.job[t.n_jobs] = plan(mm, w[i], y[i], y_stride[i]);
+        t.total += t.job[t.n_jobs++].n_chunks;
+    }
+    if (t.total == 0) return;
+    atomic_init(&t.next, 0);
+    xllm_threadpool_run(mm->tp, run_worker, &t);
+}
+
+void xllm_mm_run(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride, bool acc) {
+    xllm_mm_run_multi(mm, 1, &w, &y, &y_stride, acc);
+}
