@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
 #include "cli/common.h"
@@ -136,7 +137,9 @@ static bool fill(int64_t i, void *buf, uint64_t n_bytes, void *user) {
     xllm_threadpool_run(g->tp, fill_worker, &f);
     free(f.tmp);
     g->done_bytes += (int64_t)n_bytes;
-    fprintf(stderr, "\rgen-model: %5.1f%%", 100.0 * (double)g->done_bytes / (double)g->total_bytes);
+    if (isatty(STDERR_FILENO)) /* a progress line only for a person watching */
+        fprintf(stderr, "\rgen-model: %5.1f%%",
+                100.0 * (double)g->done_bytes / (double)g->total_bytes);
     return true;
 }
 
@@ -327,7 +330,7 @@ int xllm_cmd_gen_model(int argc, char **argv) {
     g->tp = xllm_threadpool_new(threads > 0 ? (int)threads : xllm_cpu_count());
     xllm_status st =
         g->tp ? xllm_gguf_writer_write(w, out, fill, g, err, sizeof(err)) : XLLM_ERR_NOMEM;
-    fprintf(stderr, "\n");
+    if (isatty(STDERR_FILENO)) fprintf(stderr, "\n");
     if (st != XLLM_OK)
         fprintf(stderr, "xllm gen-model: %s\n", g->tp ? err : "no threads");
     else
