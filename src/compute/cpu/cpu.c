@@ -9,15 +9,25 @@
 
 #include "compute/threadpool.h"
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+
+/* F16C from cpuid leaf 1 (ECX bit 29): clang 14's __builtin_cpu_supports does not know it. */
+static bool has_f16c(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    return (c >> 29) & 1u;
+}
+#endif
+
 xllm_cpu_level xllm_cpu_detect(void) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        __builtin_cpu_supports("fma") && has_f16c())
         return XLLM_CPU_AVX512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c())
         return XLLM_CPU_AVX2;
 #endif
     return XLLM_CPU_SCALAR;
