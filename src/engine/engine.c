@@ -19,6 +19,9 @@
 /* Structures                                                                                */
 /* ---------------------------------------------------------------------------------------- */
 
+/* Seconds a received KV transfer waits for its decode request before it is dropped. */
+#define XFER_UNCLAIMED_S 60.0
+
 typedef enum req_state { REQ_WAITING, REQ_RUNNING, REQ_DONE } req_state;
 
 struct xllm_request {
@@ -85,6 +88,7 @@ struct xllm_engine {
     /* PD */
     xllm_kv_receiver *receiver; /* decode side (NULL when off) */
     xllm_kv_transfer **xfers;   /* received, not yet claimed by a request */
+    double *xfer_time;          /* when each arrived (unclaimed ones expire) */
     int32_t n_xfers, xfers_cap;
     struct {
         char to[128];
@@ -530,8 +534,23 @@ static void claim_transfers(xllm_engine *e, int timeout_ms) {
         if (e->n_xfers == e->xfers_cap) {
             e->xfers_cap = e->xfers_cap ? e->xfers_cap * 2 : 8;
             e->xfers = xllm_xrealloc(e->xfers, (size_t)e->xfers_cap * sizeof(*e->xfers));
+            e->xfer_time =
+                xllm_xrealloc(e->xfer_time, (size_t)e->xfers_cap * sizeof(*e->xfer_time));
         }
+        e->xfer_time[e->n_xfers] = now_s();
         e->xfers[e->n_xfers++] = t;
+    }
+    /* a transfer no request claims (its decode leg was cancelled or never came) gives its
+     * staging memory back after a while */
+    const double now = now_s();
+    for (int32_t j = 0; j < e->n_xfers;) {
+        if (now - e->xfer_time[j] > XFER_UNCLAIMED_S) {
+            xllm_kv_transfer_free(e->xfers[j]);
+            e->xfers[j] = e->xfers[--e->n_xfers];
+            e->xfer_time[j] = e->xfer_time[e->n_xfers];
+        } else {
+            j++;
+        }
     }
     for (int32_t i = 0; i < e->n_waiting;) {
         xllm_request *r = e->waiting[i];
@@ -545,6 +564,7 @@ static void claim_transfers(xllm_engine *e, int timeout_ms) {
         }
         t = e->xfers[k];
         e->xfers[k] = e->xfers[--e->n_xfers];
+        e->xfer_time[k] = e->xfer_time[e->n_xfers];
         bool match = t->status == XLLM_OK && t->n_tokens == r->n_prompt &&
                      !memcmp(t->tokens, r->tokens, (size_t)r->n_prompt * sizeof(int32_t));
         if (match) {
@@ -692,6 +712,9 @@ static bool intake(xllm_engine *e) {
     for (int32_t i = 0; i < e->n_waiting;) {
         xllm_request *r = e->waiting[i];
         if (atomic_load(&r->cancelled)) {
+            /* its KV may still be on the way: the receiver drops it (and tells the sender) */
+            if (r->p.pd_import_id && !r->pd_xfer && e->receiver)
+                xllm_kv_receiver_cancel(e->receiver, r->p.pd_import_id);
             waiting_remove(e, i);
             pthread_mutex_lock(&e->mu);
             e->n_queued--;
@@ -1018,6 +1041,7 @@ void xllm_engine_free(xllm_engine *e) {
     xllm_kv_receiver_free(e->receiver);
     for (int32_t i = 0; i < e->n_xfers; i++) xllm_kv_transfer_free(e->xfers[i]);
     free(e->xfers);
+    free(e->xfer_time);
     xllm_context_free(e->ctx);
     free(e->inbox);
     free(e->waiting);
