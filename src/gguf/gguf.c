@@ -81,7 +81,7 @@ static char *str_dup(xllm_gguf_str s) {
     return d;
 }
 
-static size_t scalar_size(xllm_gguf_type t) {
+size_t xllm_gguf_type_size(xllm_gguf_type t) {
     switch (t) {
         case XLLM_GGUF_UINT8:
         case XLLM_GGUF_INT8:
@@ -185,7 +185,7 @@ static bool parse_kv(cursor *c, xllm_gguf_kv *kv) {
         return true;
     }
     if (kv->type != XLLM_GGUF_ARRAY) {
-        size_t n = scalar_size(kv->type);
+        size_t n = xllm_gguf_type_size(kv->type);
         if (!need(c, n, "value")) return false;
         decode_scalar(kv->type, c->p + c->off, kv);
         c->off += n;
@@ -213,7 +213,7 @@ static bool parse_kv(cursor *c, xllm_gguf_kv *kv) {
         }
         return true;
     }
-    size_t es = scalar_size(kv->arr_type);
+    size_t es = xllm_gguf_type_size(kv->arr_type);
     if (kv->arr_n > (c->size - c->off) / es)
         return fail(c, "%s %" PRIu64 " is larger than the rest of the file allows", "array count",
                     kv->arr_n);
@@ -541,7 +541,7 @@ int xllm_gguf_kv_to_string(const xllm_gguf_kv *kv, char *buf, size_t buf_size) {
     } else {
         sb_printf(&b, "[%" PRIu64 " %s", kv->arr_n, xllm_gguf_type_name(kv->arr_type));
         uint64_t show = kv->arr_n < 8 ? kv->arr_n : 8;
-        size_t es = scalar_size(kv->arr_type);
+        size_t es = xllm_gguf_type_size(kv->arr_type);
         for (uint64_t i = 0; i < show; i++) {
             sb_printf(&b, "%s", i ? ", " : ": ");
             if (kv->arr_type == XLLM_GGUF_STRING) {

@@ -85,6 +85,8 @@ xllm_status xllm_gguf_parse(const void *data, size_t size, xllm_gguf **out, char
 void xllm_gguf_free(xllm_gguf *g); /* accepts NULL */
 
 const char *xllm_gguf_type_name(xllm_gguf_type t);
+/* Bytes of one value of a scalar type; 0 for STRING, ARRAY and unknown types. */
+size_t xllm_gguf_type_size(xllm_gguf_type t);
 
 /* Lookups: NULL / -1 when absent. */
 const xllm_gguf_kv *xllm_gguf_find(const xllm_gguf *g, const char *key);

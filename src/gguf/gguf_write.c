@@ -86,24 +86,6 @@ void xllm_gguf_writer_str(xllm_gguf_writer *w, const char *k, const char *v) {
     put_str(w, v, strlen(v));
 }
 
-static size_t elem_size(xllm_gguf_type t) {
-    switch (t) {
-        case XLLM_GGUF_UINT8:
-        case XLLM_GGUF_INT8:
-        case XLLM_GGUF_BOOL:
-            return 1;
-        case XLLM_GGUF_UINT16:
-        case XLLM_GGUF_INT16:
-            return 2;
-        case XLLM_GGUF_UINT32:
-        case XLLM_GGUF_INT32:
-        case XLLM_GGUF_FLOAT32:
-            return 4;
-        default:
-            return 8;
-    }
-}
-
 void xllm_gguf_writer_copy(xllm_gguf_writer *w, const xllm_gguf_kv *kv) {
     key(w, kv->key, kv->type);
     if (kv->type == XLLM_GGUF_STRING) {
@@ -115,7 +97,7 @@ void xllm_gguf_writer_copy(xllm_gguf_writer *w, const xllm_gguf_kv *kv) {
             for (uint64_t i = 0; i < kv->arr_n; i++)
                 put_str(w, kv->arr_strs[i].ptr, kv->arr_strs[i].len);
         } else {
-            put(w, kv->arr_data, (size_t)(kv->arr_n * elem_size(kv->arr_type)));
+            put(w, kv->arr_data, (size_t)(kv->arr_n * xllm_gguf_type_size(kv->arr_type)));
         }
     } else if (kv->type == XLLM_GGUF_FLOAT32) {
         float f = (float)kv->v.f;
@@ -123,7 +105,7 @@ void xllm_gguf_writer_copy(xllm_gguf_writer *w, const xllm_gguf_kv *kv) {
     } else if (kv->type == XLLM_GGUF_FLOAT64) {
         put(w, &kv->v.f, 8);
     } else {
-        put(w, &kv->v.u, elem_size(kv->type)); /* little-endian low bytes */
+        put(w, &kv->v.u, xllm_gguf_type_size(kv->type)); /* little-endian low bytes */
     }
 }
 
