@@ -137,6 +137,8 @@ typedef struct xllm_engine_stats {
     uint64_t kv_imports;       /* PD: requests started from a received KV transfer */
     uint64_t kv_import_tokens; /* prompt positions received instead of computed */
     xllm_histogram ttft, tpot, e2e;
+    xllm_histogram itl; /* inter-token latency: each token after a request's first, as it is
+                           emitted (TPOT is per finished request) */
     xllm_kv_stats kv;
     double kv_usage; /* used pages / pages */
 } xllm_engine_stats;

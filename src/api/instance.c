@@ -302,6 +302,8 @@ enum MHD_Result xllm_api_handle_instance_load(xllm_api_server *s, struct MHD_Con
         json_object_set_new(o, "ttft_n", json_integer((json_int_t)st.ttft.n));
         json_object_set_new(o, "tpot_sum_s", json_real(st.tpot.sum));
         json_object_set_new(o, "tpot_n", json_integer((json_int_t)st.tpot.n));
+        json_object_set_new(o, "itl_sum_s", json_real(st.itl.sum));
+        json_object_set_new(o, "itl_n", json_integer((json_int_t)st.itl.n));
     }
     pthread_rwlock_unlock(&s->eng_lock);
     json_object_set_new(o, "in_flight", json_integer(atomic_load(&s->in_flight)));

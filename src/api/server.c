@@ -422,6 +422,8 @@ static enum MHD_Result handle_metrics(xllm_api_server *s, struct MHD_Connection 
                     "Time per output token after the "
                     "first.",
                     &st.tpot);
+        metric_hist(&b, "xllm_inter_token_latency_seconds",
+                    "Time between consecutive tokens of a request, as emitted.", &st.itl);
         metric_hist(&b, "xllm_e2e_request_latency_seconds",
                     "Submit to end of completed "
                     "requests.",

@@ -25,6 +25,17 @@ static void usage(FILE *f) {
             "  --ttft-slo-ms MS          slo policy: default TTFT target (default 1000)\n"
             "  --tpot-slo-ms MS          slo policy: default TPOT target (default 100)\n"
             "  --max-attempts N          instances tried per request (default 3)\n"
+            "  --dynamic-pd              the master switches instances between prefill and\n"
+            "                            decode as TTFT / inter-token latency exceed targets\n"
+            "  --pd-ttft-ms MS           dynamic PD: TTFT target of prefill instances (default:\n"
+            "                            --ttft-slo-ms)\n"
+            "  --pd-tpot-ms MS           dynamic PD: inter-token target of decode instances\n"
+            "                            (default: --tpot-slo-ms)\n"
+            "  --pd-interval-ms MS       dynamic PD: the judging window (default 1000)\n"
+            "  --pd-cooldown-ms MS       dynamic PD: least time between switches (default 3000)\n"
+            "  --offline-idle-online N   offline requests go only where fewer than N online\n"
+            "                            requests run, else wait in the service (default 1)\n"
+            "  --offline-max-inflight N  and where fewer than N offline ones run (default 16)\n"
             "  --cluster C               cluster name (default 'default')\n"
             "  --lease-ttl-ms MS         this service's lease (master key) TTL\n"
             "  --id ID                   id in the master election (default service-<pid>-<port>)\n"
@@ -36,6 +47,7 @@ int xllm_cmd_service(int argc, char **argv) {
     const char *cmd = "service";
     xllm_service_params p = xllm_service_default_params();
     int64_t port = 8000, n_ctx = 0, attempts = 0, gap = 0, ttft = 0, tpot = 0, ttl = 0;
+    int64_t pd_ttft = 0, pd_tpot = 0, pd_interval = 0, pd_cooldown = 0, off_on = 0, off_max = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -44,6 +56,10 @@ int xllm_cmd_service(int argc, char **argv) {
         }
         if (!strcmp(a, "--no-pd")) {
             p.router.pd = false;
+            continue;
+        }
+        if (!strcmp(a, "--dynamic-pd")) {
+            p.dynamic_pd = true;
             continue;
         }
         if (!strcmp(a, "-v") || !strcmp(a, "--log-requests")) {
@@ -61,6 +77,12 @@ int xllm_cmd_service(int argc, char **argv) {
                                                "--ttft-slo-ms",
                                                "--tpot-slo-ms",
                                                "--max-attempts",
+                                               "--pd-ttft-ms",
+                                               "--pd-tpot-ms",
+                                               "--pd-interval-ms",
+                                               "--pd-cooldown-ms",
+                                               "--offline-idle-online",
+                                               "--offline-max-inflight",
                                                "--cluster",
                                                "--lease-ttl-ms",
                                                "--id",
@@ -101,6 +123,18 @@ int xllm_cmd_service(int argc, char **argv) {
             ok = xllm_cli_int(cmd, a, v, 1, 1 << 30, &ttft);
         else if (!strcmp(a, "--tpot-slo-ms"))
             ok = xllm_cli_int(cmd, a, v, 1, 1 << 30, &tpot);
+        else if (!strcmp(a, "--pd-ttft-ms"))
+            ok = xllm_cli_int(cmd, a, v, 1, 1 << 30, &pd_ttft);
+        else if (!strcmp(a, "--pd-tpot-ms"))
+            ok = xllm_cli_int(cmd, a, v, 1, 1 << 30, &pd_tpot);
+        else if (!strcmp(a, "--pd-interval-ms"))
+            ok = xllm_cli_int(cmd, a, v, 50, 3600000, &pd_interval);
+        else if (!strcmp(a, "--pd-cooldown-ms"))
+            ok = xllm_cli_int(cmd, a, v, 1, 3600000, &pd_cooldown);
+        else if (!strcmp(a, "--offline-idle-online"))
+            ok = xllm_cli_int(cmd, a, v, 1, 1 << 20, &off_on);
+        else if (!strcmp(a, "--offline-max-inflight"))
+            ok = xllm_cli_int(cmd, a, v, 1, 1 << 20, &off_max);
         else if (!strcmp(a, "--max-attempts"))
             ok = xllm_cli_int(cmd, a, v, 1, 8, &attempts);
         else if (!strcmp(a, "--cluster"))
@@ -130,6 +164,12 @@ int xllm_cmd_service(int argc, char **argv) {
     p.router.prefix_max_gap = (double)gap;
     p.router.ttft_slo_ms = ttft;
     p.router.tpot_slo_ms = tpot;
+    p.router.offline_idle_online = (int32_t)off_on;
+    p.router.offline_max_inflight = (int32_t)off_max;
+    p.pdctl.ttft_target_ms = (double)(pd_ttft ? pd_ttft : ttft);
+    p.pdctl.tpot_target_ms = (double)(pd_tpot ? pd_tpot : tpot);
+    p.pdctl.interval_ms = (int32_t)pd_interval;
+    p.pdctl.cooldown_ms = (int32_t)pd_cooldown;
     p.ttl_ms = ttl;
 
     sigset_t sigs;

@@ -54,7 +54,7 @@ struct xllm_request {
     int32_t n_events, ev_cap, ev_read;
     xllm_finish_reason finish;
     xllm_request_stats st;
-    double t_submit, t_admit, t_first, t_end;
+    double t_submit, t_admit, t_first, t_last, t_end; /* t_last: the previous token */
 };
 
 struct xllm_engine {
@@ -449,7 +449,12 @@ static bool emit_token(xllm_engine *e, xllm_request *r, int32_t tok, const float
         pthread_mutex_lock(&e->mu);
         hist_add(&e->stats.ttft, t - r->t_submit);
         pthread_mutex_unlock(&e->mu);
+    } else {
+        pthread_mutex_lock(&e->mu);
+        hist_add(&e->stats.itl, t - r->t_last);
+        pthread_mutex_unlock(&e->mu);
     }
+    r->t_last = t;
     if (!r->p.ignore_eos && xllm_token_is_eog(xllm_model_tokenizer(e->model), tok)) {
         request_finish(e, r, XLLM_FINISH_STOP);
         return false;
@@ -1019,6 +1024,7 @@ xllm_status xllm_engine_new(const xllm_model *model, const xllm_engine_params *p
     }
     hist_init(&e->stats.ttft, 0.005, 2.0);
     hist_init(&e->stats.tpot, 0.001, 2.0);
+    hist_init(&e->stats.itl, 0.001, 2.0);
     hist_init(&e->stats.e2e, 0.05, 2.0);
     if (pthread_create(&e->thread, NULL, engine_main, e) != 0) {
         xllm_set_err(err, err_size, "engine: cannot start its thread");

@@ -55,8 +55,9 @@ typedef struct inst {
     char addr[128];
     char kv_addr[128];
     bool down; /* a connection to it failed; cleared by a successful load poll */
-    /* load: polled, plus what this service has in flight there */
-    int32_t waiting, running, in_flight;
+    /* load: polled, plus what this service has in flight there (in_flight_off of them
+     * offline) */
+    int32_t waiting, running, in_flight, in_flight_off;
     int64_t queued_prompt; /* prompt tokens sent and not yet answered with a first token */
     double kv_usage;
     uint64_t routed, failures;
@@ -66,6 +67,13 @@ typedef struct inst {
     /* SLO model: ttft_ms ~ a + b * (prompt + queued prompt tokens); tpot_ms ~ c + d * batch */
     linfit ttft_fit, tpot_fit;
     double ttft_ewma, tpot_ewma;
+    /* the engine's cumulative TTFT / inter-token sums at the last poll, and what they grew by
+     * since the PD controller's last window */
+    double eng_ttft_sum, eng_itl_sum;
+    int64_t eng_ttft_n, eng_itl_n;
+    bool eng_seen;
+    double win_ttft_sum, win_itl_sum;
+    int64_t win_ttft_n, win_itl_n;
 } inst;
 
 struct xllm_router {
@@ -223,8 +231,18 @@ static int32_t prefix_match(const inst *x, const uint64_t *h, int32_t nb) {
 /* Policies                                                                                  */
 /* ---------------------------------------------------------------------------------------- */
 
+/* Load as an online request sees it: offline requests there yield (the engine preempts them),
+ * so they count a quarter. */
 static double load_of(const inst *x) {
-    return (double)x->in_flight + (double)x->waiting + 0.5 * x->kv_usage;
+    return (double)x->in_flight - 0.75 * (double)x->in_flight_off + (double)x->waiting +
+           0.5 * x->kv_usage;
+}
+
+/* An instance where an offline request may run now: idle enough of online work. */
+static bool offline_ok(const xllm_router *r, const inst *x) {
+    int32_t on = r->p.offline_idle_online > 0 ? r->p.offline_idle_online : 1;
+    int32_t max_off = r->p.offline_max_inflight > 0 ? r->p.offline_max_inflight : 16;
+    return x->in_flight - x->in_flight_off < on && x->in_flight_off < max_off;
 }
 
 static bool avoided(const inst *x, char (*avoid)[64], int32_t n_avoid) {
@@ -301,10 +319,11 @@ static inst *by_target(xllm_router *r, const xllm_route_target *t) {
     return i >= 0 && r->in[i]->incarnation == t->incarnation ? r->in[i] : NULL;
 }
 
-xllm_status xllm_router_pick(xllm_router *r, const int32_t *prompt, int32_t n_prompt,
-                             int64_t ttft_slo_ms, int64_t tpot_slo_ms, char (*avoid)[64],
+xllm_status xllm_router_pick(xllm_router *r, const xllm_route_req *q, char (*avoid)[64],
                              int32_t n_avoid, xllm_route *out, char *err, size_t err_size) {
     memset(out, 0, sizeof(*out));
+    const int32_t *prompt = q->prompt, n_prompt = q->n_prompt;
+    const int64_t ttft_slo_ms = q->ttft_slo_ms, tpot_slo_ms = q->tpot_slo_ms;
     const int32_t bt = r->p.block_tokens > 0 ? r->p.block_tokens : 16;
     enum { MAX_NB = 256 };
     uint64_t h[MAX_NB];
@@ -317,9 +336,14 @@ xllm_status xllm_router_pick(xllm_router *r, const int32_t *prompt, int32_t n_pr
         cand[k] = xllm_xmalloc(sizeof(inst *) * (size_t)(r->n + 1));
         match[k] = xllm_xmalloc(sizeof(int32_t) * (size_t)(r->n + 1));
     }
+    int32_t n_busy = 0; /* instances left out because an offline request must not go there */
     for (int32_t i = 0; i < r->n; i++) {
         inst *x = r->in[i];
         if (x->down || avoided(x, avoid, n_avoid)) continue;
+        if (q->offline && !offline_ok(r, x)) {
+            n_busy++;
+            continue;
+        }
         int k = (int)x->role;
         match[k][nc[k]] = prefix_match(x, h, nb);
         cand[k][nc[k]++] = x;
@@ -347,7 +371,10 @@ xllm_status xllm_router_pick(xllm_router *r, const int32_t *prompt, int32_t n_pr
     int32_t c = choose(r, cand[XLLM_ROLE_MIXED], nm, match[XLLM_ROLE_MIXED], nb, n_prompt,
                        ttft_slo_ms, tpot_slo_ms);
     xllm_status st = XLLM_OK;
-    if (c < 0) {
+    if (c < 0 && n_busy > 0) {
+        xllm_set_err(err, err_size, "every instance is busy with online requests");
+        st = XLLM_ERR_BUSY;
+    } else if (c < 0) {
         r->no_route++;
         xllm_set_err(err, err_size, "no engine instance is available%s",
                      n_avoid ? " (every instance tried failed)" : "");
@@ -360,6 +387,7 @@ xllm_status xllm_router_pick(xllm_router *r, const int32_t *prompt, int32_t n_pr
             run = cand[XLLM_ROLE_DECODE][di];
             copy_target(&out->prefill, first);
             first->in_flight++;
+            first->in_flight_off += q->offline;
             first->routed++;
             r->picks[1]++;
         } else {
@@ -367,6 +395,8 @@ xllm_status xllm_router_pick(xllm_router *r, const int32_t *prompt, int32_t n_pr
         }
         copy_target(&out->run, run);
         run->in_flight++;
+        run->in_flight_off += q->offline;
+        out->offline = q->offline;
         run->routed++;
         first->queued_prompt += n_prompt;
         for (int32_t b = 0; b < nb; b++) blocks_add(first, h[b]);
@@ -406,6 +436,7 @@ void xllm_router_done(xllm_router *r, const xllm_route *rt, int32_t n_gen, doubl
         inst *x = by_target(r, t);
         if (!x) continue;
         if (x->in_flight > 0) x->in_flight--;
+        if (rt->offline && x->in_flight_off > 0) x->in_flight_off--;
         if (failed && !strcmp(failed, x->name)) {
             x->down = true;
             x->failures++;
@@ -481,19 +512,27 @@ char *xllm_router_describe(xllm_router *r) {
     return t;
 }
 
-int32_t xllm_router_snapshot(xllm_router *r, xllm_router_inst_info *out, int32_t max) {
+int32_t xllm_router_window(xllm_router *r, xllm_router_inst_info *out, int32_t max) {
     pthread_mutex_lock(&r->mu);
     int32_t n = 0;
-    for (int32_t i = 0; i < r->n && n < max; i++) {
-        const inst *x = r->in[i];
-        if (x->down) continue;
-        snprintf(out[n].name, sizeof(out[n].name), "%s", x->name);
-        snprintf(out[n].addr, sizeof(out[n].addr), "%s", x->addr);
-        out[n].role = x->role;
-        out[n].load = load_of(x);
-        out[n].ttft_ms = x->ttft_ewma;
-        out[n].tpot_ms = x->tpot_ewma;
-        n++;
+    for (int32_t i = 0; i < r->n; i++) {
+        inst *x = r->in[i];
+        if (!x->down && n < max) {
+            xllm_router_inst_info *o = &out[n++];
+            memset(o, 0, sizeof(*o));
+            snprintf(o->name, sizeof(o->name), "%s", x->name);
+            snprintf(o->addr, sizeof(o->addr), "%s", x->addr);
+            o->role = x->role;
+            o->waiting = x->waiting;
+            o->running = x->running;
+            o->in_flight = x->in_flight;
+            o->ttft_n = x->win_ttft_n;
+            o->ttft_ms = x->win_ttft_n ? x->win_ttft_sum * 1e3 / (double)x->win_ttft_n : 0;
+            o->itl_n = x->win_itl_n;
+            o->itl_ms = x->win_itl_n ? x->win_itl_sum * 1e3 / (double)x->win_itl_n : 0;
+        }
+        x->win_ttft_sum = x->win_itl_sum = 0;
+        x->win_ttft_n = x->win_itl_n = 0;
     }
     pthread_mutex_unlock(&r->mu);
     return n;
@@ -531,6 +570,23 @@ static void poll_one(xllm_router *r, CURL *c, const char *name, uint64_t inc, co
             x->waiting = (int32_t)json_integer_value(json_object_get(o, "waiting"));
             x->running = (int32_t)json_integer_value(json_object_get(o, "running"));
             x->kv_usage = json_number_value(json_object_get(o, "kv_usage"));
+            /* cumulative sums: what grew since the last poll goes to the controller's window
+             * (a restart of the counters, e.g. a new engine, starts over) */
+            double ts = json_number_value(json_object_get(o, "ttft_sum_s"));
+            double is = json_number_value(json_object_get(o, "itl_sum_s"));
+            int64_t tn = (int64_t)json_integer_value(json_object_get(o, "ttft_n"));
+            int64_t in = (int64_t)json_integer_value(json_object_get(o, "itl_n"));
+            if (x->eng_seen && tn >= x->eng_ttft_n && in >= x->eng_itl_n) {
+                x->win_ttft_sum += ts - x->eng_ttft_sum;
+                x->win_ttft_n += tn - x->eng_ttft_n;
+                x->win_itl_sum += is - x->eng_itl_sum;
+                x->win_itl_n += in - x->eng_itl_n;
+            }
+            x->eng_seen = true;
+            x->eng_ttft_sum = ts;
+            x->eng_ttft_n = tn;
+            x->eng_itl_sum = is;
+            x->eng_itl_n = in;
         } else if (cc == CURLE_COULDNT_CONNECT || cc == CURLE_OPERATION_TIMEDOUT ||
                    cc == CURLE_RECV_ERROR || cc == CURLE_GOT_NOTHING) {
             x->down = true; /* its lease has not lapsed yet, but it does not answer */

@@ -34,6 +34,11 @@ typedef struct xllm_router_params {
     int32_t poll_ms;           /* load polling period; 0 = 200 */
     bool pd;                   /* use prefill/decode pairs when both roles exist (default true
                                   via xllm_router_default_params) */
+    /* Offline requests fill idle capacity: they go only to instances running fewer than
+     * offline_idle_online online requests (of this service) and fewer than
+     * offline_max_inflight offline ones; elsewhere they wait (XLLM_ERR_BUSY from pick). */
+    int32_t offline_idle_online;  /* 0 = 1 (only instances with no online request) */
+    int32_t offline_max_inflight; /* 0 = 16 */
 } xllm_router_params;
 
 xllm_router_params xllm_router_default_params(void);
@@ -61,15 +66,24 @@ typedef struct xllm_route {
     xllm_route_target run;     /* mixed: the instance; pd: the decode instance (streams) */
     xllm_route_target prefill; /* pd only */
     int32_t n_prompt;
+    bool offline;
     int64_t ttft_slo_ms, tpot_slo_ms;
     double t_start; /* monotonic seconds at pick */
 } xllm_route;
 
-/* Picks a route for a prompt, avoiding the instances named in avoid[0..n_avoid) (earlier tries
- * of the same request). Counts the request as in flight on the chosen instances.
- * XLLM_ERR_IO when no instance can take it. */
-xllm_status xllm_router_pick(xllm_router *r, const int32_t *prompt, int32_t n_prompt,
-                             int64_t ttft_slo_ms, int64_t tpot_slo_ms, char (*avoid)[64],
+/* What a request asks of the router. */
+typedef struct xllm_route_req {
+    const int32_t *prompt;
+    int32_t n_prompt;
+    bool offline; /* fills idle capacity only; online requests count it at a discount */
+    int64_t ttft_slo_ms, tpot_slo_ms;
+} xllm_route_req;
+
+/* Picks a route for a request, avoiding the instances named in avoid[0..n_avoid) (earlier
+ * tries of the same request). Counts the request as in flight on the chosen instances.
+ * XLLM_ERR_IO when no instance can take it; XLLM_ERR_BUSY when the request is offline and
+ * every instance that could take it is busy with online work (wait and pick again). */
+xllm_status xllm_router_pick(xllm_router *r, const xllm_route_req *q, char (*avoid)[64],
                              int32_t n_avoid, xllm_route *out, char *err, size_t err_size);
 /* The request's first token arrived (ttft) on its route. */
 void xllm_router_first_token(xllm_router *r, const xllm_route *rt, double ttft_ms);
@@ -89,15 +103,20 @@ void xllm_router_metrics(xllm_router *r, struct xllm_api_buf *b);
 /* The names and roles of the live instances as JSON text (malloc'd), for /v1/cluster. */
 char *xllm_router_describe(xllm_router *r);
 
-/* Copies up to max live instances (name, role, addr) for the PD controller. */
+/* One live instance as the PD controller sees it: its role and what its engine reported over
+ * the window since the previous call (means from the sums and counts of GET
+ * /v1/instance/load, so they cover every service's requests, not only this one's). */
 typedef struct xllm_router_inst_info {
     char name[64];
     char addr[128];
     xllm_role role;
-    double load;    /* in flight + waiting */
-    double ttft_ms; /* recent mean (EWMA) */
-    double tpot_ms;
+    int32_t waiting, running, in_flight;
+    double ttft_ms; /* mean time to first token of the window's first tokens (0: none) */
+    int64_t ttft_n;
+    double itl_ms; /* mean inter-token latency of the window's decode tokens (0: none) */
+    int64_t itl_n;
 } xllm_router_inst_info;
-int32_t xllm_router_snapshot(xllm_router *r, xllm_router_inst_info *out, int32_t max);
+/* Copies up to max live instances and starts a new window. */
+int32_t xllm_router_window(xllm_router *r, xllm_router_inst_info *out, int32_t max);
 
 #endif

@@ -21,12 +21,15 @@ struct xllm_service {
     xllm_api_server *api;
     xllm_router *router;
     xllm_registry *reg;
+    xllm_pdctl *pdctl;  /* NULL unless dynamic PD */
     pthread_mutex_t mu; /* live relay threads */
     pthread_cond_t cv;
     int32_t live;
     atomic_bool stopping;
     atomic_uint_fast64_t next_id;
     atomic_uint_fast64_t retries, midstream_failures, requests;
+    atomic_uint_fast64_t offline_waits; /* offline requests that waited for idle capacity */
+    atomic_int offline_waiting;
     atomic_bool leader;
 };
 
@@ -325,11 +328,33 @@ static void *relay_main(void *arg) {
     int32_t n_avoid = 0;
     char why[320] = "", blame[64];
     bool ended = false;
+    const xllm_route_req rq = {.prompt = q->rp.prompt,
+                               .n_prompt = q->rp.n_prompt,
+                               .offline = q->rp.offline,
+                               .ttft_slo_ms = q->rp.ttft_slo_ms,
+                               .tpot_slo_ms = q->rp.tpot_slo_ms};
     for (int32_t a = 0; a < max_att && !ended; a++) {
         xllm_route rt;
         char err[256];
-        if (xllm_router_pick(svc->router, q->rp.prompt, q->rp.n_prompt, q->rp.ttft_slo_ms,
-                             q->rp.tpot_slo_ms, avoid, n_avoid, &rt, err, sizeof(err)) != XLLM_OK) {
+        xllm_status ps = xllm_router_pick(svc->router, &rq, avoid, n_avoid, &rt, err, sizeof(err));
+        if (ps == XLLM_ERR_BUSY) { /* offline: wait for idle capacity */
+            atomic_fetch_add(&svc->offline_waits, 1);
+            atomic_fetch_add(&svc->offline_waiting, 1);
+            while (ps == XLLM_ERR_BUSY && !atomic_load(&q->cancel) &&
+                   !atomic_load(&svc->stopping)) {
+                usleep(10000);
+                ps = xllm_router_pick(svc->router, &rq, avoid, n_avoid, &rt, err, sizeof(err));
+            }
+            atomic_fetch_sub(&svc->offline_waiting, 1);
+            if (ps == XLLM_ERR_BUSY) {
+                bool stopping = atomic_load(&svc->stopping);
+                end_req(q, stopping ? XLLM_FINISH_ABORT : XLLM_FINISH_CANCEL,
+                        stopping ? "the service is stopping" : NULL);
+                ended = true;
+                break;
+            }
+        }
+        if (ps != XLLM_OK) {
             if (!why[0]) snprintf(why, sizeof(why), "%s", err);
             break;
         }
@@ -482,10 +507,16 @@ static void rb_metrics(void *ctx, xllm_api_buf *b) {
         "any token.\n# TYPE xllm_service_retries_total counter\nxllm_service_retries_total %llu\n"
         "# HELP xllm_service_midstream_failures_total Streams ended by an error event.\n"
         "# TYPE xllm_service_midstream_failures_total counter\n"
-        "xllm_service_midstream_failures_total %llu\n",
+        "xllm_service_midstream_failures_total %llu\n"
+        "# HELP xllm_service_offline_waits_total Offline requests that waited for an instance "
+        "idle of online work.\n# TYPE xllm_service_offline_waits_total counter\n"
+        "xllm_service_offline_waits_total %llu\n"
+        "# TYPE xllm_service_offline_waiting gauge\nxllm_service_offline_waiting %d\n",
         xllm_service_is_leader(svc), (unsigned long long)atomic_load(&svc->requests),
         (unsigned long long)atomic_load(&svc->retries),
-        (unsigned long long)atomic_load(&svc->midstream_failures));
+        (unsigned long long)atomic_load(&svc->midstream_failures),
+        (unsigned long long)atomic_load(&svc->offline_waits), atomic_load(&svc->offline_waiting));
+    if (svc->pdctl) xllm_pdctl_metrics(svc->pdctl, b);
 }
 
 static char *rb_describe(void *ctx) {
@@ -493,9 +524,11 @@ static char *rb_describe(void *ctx) {
     char *inst = xllm_router_describe(svc->router);
     size_t n = strlen(inst) + strlen(svc->id) + 128;
     char *t = xllm_xmalloc(n);
-    snprintf(t, n, "{\"service\":\"%s\",\"master\":%s,\"policy\":\"%s\",\"instances\":%s}", svc->id,
-             xllm_service_is_leader(svc) ? "true" : "false", xllm_policy_name(svc->p.router.policy),
-             inst);
+    snprintf(t, n,
+             "{\"service\":\"%s\",\"master\":%s,\"policy\":\"%s\",\"dynamic_pd\":%s,"
+             "\"instances\":%s}",
+             svc->id, xllm_service_is_leader(svc) ? "true" : "false",
+             xllm_policy_name(svc->p.router.policy), svc->pdctl ? "true" : "false", inst);
     free(inst);
     return t;
 }
@@ -532,6 +565,10 @@ static void on_leader(bool leader, void *user) {
 
 bool xllm_service_is_leader(xllm_service *s) {
     return s->reg && xllm_registry_is_leader(s->reg);
+}
+
+static bool leader_cb(void *user) {
+    return xllm_service_is_leader(user);
 }
 
 xllm_status xllm_service_start(const xllm_service_params *p, xllm_service **out, char *err,
@@ -586,6 +623,7 @@ xllm_status xllm_service_start(const xllm_service_params *p, xllm_service **out,
         xllm_service_free(s);
         return st;
     }
+    if (p->dynamic_pd) s->pdctl = xllm_pdctl_new(&p->pdctl, s->router, leader_cb, s);
     *out = s;
     return XLLM_OK;
 }
@@ -606,6 +644,7 @@ void xllm_service_free(xllm_service *s) {
     while (s->live > 0) pthread_cond_wait(&s->cv, &s->mu);
     pthread_mutex_unlock(&s->mu);
     xllm_api_server_free(s->api);
+    xllm_pdctl_free(s->pdctl);
     xllm_registry_free(s->reg); /* stops the watch before the router goes */
     xllm_router_free(s->router);
     pthread_mutex_destroy(&s->mu);

@@ -5,6 +5,7 @@
 #ifndef XLLM_SERVICE_SERVICE_H
 #define XLLM_SERVICE_SERVICE_H
 
+#include "service/pdctl.h"
 #include "service/registry.h"
 #include "service/router.h"
 #include "xllm/api.h"
@@ -18,6 +19,8 @@ typedef struct xllm_service_params {
     const char *id;            /* id in the master election; NULL = "service-<pid>-<port>" */
     xllm_router_params router; /* policy and thresholds */
     int32_t max_attempts;      /* instances tried per request before it fails; 0 = 3 */
+    bool dynamic_pd;           /* run the PD controller (it acts while this service is master) */
+    xllm_pdctl_params pdctl;
 } xllm_service_params;
 
 xllm_service_params xllm_service_default_params(void);
