@@ -26,7 +26,7 @@ typedef struct bs_opts {
     int64_t num_prompts, random_input, random_output, max_tokens, concurrency, seed, max_input;
     double random_range, request_rate, timeout_s, slo_ttft_ms, slo_tpot_ms, temperature;
     bool ignore_eos, json, tidal, has_temperature, quiet;
-    int64_t burst_size, bursts, online_priority;
+    int64_t burst_size, bursts, online_priority, online_input, online_output;
     double burst_interval;
 } bs_opts;
 
@@ -66,6 +66,9 @@ static void usage(FILE *f) {
             "  --burst-interval S     seconds between bursts, first one after S (default 2)\n"
             "  --bursts N             number of bursts (default 3)\n"
             "  --online-priority P    \"priority\" of online requests (default 0)\n"
+            "  --online-input N       online requests: random prompts of about N tokens (default:\n"
+            "                         drawn like the steady stream's)\n"
+            "  --online-output N      online requests: max_tokens N (default: as the steady ones)\n"
             "report:\n"
             "  --slo-ttft-ms X        goodput counts requests with TTFT <= X ms ...\n"
             "  --slo-tpot-ms Y        ... and TPOT <= Y ms\n"
@@ -172,6 +175,10 @@ static int parse_opts(int argc, char **argv, bs_opts *o) {
             INT(bursts, 0, 1000000);
         } else if (!strcmp(a, "--online-priority")) {
             INT(online_priority, INT32_MIN, INT32_MAX);
+        } else if (!strcmp(a, "--online-input")) {
+            INT(online_input, 1, 10000000);
+        } else if (!strcmp(a, "--online-output")) {
+            INT(online_output, 1, 10000000);
         } else if (!strcmp(a, "--random-range-ratio")) {
             VAL();
             if (!parse_double(a, v, 0, false, &o->random_range)) return -1;
@@ -956,6 +963,12 @@ int xllm_cmd_bench_serve(int argc, char **argv) {
     /* Requests: prompts drawn by a seeded shuffle (cycled when more are asked for than the
      * dataset has), arrival times from a Poisson process or all at once. */
     uint64_t rs = (uint64_t)o.seed * 0x9E3779B97F4A7C15ull + 0x1234567ull;
+    /* tidal mode may give the online class prompts of its own length (a shift in the mix) */
+    xllm_bserve_dataset ds_on = {0};
+    if (n_online && o.online_input > 0)
+        xllm_bserve_make_random((uint64_t)o.seed + 1, n_online, (int32_t)o.online_input,
+                                (int32_t)(o.online_output > 0 ? o.online_output : o.random_output),
+                                o.random_range, &ds_on);
     size_t *order = xllm_xmalloc(ds.n * sizeof(size_t));
     for (size_t i = 0; i < ds.n; i++) order[i] = i;
     if (strcmp(o.dataset, "random"))
@@ -970,10 +983,11 @@ int xllm_cmd_bench_serve(int argc, char **argv) {
         bs_req *r = &b.reqs[i];
         r->id = (int32_t)i;
         r->online = i >= b.n_steady;
-        r->prompt = &ds.v[order[i % ds.n]];
-        r->max_tokens = o.max_tokens > 0               ? (int32_t)o.max_tokens
-                        : r->prompt->output_tokens > 0 ? r->prompt->output_tokens
-                                                       : 128;
+        r->prompt = r->online && ds_on.n ? &ds_on.v[i - b.n_steady] : &ds.v[order[i % ds.n]];
+        r->max_tokens = r->online && o.online_output > 0 ? (int32_t)o.online_output
+                        : o.max_tokens > 0               ? (int32_t)o.max_tokens
+                        : r->prompt->output_tokens > 0   ? r->prompt->output_tokens
+                                                         : 128;
         if (!r->online) {
             if (!isinf(o.request_rate)) {
                 t += -log(1.0 - xllm_bserve_rand_unit(&rs)) / o.request_rate;
@@ -1026,6 +1040,7 @@ int xllm_cmd_bench_serve(int argc, char **argv) {
     curl_global_cleanup();
     free(model);
     xllm_bserve_dataset_free(&ds);
+    xllm_bserve_dataset_free(&ds_on);
     json_decref(extra);
     return rc;
 }

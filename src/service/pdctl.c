@@ -84,8 +84,8 @@ void xllm_pdctl_decide(const xllm_pdctl_params *p, const xllm_router_inst_info *
         d->inst = dec;
         d->to = XLLM_ROLE_PREFILL;
         snprintf(d->why, sizeof(d->why),
-                 "prefill TTFT %.1f ms over its target %.0f ms (pressure %.2f), decode %.2f",
-                 ttft, ttft_t, pp, dp);
+                 "prefill TTFT %.1f ms over its target %.0f ms (pressure %.2f), decode %.2f", ttft,
+                 ttft_t, pp, dp);
     } else if (dp > 1 && dp > hyst * pp && n_pre >= 2) {
         d->inst = pre;
         d->to = XLLM_ROLE_DECODE;
@@ -279,9 +279,7 @@ void xllm_pdctl_metrics(xllm_pdctl *c, struct xllm_api_buf *b) {
         "xllm_pd_role_switches_total{to=\"prefill\"} %llu\n"
         "xllm_pd_role_switches_total{to=\"decode\"} %llu\n"
         "# TYPE xllm_pd_failed_switches_total counter\nxllm_pd_failed_switches_total %llu\n",
-        c->prefill_pressure, c->decode_pressure,
-        (unsigned long long)c->switches[XLLM_ROLE_PREFILL],
-        (unsigned long long)c->switches[XLLM_ROLE_DECODE],
-        (unsigned long long)c->failed_switches);
+        c->prefill_pressure, c->decode_pressure, (unsigned long long)c->switches[XLLM_ROLE_PREFILL],
+        (unsigned long long)c->switches[XLLM_ROLE_DECODE], (unsigned long long)c->failed_switches);
     pthread_mutex_unlock(&c->mu);
 }

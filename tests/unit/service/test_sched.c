@@ -11,8 +11,8 @@
 
 static void add_inst(xllm_router *r, const char *name, xllm_role role, uint64_t inc) {
     char addr[] = "127.0.0.1:1", attrs[] = "{}";
-    xllm_instance in = {.name = (char *)name, .incarnation = inc, .role = role, .addr = addr,
-                        .attrs = attrs};
+    xllm_instance in = {
+        .name = (char *)name, .incarnation = inc, .role = role, .addr = addr, .attrs = attrs};
     xllm_registry_event ev = {.type = XLLM_REGISTRY_ADDED, .inst = &in, .revision = 1};
     xllm_router_on_event(&ev, r);
 }
@@ -107,7 +107,8 @@ static void test_offline_pd_pair(void **state) {
     xllm_router_free(r);
 }
 
-/* ---- the dynamic PD rule ---------------------------------------------------------------------- */
+/* ---- the dynamic PD rule ----------------------------------------------------------------------
+ */
 
 static xllm_router_inst_info info(const char *name, xllm_role role, double ttft, int64_t tn,
                                   double itl, int64_t in, int32_t running) {
@@ -151,8 +152,7 @@ static void test_pdctl_rule(void **state) {
     assert_int_equal(d.inst, -1);
     assert_true(d.decode_pressure > 2.49);
     /* with a second prefill instance, the least busy one becomes decode */
-    xllm_router_inst_info w2[4] = {w[0], w[1], w[2],
-                                   info("p2", XLLM_ROLE_PREFILL, 10, 3, 0, 0, 0)};
+    xllm_router_inst_info w2[4] = {w[0], w[1], w[2], info("p2", XLLM_ROLE_PREFILL, 10, 3, 0, 0, 0)};
     w2[0].running = 3;
     xllm_pdctl_decide(&p, w2, 4, &d);
     assert_int_equal(d.inst, 3);
