@@ -65,15 +65,19 @@ def dynamic_pd(etcd):
     d1 = cl.engine(etcd, STORIES, "d1", "decode", "--no-prefix-cache")
     d2 = cl.engine(etcd, STORIES, "d2", "decode", "--no-prefix-cache")
     # targets from this machine's own figures: TTFT of a long prompt on an idle prefill
-    # instance, and inter-token latency of one stream on an idle decode instance
+    # instance, and inter-token latency of one stream on an idle decode instance (the best of
+    # three tries each: a busy host only makes them larger)
+    ttfts, itls = [], []
     for lp in LONGS:
+        s0, n0 = engine_hist(p1, "xllm_time_to_first_token_seconds")
         p1.post("/v1/completions", {"prompt": lp, "max_tokens": 1})
-    s0, n0 = engine_hist(d1, "xllm_inter_token_latency_seconds")
-    d1.post("/v1/completions", {"prompt": SHORT, "max_tokens": 64, "ignore_eos": True})
-    s1, n1 = engine_hist(d1, "xllm_inter_token_latency_seconds")
-    ttft_long = engine_hist(p1, "xllm_time_to_first_token_seconds")
-    ttft_ms = ttft_long[0] / max(ttft_long[1], 1) * 1e3
-    itl_ms = (s1 - s0) / max(n1 - n0, 1) * 1e3
+        s1, n1 = engine_hist(p1, "xllm_time_to_first_token_seconds")
+        ttfts.append((s1 - s0) / max(n1 - n0, 1) * 1e3)
+        s0, n0 = engine_hist(d1, "xllm_inter_token_latency_seconds")
+        d1.post("/v1/completions", {"prompt": SHORT, "max_tokens": 64, "ignore_eos": True})
+        s1, n1 = engine_hist(d1, "xllm_inter_token_latency_seconds")
+        itls.append((s1 - s0) / max(n1 - n0, 1) * 1e3)
+    ttft_ms, itl_ms = min(ttfts), min(itls)
     ttft_target = max(1, int(3 * ttft_ms + 0.999))
     tpot_target = max(1, int(4 * itl_ms + 0.999))
     print("  idle: long-prompt TTFT %.2f ms, inter-token %.3f ms -> targets %d / %d ms"
@@ -84,7 +88,7 @@ def dynamic_pd(etcd):
     ok(cl.wait_for(lambda: (cl.cluster_json(svc) or {}).get("master"), 10),
        "the dynamic-PD service is master")
     refs = {lp: run_ref(STORIES, lp, 1).decode() for lp in LONGS}
-    refs[SHORT] = run_ref(STORIES, SHORT, 96).decode()
+    refs[SHORT] = run_ref(STORIES, SHORT, 128).decode()
 
     def roles():
         c = cl.cluster_json(svc) or {"instances": []}
@@ -113,9 +117,9 @@ def dynamic_pd(etcd):
        [r for r in results if r not in good][:3])
     first = [n for n, r in roles().items() if n != "p1" and r == "prefill"]
 
-    # phase 2: short prompts, long generations, from 24 clients: decode instances batch up
+    # phase 2: short prompts, long generations, from 32 clients: decode instances batch up
     results2, stop = [], threading.Event()
-    th = load(svc, [SHORT], 96, 24, 25, results2, stop)
+    th = load(svc, [SHORT], 128, 32, 25, results2, stop)
     back = cl.wait_for(lambda: sorted(roles().values()) == ["decode", "decode", "prefill"], 25,
                        0.1)
     stop.set()
