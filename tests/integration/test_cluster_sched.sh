@@ -3,4 +3,4 @@
 # /metrics and etcd, no request lost); offline requests fill idle capacity only
 # (cluster/test_cluster_sched.py).
 here=$(cd "$(dirname "$0")" && pwd)
-exec timeout 300 python3 "$here/cluster/test_cluster_sched.py"
+exec timeout 480 python3 "$here/cluster/test_cluster_sched.py"

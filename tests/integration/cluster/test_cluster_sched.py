@@ -94,13 +94,15 @@ def dynamic_pd(etcd):
         c = cl.cluster_json(svc) or {"instances": []}
         return {i["name"]: i["role"] for i in c["instances"]}
 
-    # phase 1: long prompts, one token each, from 12 clients: the prefill instance queues
+    # phase 1: long prompts, one token each, from 10 clients: the prefill instance queues. Waits
+    # scale with the idle TTFT (sanitizer builds are several times slower)
+    slow = ttft_ms / 1e3
     results, stop = [], threading.Event()
-    th = load(svc, LONGS, 1, 12, 20, results, stop)
+    th = load(svc, LONGS, 1, 10, 300, results, stop)
     switched = cl.wait_for(lambda: sorted(roles().values()) == ["decode", "prefill", "prefill"],
-                           20, 0.1)
+                           20 + 10 * slow, 0.1)
     stop.set()
-    [t.join(60) for t in th]
+    [t.join(30 + 12 * slow) for t in th]
     m = svc.metrics()
     ok(switched, "prefill-heavy load: a decode instance became prefill", (roles(), m))
     ok(m.get('xllm_pd_role_switches_total{to="prefill"}', 0) >= 1,
@@ -119,11 +121,11 @@ def dynamic_pd(etcd):
 
     # phase 2: short prompts, long generations, from 32 clients: decode instances batch up
     results2, stop = [], threading.Event()
-    th = load(svc, [SHORT], 128, 32, 25, results2, stop)
-    back = cl.wait_for(lambda: sorted(roles().values()) == ["decode", "decode", "prefill"], 25,
-                       0.1)
+    th = load(svc, [SHORT], 128, 32, 300, results2, stop)
+    back = cl.wait_for(lambda: sorted(roles().values()) == ["decode", "decode", "prefill"],
+                       25 + 10 * slow, 0.1)
     stop.set()
-    [t.join(60) for t in th]
+    [t.join(60 + 10 * slow) for t in th]
     m = svc.metrics()
     ok(back, "decode-heavy load: a prefill instance became decode again", (roles(), m))
     ok(m.get('xllm_pd_role_switches_total{to="decode"}', 0) >= 1,
