@@ -22,6 +22,8 @@
 #include "util/common.h"
 
 #define MAX_TRANSFERS 4096 /* unfinished transfers one sender tracks */
+#define POOL_BUFS     4    /* written LAYER frame buffers kept for reuse (each up to a frame) */
+#define POOL_MIN      (64u << 10) /* smaller buffers are not worth keeping */
 
 typedef enum tx_state { TX_OPEN, TX_ENDED, TX_DONE, TX_FAILED } tx_state;
 
@@ -38,8 +40,9 @@ typedef struct tx {
 /* One frame (or several) waiting for the socket. */
 typedef struct chunk {
     uint8_t *data;
-    size_t len, off; /* off > 0: partly written, must be finished */
-    uint64_t id;     /* transfer, 0 for none */
+    size_t len, cap;
+    size_t off;  /* off > 0: partly written, must be finished */
+    uint64_t id; /* transfer, 0 for none */
     struct chunk *next;
 } chunk;
 
@@ -60,6 +63,10 @@ struct xllm_kv_sender {
     char conn_err[320];
     xllm_kv_span *spans; /* engine thread: runs of one layer */
     int32_t max_spans;
+    /* buffers of frames already written, for the next LAYER frames: a fresh buffer costs a page
+     * fault per 4 KiB on first touch, several times the copy itself */
+    xllm_xfer_buf pool[POOL_BUFS];
+    int32_t n_pool;
 };
 
 xllm_kv_sender_params xllm_kv_sender_default_params(void) {
@@ -154,6 +161,7 @@ static xllm_status enqueue(xllm_kv_sender *s, xllm_xfer_buf *b, uint64_t id) {
     chunk *c = xllm_xcalloc(1, sizeof(*c));
     c->data = b->data;
     c->len = b->len;
+    c->cap = b->cap;
     c->id = id;
     memset(b, 0, sizeof(*b));
     if (s->tail)
@@ -282,7 +290,10 @@ static void *io_main(void *arg) {
             if (c->off == c->len) {
                 s->head = c->next;
                 if (!s->head) s->tail = NULL;
-                free(c->data);
+                if (s->n_pool < POOL_BUFS && c->cap >= POOL_MIN)
+                    s->pool[s->n_pool++] = (xllm_xfer_buf){.data = c->data, .cap = c->cap};
+                else
+                    free(c->data);
                 free(c);
                 pthread_cond_broadcast(&s->cv);
             }
@@ -518,6 +529,7 @@ void xllm_kv_sender_free(xllm_kv_sender *s) {
     }
     if (s->fd >= 0) close(s->fd);
     if (s->wake_fd >= 0) close(s->wake_fd);
+    for (int32_t i = 0; i < s->n_pool; i++) xllm_xfer_buf_free(&s->pool[i]);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     free(s->spans);
@@ -594,6 +606,20 @@ static xllm_status check_rows(xllm_kv_sender *s, uint64_t id, int32_t il, int32_
     return st;
 }
 
+/* An empty buffer of at least need bytes: a written frame's when one is big enough. */
+static xllm_xfer_buf take_buf(xllm_kv_sender *s, size_t need) {
+    xllm_xfer_buf b = {0};
+    pthread_mutex_lock(&s->mu);
+    for (int32_t i = 0; i < s->n_pool; i++) {
+        if (s->pool[i].cap < need) continue;
+        b = s->pool[i];
+        s->pool[i] = s->pool[--s->n_pool];
+        break;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return b;
+}
+
 /* Copies rows [pos0, pos0 + m) of layer il of seq into frames and queues them. Engine thread. */
 static xllm_status queue_rows(xllm_kv_sender *s, uint64_t id, int32_t seq, int32_t il, int32_t pos0,
                               int32_t m) {
@@ -607,7 +633,7 @@ static xllm_status queue_rows(xllm_kv_sender *s, uint64_t id, int32_t seq, int32
     xllm_status st = XLLM_OK;
     for (int32_t p0 = pos0; p0 < end && st == XLLM_OK; p0 += m_max) {
         int32_t k = XLLM_MIN(m_max, end - p0);
-        xllm_xfer_buf b = {0};
+        xllm_xfer_buf b = take_buf(s, XLLM_XFER_HEADER + 12 + 2 * (size_t)k * rb);
         xllm_xfer_put_layer_head(&b, id, (uint32_t)il, (uint32_t)p0, (uint32_t)k, rb);
         copy_rows(s->spans, ns, false, p0, k, rb, b.data + b.len);
         copy_rows(s->spans, ns, true, p0, k, rb, b.data + b.len + (size_t)k * rb);
@@ -694,6 +720,7 @@ xllm_status xllm_kv_sender_abort(xllm_kv_sender *s, uint64_t id, const char *rea
             chunk *c = xllm_xcalloc(1, sizeof(*c));
             c->data = b.data;
             c->len = b.len;
+            c->cap = b.cap;
             c->id = 0;
             if (s->tail)
                 s->tail->next = c;
