@@ -41,8 +41,9 @@ typedef struct tx {
 typedef struct chunk {
     uint8_t *data;
     size_t len, cap;
-    size_t off;  /* off > 0: partly written, must be finished */
-    uint64_t id; /* transfer, 0 for none */
+    size_t off;   /* off > 0: partly written, must be finished */
+    bool writing; /* the I/O thread is writing it without the lock: nobody else frees it */
+    uint64_t id;  /* transfer, 0 for none */
     struct chunk *next;
 } chunk;
 
@@ -101,7 +102,7 @@ static void drop_queued(xllm_kv_sender *s, uint64_t id) {
     chunk *prev = NULL;
     for (chunk *c = s->head; c;) {
         chunk *next = c->next;
-        if (c->id == id && c->off == 0) {
+        if (c->id == id && c->off == 0 && !c->writing) {
             if (prev)
                 prev->next = next;
             else
@@ -274,15 +275,21 @@ static void *io_main(void *arg) {
             xllm_xfer_buf_consume(&in, at);
             if (!ok) break;
         }
-        /* write while holding mu: abort may drop queued chunks, never the one on the wire */
+        /* write the head without holding mu (the engine thread queues the next frames meanwhile);
+         * abort may drop queued chunks, never the one on the wire */
         pthread_mutex_lock(&s->mu);
         bool failed = false;
         while (s->head) {
             chunk *c = s->head;
             size_t n = XLLM_MIN(c->len - c->off, (size_t)1 << 20);
+            c->writing = true;
+            pthread_mutex_unlock(&s->mu);
             ssize_t w = send(s->fd, c->data + c->off, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+            int e = errno;
+            pthread_mutex_lock(&s->mu);
+            c->writing = false;
             if (w < 0) {
-                failed = errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR;
+                failed = e != EAGAIN && e != EWOULDBLOCK && e != EINTR;
                 break;
             }
             c->off += (size_t)w;
