@@ -547,8 +547,8 @@ static void gate_release(gate *g) {
     pthread_mutex_unlock(&g->mu);
 }
 
+/* After the engine is freed (its thread may call the notify until then). */
 static void gate_close(gate *g) {
-    xllm_request_free(g->busy); /* cancels it */
     pthread_mutex_destroy(&g->mu);
     pthread_cond_destroy(&g->cv);
 }
@@ -597,7 +597,7 @@ static void test_pd_preempted(void **state) {
         xllm_request_free(pr[i]);
         xllm_request_free(dr[i]);
     }
-    gate_close(&g);
+    xllm_request_free(g.busy); /* cancels it */
     xllm_engine_stats ps, ds;
     xllm_engine_get_stats(pe, &ps);
     xllm_engine_get_stats(de, &ds);
@@ -607,6 +607,7 @@ static void test_pd_preempted(void **state) {
     assert_int_equal(ds.kv_rx_staged_bytes, 0);
     xllm_engine_free(pe);
     xllm_engine_free(de);
+    gate_close(&g);
 }
 
 /* An exported request cancelled between two prefill chunks: its transfer is aborted, the decode
@@ -649,7 +650,7 @@ static void test_pd_cancel_mid_prefill(void **state) {
     assert_int_equal(ds.kv_rx_staged_bytes, 0);
     assert_int_equal(ds.kv_imports, 0);
     assert_int_equal(ds.kv.used_pages, 0);
-    gate_close(&g);
+    xllm_request_free(g.busy); /* cancels it */
     for (int i = 0; i < 400; i++) {
         xllm_engine_get_stats(pe, &ps);
         if (ps.requests_finished == 2 && ps.kv.used_pages == 0) break;
@@ -663,6 +664,7 @@ static void test_pd_cancel_mid_prefill(void **state) {
     xllm_request_free(dr);
     xllm_engine_free(pe);
     xllm_engine_free(de);
+    gate_close(&g);
 }
 
 int main(void) {
