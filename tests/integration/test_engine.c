@@ -269,6 +269,49 @@ static void test_limits(void **state) {
     xllm_engine_free(e); /* with requests possibly still queued */
 }
 
+/* Submits the decode leg (waiting for transfer id) to de and the prefill leg to pe. */
+static void pd_submit(xllm_engine *pe, xllm_engine *de, const int32_t *ids, int32_t n, uint64_t id,
+                      bool offline, xllm_request **pr, xllm_request **dr) {
+    char to[64], err[256];
+    snprintf(to, sizeof(to), "127.0.0.1:%d", xllm_engine_kv_port(de));
+    xllm_request_params rp = xllm_request_default_params();
+    rp.prompt = ids;
+    rp.n_prompt = n;
+    rp.sampling.temperature = 0;
+    rp.ignore_eos = true;
+    rp.max_tokens = NGEN;
+    rp.pd_import_id = id;
+    assert_int_equal(xllm_engine_submit(de, &rp, dr, err, sizeof(err)), XLLM_OK);
+    rp.pd_import_id = 0;
+    rp.max_tokens = 1;
+    rp.pd_export_id = id;
+    rp.pd_export_to = to;
+    rp.offline = offline;
+    assert_int_equal(xllm_engine_submit(pe, &rp, pr, err, sizeof(err)), XLLM_OK);
+}
+
+/* Waits for both legs of a PD request: the prefill leg emits want[0], the decode leg want[0..NGEN).
+ * Frees both; returns the prefill leg's stats. */
+static xllm_request_stats pd_finish(xllm_request *pr, xllm_request *dr, const int32_t *want) {
+    int32_t first[2], got[NGEN + 4];
+    assert_int_equal(drain(pr, first, 2), 1);
+    assert_int_equal(xllm_request_finish_reason(pr), XLLM_FINISH_LENGTH);
+    assert_int_equal(first[0], want[0]);
+    assert_int_equal(drain(dr, got, NGEN + 4), NGEN);
+    assert_int_equal(xllm_request_finish_reason(dr), XLLM_FINISH_LENGTH);
+    assert_memory_equal(got, want, sizeof(int32_t) * NGEN);
+    xllm_request_stats st;
+    xllm_request_get_stats(pr, &st);
+    fprintf(stderr,
+            "pd: %d prefill steps (%d cached, preempted %d), sends in forward %d, between steps "
+            "%d, first send after %d steps, copies %.3f ms\n",
+            st.n_prefill_steps, st.n_cached, st.n_preempted, st.kv_sends_forward,
+            st.kv_sends_between, st.kv_first_send_after, st.kv_copy_ms);
+    xllm_request_free(pr);
+    xllm_request_free(dr);
+    return st;
+}
+
 /* PD: a prefill engine computes the prompt and sends its KV to a decode engine, which emits the
  * transferred first token and continues: the tokens of a one-engine greedy run. */
 static void test_pd_transfer(void **state) {
@@ -292,30 +335,10 @@ static void test_pd_transfer(void **state) {
         reference(i, want, NGEN);
         int32_t ids[80];
         int32_t n = make_prompt(i, ids);
-        xllm_request_params rp = xllm_request_default_params();
-        rp.prompt = ids;
-        rp.n_prompt = n;
-        rp.sampling.temperature = 0;
-        rp.ignore_eos = true;
-        /* the decode side first: it waits for the KV */
-        rp.max_tokens = NGEN;
-        rp.pd_import_id = 100 + (uint64_t)i;
         xllm_request *dr = NULL, *pr = NULL;
-        assert_int_equal(xllm_engine_submit(de, &rp, &dr, err, sizeof(err)), XLLM_OK);
-        rp.pd_import_id = 0;
-        rp.max_tokens = 1;
-        rp.pd_export_id = 100 + (uint64_t)i;
-        rp.pd_export_to = to;
-        assert_int_equal(xllm_engine_submit(pe, &rp, &pr, err, sizeof(err)), XLLM_OK);
-        int32_t first[2], got[NGEN + 4];
-        assert_int_equal(drain(pr, first, 2), 1);
-        assert_int_equal(xllm_request_finish_reason(pr), XLLM_FINISH_LENGTH);
-        assert_int_equal(first[0], want[0]);
-        assert_int_equal(drain(dr, got, NGEN + 4), NGEN);
-        assert_int_equal(xllm_request_finish_reason(dr), XLLM_FINISH_LENGTH);
-        assert_memory_equal(got, want, sizeof(want));
-        xllm_request_free(pr);
-        xllm_request_free(dr);
+        /* the decode side first: it waits for the KV */
+        pd_submit(pe, de, ids, n, 100 + (uint64_t)i, false, &pr, &dr);
+        pd_finish(pr, dr, want);
     }
     xllm_engine_stats ps, ds;
     xllm_engine_get_stats(pe, &ps);
@@ -384,52 +407,28 @@ static xllm_engine *pd_engine(bool receiver, xllm_kv_layout layout, bool after_p
     return pd_engine_with(ep);
 }
 
-/* Submits the decode leg (waiting for transfer id) to de and the prefill leg to pe. */
-static void pd_submit(xllm_engine *pe, xllm_engine *de, const int32_t *ids, int32_t n, uint64_t id,
-                      bool offline, xllm_request **pr, xllm_request **dr) {
-    char to[64], err[256];
-    snprintf(to, sizeof(to), "127.0.0.1:%d", xllm_engine_kv_port(de));
-    xllm_request_params rp = xllm_request_default_params();
-    rp.prompt = ids;
-    rp.n_prompt = n;
-    rp.sampling.temperature = 0;
-    rp.ignore_eos = true;
-    rp.max_tokens = NGEN;
-    rp.pd_import_id = id;
-    assert_int_equal(xllm_engine_submit(de, &rp, dr, err, sizeof(err)), XLLM_OK);
-    rp.pd_import_id = 0;
-    rp.max_tokens = 1;
-    rp.pd_export_id = id;
-    rp.pd_export_to = to;
-    rp.offline = offline;
-    assert_int_equal(xllm_engine_submit(pe, &rp, pr, err, sizeof(err)), XLLM_OK);
-}
-
-/* One PD request of the long prompt; checks the decode leg's tokens against want and returns the
- * prefill leg's stats. */
+/* One PD request of the long prompt (see pd_finish). */
 static xllm_request_stats pd_long(xllm_engine *pe, xllm_engine *de, uint64_t id,
                                   const int32_t *want) {
     int32_t ids[LONG_PROMPT];
     long_prompt(0, ids);
     xllm_request *pr, *dr;
     pd_submit(pe, de, ids, LONG_PROMPT, id, false, &pr, &dr);
-    int32_t first[2], got[NGEN + 4];
-    assert_int_equal(drain(pr, first, 2), 1);
-    assert_int_equal(xllm_request_finish_reason(pr), XLLM_FINISH_LENGTH);
-    assert_int_equal(first[0], want[0]);
-    assert_int_equal(drain(dr, got, NGEN + 4), NGEN);
-    assert_int_equal(xllm_request_finish_reason(dr), XLLM_FINISH_LENGTH);
-    assert_memory_equal(got, want, sizeof(int32_t) * NGEN);
-    xllm_request_stats st;
-    xllm_request_get_stats(pr, &st);
-    fprintf(stderr,
-            "pd id %llu: %d prefill steps (%d cached), sends in forward %d, between steps %d, "
-            "first send after %d steps, copies %.3f ms\n",
-            (unsigned long long)id, st.n_prefill_steps, st.n_cached, st.kv_sends_forward,
-            st.kv_sends_between, st.kv_first_send_after, st.kv_copy_ms);
-    xllm_request_free(pr);
-    xllm_request_free(dr);
-    return st;
+    return pd_finish(pr, dr, want);
+}
+
+/* Checks that pe exported and de imported n prompts and nothing is left in flight, frees both. */
+static void pd_engines_done(xllm_engine *pe, xllm_engine *de, uint64_t n) {
+    xllm_engine_stats ps, ds;
+    xllm_engine_get_stats(pe, &ps);
+    xllm_engine_get_stats(de, &ds);
+    assert_int_equal(ps.kv_exports, n);
+    assert_int_equal(ps.kv_export_aborts, 0);
+    assert_int_equal(ds.kv_imports, n);
+    assert_int_equal(ds.kv_rx_staged_bytes, 0);
+    assert_int_equal(ds.kv.used_pages, 0);
+    xllm_engine_free(pe);
+    xllm_engine_free(de);
 }
 
 /* A long prompt prefilled in 5 chunks: its KV leaves layer by layer from inside the forward pass
@@ -462,17 +461,7 @@ static void test_pd_chunked(void **state) {
         assert_int_equal(st.kv_sends_between, NL);
         assert_int_equal(st.kv_sends_forward, NL * rest);
         assert_int_equal(st.kv_first_send_after, 0);
-
-        xllm_engine_stats ps, ds;
-        xllm_engine_get_stats(pe, &ps);
-        xllm_engine_get_stats(de, &ds);
-        assert_int_equal(ps.kv_exports, 2);
-        assert_int_equal(ps.kv_export_aborts, 0);
-        assert_int_equal(ds.kv_imports, 2);
-        assert_int_equal(ds.kv_rx_staged_bytes, 0);
-        assert_int_equal(ds.kv.used_pages, 0);
-        xllm_engine_free(pe);
-        xllm_engine_free(de);
+        pd_engines_done(pe, de, 2);
     }
     /* the behaviour before: everything queued after the last chunk's step */
     xllm_engine *pe = pd_engine(false, XLLM_KV_LAYOUT_XTENSOR, true);
@@ -482,8 +471,7 @@ static void test_pd_chunked(void **state) {
     assert_int_equal(st.kv_sends_forward, 0);
     assert_int_equal(st.kv_sends_between, NL);
     assert_int_equal(st.kv_first_send_after, chunks);
-    xllm_engine_free(pe);
-    xllm_engine_free(de);
+    pd_engines_done(pe, de, 1);
 }
 
 /* Holds the prefill engine's thread between two steps (from the notify of a request decoding
@@ -581,32 +569,15 @@ static void test_pd_preempted(void **state) {
     gate_release(&g);
     const int32_t NL = xllm_model_n_layer(g_model);
     for (int i = 0; i < 2; i++) {
-        int32_t first[2], got[NGEN + 4];
-        assert_int_equal(drain(pr[i], first, 2), 1);
-        assert_int_equal(xllm_request_finish_reason(pr[i]), XLLM_FINISH_LENGTH);
-        assert_int_equal(drain(dr[i], got, NGEN + 4), NGEN);
-        assert_memory_equal(got, want[i], sizeof(int32_t) * NGEN);
-        xllm_request_get_stats(pr[i], &st);
-        fprintf(stderr, "pd %d: preempted %d, prefill steps %d, sends in forward %d, between %d\n",
-                i, st.n_preempted, st.n_prefill_steps, st.kv_sends_forward, st.kv_sends_between);
+        st = pd_finish(pr[i], dr[i], want[i]);
         assert_int_equal(st.n_preempted, i == 0 ? 1 : 0);
         /* every position once, in order (the receiver refuses repeats and gaps), all from
          * inside forward passes */
         assert_int_equal(st.kv_sends_between, 0);
         assert_true(st.kv_sends_forward >= NL * ((LONG_PROMPT + CHUNK - 1) / CHUNK));
-        xllm_request_free(pr[i]);
-        xllm_request_free(dr[i]);
     }
     xllm_request_free(g.busy); /* cancels it */
-    xllm_engine_stats ps, ds;
-    xllm_engine_get_stats(pe, &ps);
-    xllm_engine_get_stats(de, &ds);
-    assert_int_equal(ps.kv_exports, 2);
-    assert_int_equal(ps.kv_export_aborts, 0);
-    assert_int_equal(ds.kv_imports, 2);
-    assert_int_equal(ds.kv_rx_staged_bytes, 0);
-    xllm_engine_free(pe);
-    xllm_engine_free(de);
+    pd_engines_done(pe, de, 2);
     gate_close(&g);
 }
 
