@@ -30,8 +30,8 @@ static double median(double *v, int n) {
 }
 
 /* One PD request of prompt[0..n) from pe to de as transfer id. */
-static bool run_one(xllm_engine *pe, xllm_engine *de, const int32_t *prompt, int32_t n,
-                    uint64_t id, run_result *out) {
+static bool run_one(xllm_engine *pe, xllm_engine *de, const int32_t *prompt, int32_t n, uint64_t id,
+                    run_result *out) {
     char to[64], err[256];
     snprintf(to, sizeof(to), "127.0.0.1:%d", xllm_engine_kv_port(de));
     xllm_request_params rp = xllm_request_default_params();
@@ -78,11 +78,12 @@ static bool run_one(xllm_engine *pe, xllm_engine *de, const int32_t *prompt, int
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: xllm bench-pd -m MODEL [-n PROMPT_TOKENS] [-c CHUNK] [-t THREADS] [-r REPS]\n"
-               "                     [--kv-type f16|f32]\n"
-               "Defaults: 1024 prompt tokens prefilled in chunks of 512, 2 threads, 3 repetitions of\n"
-               "each mode (interleaved), f16 KV. Both engines run in this process; the decode\n"
-               "engine uses one thread.\n");
+    fprintf(f,
+            "usage: xllm bench-pd -m MODEL [-n PROMPT_TOKENS] [-c CHUNK] [-t THREADS] [-r REPS]\n"
+            "                     [--kv-type f16|f32]\n"
+            "Defaults: 1024 prompt tokens prefilled in chunks of 512, 2 threads, 3 repetitions of\n"
+            "each mode (interleaved), f16 KV. Both engines run in this process; the decode\n"
+            "engine uses one thread.\n");
 }
 
 int xllm_cmd_bench_pd(int argc, char **argv) {
@@ -182,7 +183,8 @@ int xllm_cmd_bench_pd(int argc, char **argv) {
         double med[2][5];
         for (int k = 0; k < 2; k++)
             for (int j = 0; j < 5; j++) med[k][j] = median(v[k][j], reps);
-        for (int j = 0; j < 5; j++) printf("| %s | %.1f | %.1f |\n", names[j], med[0][j], med[1][j]);
+        for (int j = 0; j < 5; j++)
+            printf("| %s | %.1f | %.1f |\n", names[j], med[0][j], med[1][j]);
         printf("\nLAYER sends from inside the forward pass: before %d, now %d\n", last[0].sends_fwd,
                last[1].sends_fwd);
         rc = 0;
