@@ -33,6 +33,10 @@ typedef struct xllm_engine_params {
     bool kv_receiver;
     const char *kv_host; /* default 127.0.0.1 */
     int kv_port;
+    /* PD, prefill side: queue an exported prompt's KV only after its last prefill step, all at
+     * once, instead of layer by layer from inside the forward pass of every prefill chunk (the
+     * behaviour before layer-wise export; kept for comparison). Default false. */
+    bool pd_export_after_prefill;
 } xllm_engine_params;
 
 xllm_engine_params xllm_engine_default_params(void);
@@ -57,8 +61,11 @@ typedef struct xllm_request_params {
     int32_t top_logprobs; /* alternatives reported per token, 0..20; -1 = no logprobs */
     int64_t ttft_slo_ms;  /* targets, recorded for schedulers and metrics (0 = none) */
     int64_t tpot_slo_ms;
-    /* PD, prefill side: once the prompt is computed, send its KV as transfer pd_export_id to
-     * the receiver at pd_export_to ("host:port"), emit the first token and finish. */
+    /* PD, prefill side: send the prompt's KV as transfer pd_export_id to the receiver at
+     * pd_export_to ("host:port"): the transfer starts when the first prefill chunk is scheduled
+     * (cached prefix rows go at once), each chunk's rows of a layer are sent as soon as the
+     * forward pass has computed that layer; after the last chunk emit the first token and
+     * finish. A failed or cancelled request aborts the transfer. */
     uint64_t pd_export_id;
     const char *pd_export_to; /* copied */
     /* PD, decode side: do not compute the prompt; wait for transfer pd_import_id (whose tokens
@@ -109,10 +116,20 @@ typedef struct xllm_request_stats {
     int32_t n_prompt;
     int32_t n_cached; /* prompt tokens served from the prefix cache (first admission) */
     int32_t n_generated;
-    int32_t n_preempted; /* times this request was preempted and recomputed */
-    double t_queue_ms;   /* submit -> first admitted */
-    double t_first_ms;   /* submit -> first token (TTFT) */
-    double t_total_ms;   /* submit -> finished (0 while running) */
+    int32_t n_preempted;     /* times this request was preempted and recomputed */
+    double t_queue_ms;       /* submit -> first admitted */
+    double t_first_ms;       /* submit -> first token (TTFT) */
+    double t_total_ms;       /* submit -> finished (0 while running) */
+    int32_t n_prefill_steps; /* steps that computed a chunk of the prompt */
+    double t_prefill_ms;     /* submit -> end of the forward pass of the prompt's last chunk
+                                (first time; 0 while running or when it was not computed here) */
+    /* PD export (prefill side) */
+    int32_t kv_sends_forward; /* (layer, position range) copies queued from inside a forward pass */
+    int32_t kv_sends_between; /* copies queued between steps: cached prefix rows, or all of them
+                                 with pd_export_after_prefill */
+    int32_t kv_first_send_after; /* prefill steps already finished when the first rows were
+                                    queued (0: during or before the first); -1 before any */
+    double kv_copy_ms;           /* engine-thread time spent copying rows into frames */
 } xllm_request_stats;
 void xllm_request_get_stats(xllm_request *r, xllm_request_stats *st);
 
@@ -136,6 +153,10 @@ typedef struct xllm_engine_stats {
     uint64_t kv_exports;       /* PD: prompts whose KV was sent to a decode instance */
     uint64_t kv_imports;       /* PD: requests started from a received KV transfer */
     uint64_t kv_import_tokens; /* prompt positions received instead of computed */
+    uint64_t kv_export_aborts; /* PD: transfers started and then aborted (failure, cancel) */
+    size_t kv_rx_staged_bytes; /* PD decode side: receiver staging in use (0 without receiver) */
+    uint64_t kv_rx_failed;     /* PD decode side: incoming transfers aborted, dropped or
+                                  cancelled */
     xllm_histogram ttft, tpot, e2e;
     xllm_histogram itl; /* inter-token latency: each token after a request's first, as it is
                            emitted (TPOT is per finished request) */

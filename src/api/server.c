@@ -412,6 +412,9 @@ static enum MHD_Result handle_metrics(xllm_api_server *s, struct MHD_Connection 
                (double)st.steps);
         metric(&b, "xllm_kv_exports_total", "counter",
                "PD: prompts whose KV was sent to a decode instance.", (double)st.kv_exports);
+        metric(&b, "xllm_kv_export_aborts_total", "counter",
+               "PD: KV transfers started and then aborted (failure or cancellation mid-prefill).",
+               (double)st.kv_export_aborts);
         metric(&b, "xllm_kv_imports_total", "counter",
                "PD: requests started from received KV instead of computing the prompt.",
                (double)st.kv_imports);

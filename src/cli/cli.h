@@ -11,6 +11,7 @@ int xllm_cmd_tokenize(int argc, char **argv);
 int xllm_cmd_bench_tokenize(int argc, char **argv);
 int xllm_cmd_chat_template(int argc, char **argv);
 int xllm_cmd_bench_kv(int argc, char **argv);
+int xllm_cmd_bench_pd(int argc, char **argv);
 int xllm_cmd_serve(int argc, char **argv);
 int xllm_cmd_engine(int argc, char **argv);
 int xllm_cmd_service(int argc, char **argv);

@@ -21,6 +21,7 @@ static void usage(FILE *f) {
                "  bench-tokenize  measure tokenizer encoding speed on files\n"
                "  chat-template  render a chat template for a request (prints the prompt)\n"
                "  bench-kv compare the KV memory layouts (xtensor, paged)\n"
+               "  bench-pd time PD KV transfer through two engines (layer-wise vs after prefill)\n"
                "  bench-serve load-test an OpenAI-compatible server (TTFT, TPOT, throughput)\n"
                "  version  print the version\n"
                "\n"
@@ -45,6 +46,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "bench-tokenize")) return xllm_cmd_bench_tokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "chat-template")) return xllm_cmd_chat_template(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench-kv")) return xllm_cmd_bench_kv(argc - 1, argv + 1);
+    if (!strcmp(cmd, "bench-pd")) return xllm_cmd_bench_pd(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench-serve")) return xllm_cmd_bench_serve(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("xllm %s\n", xllm_version());

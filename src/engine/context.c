@@ -175,6 +175,11 @@ uint64_t xllm_context_tokens_evaluated(const xllm_context *ctx) {
     return ctx->n_evaluated;
 }
 
+void xllm_context_set_layer_hook(xllm_context *ctx, xllm_layer_hook fn, void *user) {
+    ctx->layer_hook = fn;
+    ctx->layer_hook_user = fn ? user : NULL;
+}
+
 const float *xllm_get_logits(const xllm_context *ctx, int32_t i) {
     if (i < 0 || i >= ctx->n_rows || ctx->out_row[i] < 0) return NULL;
     return ctx->logits + (size_t)ctx->out_row[i] * (size_t)ctx->model->hp.n_vocab;

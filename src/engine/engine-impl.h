@@ -33,6 +33,13 @@ typedef struct xllm_workspace {
     xllm_kv_span *spans; /* (n_threads, max_spans) KV runs of one attention row */
 } xllm_workspace;
 
+/* Told by the forward pass that layer il has stored the K and V rows of every row of batch b
+ * (rows t at positions b->pos[t] of sequences b->seq_id[t]); those rows do not change again in
+ * this step. Runs on the engine thread inside xllm_decode, between two parallel regions (the
+ * compute threads are idle): it may read the rows (xllm_kv_spans) but must not change the KV
+ * memory, the batch or the context. */
+typedef void (*xllm_layer_hook)(void *user, const xllm_batch *b, int32_t il);
+
 struct xllm_context {
     const xllm_model *model;
     xllm_context_params params;
@@ -43,13 +50,18 @@ struct xllm_context {
     xllm_workspace ws;
     int64_t max_cols;
     /* outputs of the last batch */
-    float *logits;        /* (n_out, n_vocab) */
-    int64_t logits_cap;   /* rows allocated */
-    int32_t *out_row;     /* (n_batch) row -> output index, -1 when none */
-    int32_t n_rows;       /* rows of the last batch */
-    int32_t max_spans;    /* KV runs per sequence and layer (1 for xtensor) */
-    uint64_t n_evaluated; /* rows evaluated since creation */
+    float *logits;              /* (n_out, n_vocab) */
+    int64_t logits_cap;         /* rows allocated */
+    int32_t *out_row;           /* (n_batch) row -> output index, -1 when none */
+    int32_t n_rows;             /* rows of the last batch */
+    int32_t max_spans;          /* KV runs per sequence and layer (1 for xtensor) */
+    uint64_t n_evaluated;       /* rows evaluated since creation */
+    xllm_layer_hook layer_hook; /* NULL = none (the forward pass then only tests the pointer) */
+    void *layer_hook_user;
 };
+
+/* Sets (fn != NULL) or clears the per-layer hook of the next forward passes. Engine thread. */
+void xllm_context_set_layer_hook(xllm_context *ctx, xllm_layer_hook fn, void *user);
 
 /* Runs the forward pass of a validated batch (forward.c). The KV memory has room for it. */
 xllm_status xllm_forward(xllm_context *ctx, const xllm_batch *b, int32_t n_out);

@@ -46,6 +46,13 @@ struct xllm_request {
     bool admitted_once;
     char pd_to[128];           /* copy of p.pd_export_to */
     xllm_kv_transfer *pd_xfer; /* decode side: the received transfer, until imported */
+    /* prefill side (pd_export_id): the transfer runs from the first prefill chunk to SEQ_END */
+    xllm_kv_sender *pd_s; /* its connection while it is open (begun, not ended or aborted) */
+    int32_t pd_sent;      /* prompt positions whose rows are queued, in every layer */
+    xllm_status pd_err;   /* a send from inside the forward pass failed */
+    /* counters, published in st once per prefill step */
+    int32_t n_prefill_steps, pd_sends_fwd, pd_sends_between, pd_first_send_after;
+    double pd_copy_s, t_prefilled;
 
     /* stream, shared with the consumer under mu */
     pthread_mutex_t mu;
@@ -93,13 +100,20 @@ struct xllm_engine {
     struct {
         char to[128];
         xllm_kv_sender *s;
-    } senders[16]; /* prefill side: one connection per decode instance */
+        int32_t open; /* transfers begun on it and not yet ended or aborted */
+    } senders[16];    /* prefill side: one connection per decode instance */
     int32_t n_senders;
     struct {
         xllm_kv_sender *s;
         uint64_t id;
     } sent[256]; /* ended transfers whose answer is still to be collected */
     int32_t n_sent;
+    struct pd_range {
+        xllm_request *r;
+        int32_t pos0, m; /* prompt positions of r computed in this step and not yet sent */
+        int32_t layers;  /* layers of them queued so far */
+    } * pd_ranges;       /* [max_seqs] the rows the forward pass of this step sends */
+    int32_t n_pd_ranges;
 };
 
 static double now_s(void) {
@@ -155,9 +169,12 @@ static void request_unref(xllm_request *r) {
     free(r);
 }
 
-/* Ends a request (engine thread): frees its KV and slot, publishes the end, drops the engine's
- * reference. */
+static void pd_abort(xllm_engine *e, xllm_request *r, const char *why);
+
+/* Ends a request (engine thread): aborts its open KV transfer, frees its KV and slot, publishes
+ * the end, drops the engine's reference. */
 static void request_finish(xllm_engine *e, xllm_request *r, xllm_finish_reason why) {
+    if (r->pd_s) pd_abort(e, r, why == XLLM_FINISH_CANCEL ? "request cancelled" : "prefill failed");
     if (r->state == REQ_RUNNING) {
         xllm_seq_truncate(e->ctx, r->slot, 0);
         e->running[r->slot] = NULL;
@@ -332,6 +349,8 @@ xllm_status xllm_engine_submit(xllm_engine *e, const xllm_request_params *params
     r->max_total = params->max_tokens ? params->n_prompt + params->max_tokens : n_ctx;
     if (r->max_total > n_ctx) r->max_total = n_ctx;
     r->slot = -1;
+    r->pd_first_send_after = -1;
+    r->st.kv_first_send_after = -1;
     r->sampler = xllm_sampler_new(&params->sampling, e->n_vocab);
     for (int32_t i = 0; i < params->n_prompt; i++) xllm_sampler_accept(r->sampler, r->tokens[i]);
     pthread_mutex_init(&r->mu, NULL);
@@ -597,14 +616,42 @@ static bool waiting_for_kv(const xllm_engine *e) {
 
 static void drop_sent(xllm_engine *e, const xllm_kv_sender *s);
 
+static int32_t sender_index(const xllm_engine *e, const xllm_kv_sender *s) {
+    for (int32_t i = 0; i < e->n_senders; i++)
+        if (e->senders[i].s == s) return i;
+    return -1;
+}
+
+/* Closes connection i (no transfer may be open on it). */
+static void close_sender(xllm_engine *e, int32_t i) {
+    drop_sent(e, e->senders[i].s);
+    xllm_kv_sender_free(e->senders[i].s);
+    e->senders[i] = e->senders[--e->n_senders];
+}
+
+/* A live connection to `to` ("host:port"), opened if needed. A dead one is closed once no open
+ * transfer refers to it (their next send fails and aborts them). */
 static xllm_kv_sender *sender_for(xllm_engine *e, const char *to, char *err, size_t err_size) {
-    for (int32_t i = 0; i < e->n_senders; i++) {
-        if (strcmp(e->senders[i].to, to)) continue;
-        if (xllm_kv_sender_connected(e->senders[i].s)) return e->senders[i].s;
-        drop_sent(e, e->senders[i].s);
-        xllm_kv_sender_free(e->senders[i].s); /* reconnect */
-        e->senders[i] = e->senders[--e->n_senders];
-        break;
+    for (int32_t i = 0; i < e->n_senders;) {
+        if (strcmp(e->senders[i].to, to)) {
+            i++;
+        } else if (xllm_kv_sender_connected(e->senders[i].s)) {
+            return e->senders[i].s;
+        } else if (e->senders[i].open == 0) {
+            close_sender(e, i); /* reconnect */
+        } else {
+            i++;
+        }
+    }
+    if (e->n_senders == (int32_t)(sizeof(e->senders) / sizeof(e->senders[0]))) {
+        int32_t idle = -1;
+        for (int32_t i = 0; i < e->n_senders && idle < 0; i++)
+            if (e->senders[i].open == 0) idle = i;
+        if (idle < 0) {
+            xllm_set_err(err, err_size, "pd_export: every KV connection has transfers open");
+            return NULL;
+        }
+        close_sender(e, idle);
     }
     char host[128];
     snprintf(host, sizeof(host), "%s", to);
@@ -624,43 +671,161 @@ static xllm_kv_sender *sender_for(xllm_engine *e, const char *to, char *err, siz
     sp.port = atoi(colon + 1);
     xllm_kv_sender *s = NULL;
     if (xllm_kv_sender_new(e->ctx, &sp, &s, err, err_size) != XLLM_OK) return NULL;
-    if (e->n_senders == (int32_t)(sizeof(e->senders) / sizeof(e->senders[0]))) {
-        drop_sent(e, e->senders[0].s);
-        xllm_kv_sender_free(e->senders[0].s);
-        e->senders[0] = e->senders[--e->n_senders];
-    }
     snprintf(e->senders[e->n_senders].to, sizeof(e->senders[0].to), "%s", to);
-    e->senders[e->n_senders++].s = s;
+    e->senders[e->n_senders].s = s;
+    e->senders[e->n_senders++].open = 0;
     return s;
 }
 
-/* Sends the computed prompt of r (its KV, layer by layer, then the first token) to the decode
- * instance. The layers are copied into the sender's queue here; its thread writes them while
- * the engine goes on with the next steps. */
-static bool pd_export(xllm_engine *e, xllm_request *r, int32_t tok, float logprob) {
-    char err[256];
-    xllm_kv_sender *s = sender_for(e, r->pd_to, err, sizeof(err));
-    if (!s) return false;
-    uint64_t id = r->p.pd_export_id;
-    bool ok = xllm_kv_sender_begin(s, id, r->tokens, r->n_prompt) == XLLM_OK;
-    for (int32_t il = 0; ok && il < xllm_model_n_layer(e->model); il++)
-        ok = xllm_kv_sender_send_layer(s, id, r->slot, il) == XLLM_OK;
-    if (ok) ok = xllm_kv_sender_end(s, id, tok, logprob) == XLLM_OK;
-    if (!ok) xllm_kv_sender_abort(s, id, "prefill failed");
-    /* the sender's answer is not awaited: the decode side reports failures itself */
-    if (ok) {
-        if (e->n_sent == (int32_t)(sizeof(e->sent) / sizeof(e->sent[0]))) {
-            /* collect the oldest answer (it has long been sent) to make room */
-            xllm_kv_sender_wait(e->sent[0].s, e->sent[0].id, 1000, err, sizeof(err));
-            e->sent[0] = e->sent[--e->n_sent];
-        }
-        e->sent[e->n_sent].s = s;
-        e->sent[e->n_sent++].id = id;
-        pthread_mutex_lock(&e->mu);
-        e->stats.kv_exports++;
-        pthread_mutex_unlock(&e->mu);
+/* Publishes r's prefill and export counters in its stats. */
+static void pd_publish(xllm_request *r) {
+    pthread_mutex_lock(&r->mu);
+    r->st.n_prefill_steps = r->n_prefill_steps;
+    r->st.t_prefill_ms = r->t_prefilled > 0 ? (r->t_prefilled - r->t_submit) * 1e3 : 0;
+    r->st.kv_sends_forward = r->pd_sends_fwd;
+    r->st.kv_sends_between = r->pd_sends_between;
+    r->st.kv_first_send_after = r->pd_first_send_after;
+    r->st.kv_copy_ms = r->pd_copy_s * 1e3;
+    pthread_mutex_unlock(&r->mu);
+}
+
+/* r's transfer is no longer open: its connection may be closed once none is. */
+static void pd_release(xllm_engine *e, xllm_request *r) {
+    int32_t i = sender_index(e, r->pd_s);
+    if (i >= 0) e->senders[i].open--;
+    r->pd_s = NULL;
+}
+
+/* Aborts r's open transfer: frames not yet on the wire are dropped, ABORT tells the receiver to
+ * free its staging. */
+static void pd_abort(xllm_engine *e, xllm_request *r, const char *why) {
+    xllm_kv_sender_abort(r->pd_s, r->p.pd_export_id, why);
+    pd_release(e, r);
+    pthread_mutex_lock(&e->mu);
+    e->stats.kv_export_aborts++;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Queues rows [pd_sent, upto) of every layer of r's sequence, which holds them committed, from
+ * between two steps. */
+static bool pd_send_between(xllm_engine *e, xllm_request *r, int32_t upto) {
+    const double t0 = now_s();
+    const int32_t n_layer = xllm_model_n_layer(e->model);
+    for (int32_t il = 0; il < n_layer; il++)
+        if (xllm_kv_sender_send_rows(r->pd_s, r->p.pd_export_id, r->slot, il, r->pd_sent,
+                                     upto - r->pd_sent) != XLLM_OK)
+            return false;
+    r->pd_copy_s += now_s() - t0;
+    if (r->pd_first_send_after < 0) r->pd_first_send_after = r->n_prefill_steps;
+    r->pd_sends_between += n_layer;
+    r->pd_sent = upto;
+    return true;
+}
+
+/* Opens r's transfer if it is not yet (SEQ_BEGIN with the prompt) and queues the rows r holds
+ * beyond those sent without computing them in this step: a cached prefix. */
+static bool pd_start(xllm_engine *e, xllm_request *r) {
+    if (!r->pd_s) {
+        char err[256];
+        xllm_kv_sender *s = sender_for(e, r->pd_to, err, sizeof(err));
+        if (!s || xllm_kv_sender_begin(s, r->p.pd_export_id, r->tokens, r->n_prompt) != XLLM_OK)
+            return false;
+        r->pd_s = s;
+        e->senders[sender_index(e, s)].open++;
     }
-    return ok;
+    return r->n_computed <= r->pd_sent || pd_send_between(e, r, r->n_computed);
+}
+
+/* The forward pass stored layer il of this step's rows: queue each exported chunk's part (the
+ * sender copies it now, its I/O thread writes it while the next layers compute). */
+static void pd_layer_hook(void *user, const xllm_batch *b, int32_t il) {
+    xllm_engine *e = user;
+    (void)b; /* the chunks were listed when the batch was built */
+    for (int32_t i = 0; i < e->n_pd_ranges; i++) {
+        struct pd_range *g = &e->pd_ranges[i];
+        xllm_request *r = g->r;
+        if (r->pd_err != XLLM_OK) continue;
+        const double t0 = now_s();
+        r->pd_err =
+            xllm_kv_sender_send_rows(r->pd_s, r->p.pd_export_id, r->slot, il, g->pos0, g->m);
+        r->pd_copy_s += now_s() - t0;
+        if (r->pd_err != XLLM_OK) continue;
+        if (r->pd_first_send_after < 0) r->pd_first_send_after = r->n_prefill_steps;
+        r->pd_sends_fwd++;
+        g->layers++;
+    }
+}
+
+/* Before a step: opens the transfers of exported prompts that get a chunk in it and lists the
+ * positions of each chunk that the forward pass sends. A request whose transfer cannot open is
+ * ended and loses its chunk. Returns the number of requests ended. */
+static int32_t pd_prepare(xllm_engine *e) {
+    int32_t ended = 0;
+    e->n_pd_ranges = 0;
+    if (e->p.pd_export_after_prefill) return 0;
+    for (int32_t s = 0; s < e->p.max_seqs; s++) {
+        xllm_request *r = e->running[s];
+        if (!r || e->chunk[s] == 0 || !r->p.pd_export_id || r->n_computed >= r->n_prompt) continue;
+        if (!pd_start(e, r)) {
+            e->chunk[s] = 0;
+            request_finish(e, r, XLLM_FINISH_ABORT);
+            ended++;
+            continue;
+        }
+        /* after a preemption, positions recomputed below pd_sent went out already */
+        int32_t p0 = XLLM_MAX(r->n_computed, r->pd_sent), end = r->n_computed + e->chunk[s];
+        if (end > p0)
+            e->pd_ranges[e->n_pd_ranges++] = (struct pd_range){.r = r, .pos0 = p0, .m = end - p0};
+    }
+    xllm_context_set_layer_hook(e->ctx, e->n_pd_ranges ? pd_layer_hook : NULL, e);
+    return ended;
+}
+
+/* After a step (ran: the forward pass ran): a chunk whose every layer went out advances its
+ * transfer; one that went out in part (a send failed) ends its request, whose rows among the
+ * batch's n rows are dropped from sampling. */
+static void pd_after_step(xllm_engine *e, int32_t n, bool ran) {
+    const int32_t n_layer = xllm_model_n_layer(e->model);
+    for (int32_t i = 0; i < e->n_pd_ranges; i++) {
+        struct pd_range *g = &e->pd_ranges[i];
+        xllm_request *r = g->r;
+        if (ran && r->pd_err == XLLM_OK && g->layers == n_layer) {
+            r->pd_sent = g->pos0 + g->m;
+            continue;
+        }
+        if (r->pd_err == XLLM_OK && g->layers == 0) continue; /* the pass did not run */
+        for (int32_t row = 0; row < n; row++)
+            if (e->b_req[row] == r) e->b_req[row] = NULL;
+        pd_publish(r);
+        request_finish(e, r, XLLM_FINISH_ABORT);
+    }
+    e->n_pd_ranges = 0;
+    xllm_context_set_layer_hook(e->ctx, NULL, NULL);
+}
+
+/* r's whole prompt is computed and tok sampled from it: its rows are all queued (with
+ * pd_export_after_prefill, all of them now), SEQ_END hands tok over. The receiver's answer is
+ * collected later (reap_sent): the decode side reports failures itself. */
+static bool pd_finish(xllm_engine *e, xllm_request *r, int32_t tok, float logprob) {
+    if (e->p.pd_export_after_prefill && !pd_start(e, r)) return false;
+    pd_publish(r);
+    xllm_kv_sender *s = r->pd_s;
+    uint64_t id = r->p.pd_export_id;
+    if (!s || r->pd_sent != r->n_prompt || xllm_kv_sender_end(s, id, tok, logprob) != XLLM_OK)
+        return false;
+    pd_release(e, r);
+    if (e->n_sent == (int32_t)(sizeof(e->sent) / sizeof(e->sent[0]))) {
+        /* collect the oldest answer (it has long been sent) to make room */
+        char err[160];
+        xllm_kv_sender_wait(e->sent[0].s, e->sent[0].id, 1000, err, sizeof(err));
+        e->sent[0] = e->sent[--e->n_sent];
+    }
+    e->sent[e->n_sent].s = s;
+    e->sent[e->n_sent++].id = id;
+    pthread_mutex_lock(&e->mu);
+    e->stats.kv_exports++;
+    pthread_mutex_unlock(&e->mu);
+    return true;
 }
 
 /* Collects the receivers' answers to ended transfers (the sender keeps each until asked). */
@@ -864,6 +1029,8 @@ static bool step(xllm_engine *e) {
         }
     }
 
+    const int32_t pd_ended = pd_prepare(e);
+
     /* the batch: each running request's rows, in slot order */
     int32_t n = 0;
     for (int32_t s = 0; s < e->p.max_seqs; s++) {
@@ -880,17 +1047,31 @@ static bool step(xllm_engine *e) {
             n++;
         }
     }
-    if (n == 0) return false;
+    if (n == 0) {
+        pd_after_step(e, 0, false);
+        return pd_ended > 0; /* ending a request is progress: the queue is not stuck */
+    }
     xllm_batch b = {n, e->b_tok, e->b_pos, e->b_seq, e->b_logits};
     xllm_status st = xllm_decode(e->ctx, &b);
     if (st != XLLM_OK) {
         /* should not happen after the page accounting; recover by preempting */
+        pd_after_step(e, n, false);
         xllm_request *victim = lowest_running(e);
         if (victim) preempt(e, victim);
         return true;
     }
-    for (int32_t s = 0; s < e->p.max_seqs; s++)
-        if (e->running[s]) e->running[s]->n_computed += e->chunk[s];
+    const double t_pass = now_s();
+    for (int32_t s = 0; s < e->p.max_seqs; s++) {
+        xllm_request *r = e->running[s];
+        if (!r || e->chunk[s] == 0) continue;
+        bool prefill = r->n_computed < r->n_prompt;
+        r->n_computed += e->chunk[s];
+        if (!prefill) continue;
+        r->n_prefill_steps++;
+        if (r->n_computed >= r->n_prompt && r->t_prefilled == 0) r->t_prefilled = t_pass;
+        pd_publish(r);
+    }
+    pd_after_step(e, n, true);
 
     /* sample and publish */
     for (int32_t row = 0; row < n; row++) {
@@ -899,10 +1080,10 @@ static bool step(xllm_engine *e) {
         const float *logits = xllm_get_logits(e->ctx, row);
         int32_t tok = xllm_sampler_sample(r->sampler, logits);
         if (r->p.pd_export_id && r->n_generated == 0) {
-            /* PD prefill: ship the prompt's KV, hand over the first token, finish */
+            /* PD prefill: end the transfer with the first token, finish */
             xllm_token_event lp = {0};
             log_softmax_top(logits, e->n_vocab, e->probs, tok, 0, &lp);
-            if (!pd_export(e, r, tok, lp.logprob)) {
+            if (!pd_finish(e, r, tok, lp.logprob)) {
                 request_finish(e, r, XLLM_FINISH_ABORT);
                 continue;
             }
@@ -1012,6 +1193,7 @@ xllm_status xllm_engine_new(const xllm_model *model, const xllm_engine_params *p
     e->b_logits = xllm_xcalloc(B, 1);
     e->b_req = xllm_xcalloc(B, sizeof(*e->b_req));
     e->probs = xllm_xcalloc((size_t)e->n_vocab, sizeof(float));
+    e->pd_ranges = xllm_xcalloc((size_t)p.max_seqs, sizeof(*e->pd_ranges));
     if (p.kv_receiver) {
         xllm_kv_receiver_params rp = xllm_kv_receiver_default_params();
         if (p.kv_host) rp.host = p.kv_host;
@@ -1060,6 +1242,7 @@ void xllm_engine_free(xllm_engine *e) {
     free(e->b_logits);
     free(e->b_req);
     free(e->probs);
+    free(e->pd_ranges);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
     free(e);
@@ -1071,6 +1254,12 @@ void xllm_engine_get_stats(xllm_engine *e, xllm_engine_stats *st) {
     st->waiting = e->n_queued;
     pthread_mutex_unlock(&e->mu);
     xllm_context_kv_stats(e->ctx, &st->kv);
+    if (e->receiver) {
+        xllm_kv_receiver_stats rs;
+        xllm_kv_receiver_get_stats(e->receiver, &rs);
+        st->kv_rx_staged_bytes = rs.staged_bytes;
+        st->kv_rx_failed = rs.failed;
+    }
     st->kv_usage = st->kv.n_pages ? (double)st->kv.used_pages / (double)st->kv.n_pages : 0;
 }
 

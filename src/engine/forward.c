@@ -184,6 +184,9 @@ static void attention_block(xllm_context *ctx, const xllm_batch *b, int il) {
                      ws->rope_sin + t * half, neox);
     }
     store_kv(ctx, b, il);
+    /* the layer's rows are final for this step: a transfer may copy them out now, and send them
+     * while the rest of the pass computes */
+    if (ctx->layer_hook) ctx->layer_hook(ctx->layer_hook_user, b, il);
     attn_task a = {.ctx = ctx, .b = b, .il = il};
     atomic_init(&a.next, 0);
     xllm_threadpool_run(ctx->tp, attn_worker, &a);

@@ -22,6 +22,8 @@
 #include "util/common.h"
 
 #define MAX_TRANSFERS 4096 /* unfinished transfers one sender tracks */
+#define POOL_BUFS     4    /* written LAYER frame buffers kept for reuse (each up to a frame) */
+#define POOL_MIN      (64u << 10) /* smaller buffers are not worth keeping */
 
 typedef enum tx_state { TX_OPEN, TX_ENDED, TX_DONE, TX_FAILED } tx_state;
 
@@ -31,15 +33,17 @@ typedef struct tx {
     tx_state state;
     xllm_status st; /* TX_FAILED: why */
     char msg[320];
-    uint8_t *sent; /* (n_layer) layers queued */
+    uint32_t *done; /* (n_layer) positions of each layer queued: [0, done[il]) */
     struct tx *next;
 } tx;
 
 /* One frame (or several) waiting for the socket. */
 typedef struct chunk {
     uint8_t *data;
-    size_t len, off; /* off > 0: partly written, must be finished */
-    uint64_t id;     /* transfer, 0 for none */
+    size_t len, cap;
+    size_t off;   /* off > 0: partly written, must be finished */
+    bool writing; /* the I/O thread is writing it without the lock: nobody else frees it */
+    uint64_t id;  /* transfer, 0 for none */
     struct chunk *next;
 } chunk;
 
@@ -60,6 +64,10 @@ struct xllm_kv_sender {
     char conn_err[320];
     xllm_kv_span *spans; /* engine thread: runs of one layer */
     int32_t max_spans;
+    /* buffers of frames already written, for the next LAYER frames: a fresh buffer costs a page
+     * fault per 4 KiB on first touch, several times the copy itself */
+    xllm_xfer_buf pool[POOL_BUFS];
+    int32_t n_pool;
 };
 
 xllm_kv_sender_params xllm_kv_sender_default_params(void) {
@@ -85,7 +93,7 @@ static void remove_tx(xllm_kv_sender *s, tx **link) {
     tx *t = *link;
     *link = t->next;
     s->n_txs--;
-    free(t->sent);
+    free(t->done);
     free(t);
 }
 
@@ -94,7 +102,7 @@ static void drop_queued(xllm_kv_sender *s, uint64_t id) {
     chunk *prev = NULL;
     for (chunk *c = s->head; c;) {
         chunk *next = c->next;
-        if (c->id == id && c->off == 0) {
+        if (c->id == id && c->off == 0 && !c->writing) {
             if (prev)
                 prev->next = next;
             else
@@ -154,6 +162,7 @@ static xllm_status enqueue(xllm_kv_sender *s, xllm_xfer_buf *b, uint64_t id) {
     chunk *c = xllm_xcalloc(1, sizeof(*c));
     c->data = b->data;
     c->len = b->len;
+    c->cap = b->cap;
     c->id = id;
     memset(b, 0, sizeof(*b));
     if (s->tail)
@@ -266,15 +275,21 @@ static void *io_main(void *arg) {
             xllm_xfer_buf_consume(&in, at);
             if (!ok) break;
         }
-        /* write while holding mu: abort may drop queued chunks, never the one on the wire */
+        /* write the head without holding mu (the engine thread queues the next frames meanwhile);
+         * abort may drop queued chunks, never the one on the wire */
         pthread_mutex_lock(&s->mu);
         bool failed = false;
         while (s->head) {
             chunk *c = s->head;
             size_t n = XLLM_MIN(c->len - c->off, (size_t)1 << 20);
+            c->writing = true;
+            pthread_mutex_unlock(&s->mu);
             ssize_t w = send(s->fd, c->data + c->off, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+            int e = errno;
+            pthread_mutex_lock(&s->mu);
+            c->writing = false;
             if (w < 0) {
-                failed = errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR;
+                failed = e != EAGAIN && e != EWOULDBLOCK && e != EINTR;
                 break;
             }
             c->off += (size_t)w;
@@ -282,7 +297,10 @@ static void *io_main(void *arg) {
             if (c->off == c->len) {
                 s->head = c->next;
                 if (!s->head) s->tail = NULL;
-                free(c->data);
+                if (s->n_pool < POOL_BUFS && c->cap >= POOL_MIN)
+                    s->pool[s->n_pool++] = (xllm_xfer_buf){.data = c->data, .cap = c->cap};
+                else
+                    free(c->data);
                 free(c);
                 pthread_cond_broadcast(&s->cv);
             }
@@ -518,6 +536,7 @@ void xllm_kv_sender_free(xllm_kv_sender *s) {
     }
     if (s->fd >= 0) close(s->fd);
     if (s->wake_fd >= 0) close(s->wake_fd);
+    for (int32_t i = 0; i < s->n_pool; i++) xllm_xfer_buf_free(&s->pool[i]);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     free(s->spans);
@@ -551,7 +570,7 @@ xllm_status xllm_kv_sender_begin(xllm_kv_sender *s, uint64_t id, const int32_t *
         t->id = id;
         t->n = (uint32_t)n;
         t->state = TX_OPEN;
-        t->sent = xllm_xcalloc(s->self.n_layer, 1);
+        t->done = xllm_xcalloc(s->self.n_layer, sizeof(uint32_t));
         t->next = s->txs;
         s->txs = t;
         s->n_txs++;
@@ -575,53 +594,95 @@ static void copy_rows(const xllm_kv_span *sp, int32_t ns, bool v, int32_t p0, in
     }
 }
 
-xllm_status xllm_kv_sender_send_layer(xllm_kv_sender *s, uint64_t id, int32_t seq, int32_t il) {
-    xllm_kv *kv = s->ctx->kv;
-    if (seq < 0 || seq >= xllm_context_n_seq_max(s->ctx) || il < 0 ||
-        (uint32_t)il >= s->self.n_layer)
-        return XLLM_ERR_INVALID_ARG;
+/* Checks that transfer id may take positions [pos0, pos0 + m) of layer il next (whole: pos0 == 0
+ * and nothing of the layer sent yet). Returns the transfer's error first when it failed. */
+static xllm_status check_rows(xllm_kv_sender *s, uint64_t id, int32_t il, int32_t pos0, int32_t m,
+                              bool whole, uint32_t *n) {
     pthread_mutex_lock(&s->mu);
     tx *t = find_tx(s, id, NULL);
     xllm_status st = XLLM_OK;
     if (t && t->state == TX_FAILED)
         st = t->st; /* its error first: the caller learns it whatever it asks */
-    else if (!t || t->state == TX_ENDED || t->state == TX_DONE || t->sent[il])
+    else if (!t || t->state == TX_ENDED || t->state == TX_DONE)
         st = XLLM_ERR_INVALID_ARG;
-    uint32_t n = t ? t->n : 0;
+    else if (whole ? t->done[il] != 0
+                   : (uint32_t)pos0 != t->done[il] || (uint32_t)m > t->n - t->done[il])
+        st = XLLM_ERR_INVALID_ARG;
+    *n = t ? t->n : 0;
     pthread_mutex_unlock(&s->mu);
-    if (st != XLLM_OK) return st;
-    if (xllm_kv_seq_len(kv, seq) < (int32_t)n) return XLLM_ERR_INVALID_ARG;
+    return st;
+}
 
+/* An empty buffer of at least need bytes: a written frame's when one is big enough. */
+static xllm_xfer_buf take_buf(xllm_kv_sender *s, size_t need) {
+    xllm_xfer_buf b = {0};
+    pthread_mutex_lock(&s->mu);
+    for (int32_t i = 0; i < s->n_pool; i++) {
+        if (s->pool[i].cap < need) continue;
+        b = s->pool[i];
+        s->pool[i] = s->pool[--s->n_pool];
+        break;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return b;
+}
+
+/* Copies rows [pos0, pos0 + m) of layer il of seq into frames and queues them. Engine thread. */
+static xllm_status queue_rows(xllm_kv_sender *s, uint64_t id, int32_t seq, int32_t il, int32_t pos0,
+                              int32_t m) {
     /* copy on this thread: the KV belongs to it, and the rows may change once it returns */
     const size_t rb = s->self.row_bytes;
-    int32_t ns = xllm_kv_spans(kv, il, seq, (int32_t)n, s->spans, s->max_spans);
+    const int32_t end = pos0 + m;
+    int32_t ns = xllm_kv_spans(s->ctx->kv, il, seq, end, s->spans, s->max_spans);
     /* frames within our limit and the receiver's (its HELLO guarantees room for one position) */
     size_t per = XLLM_MIN(s->p.max_frame_bytes, (size_t)s->peer.max_frame - 12) / (2 * rb);
-    int32_t m_max = (int32_t)XLLM_MIN(XLLM_MAX(per, (size_t)1), (size_t)n);
-    for (int32_t p0 = 0; p0 < (int32_t)n && st == XLLM_OK; p0 += m_max) {
-        int32_t m = XLLM_MIN(m_max, (int32_t)n - p0);
-        xllm_xfer_buf b = {0};
-        xllm_xfer_put_layer_head(&b, id, (uint32_t)il, (uint32_t)p0, (uint32_t)m, rb);
-        copy_rows(s->spans, ns, false, p0, m, rb, b.data + b.len);
-        copy_rows(s->spans, ns, true, p0, m, rb, b.data + b.len + (size_t)m * rb);
-        b.len += 2 * (size_t)m * rb;
+    int32_t m_max = (int32_t)XLLM_MIN(XLLM_MAX(per, (size_t)1), (size_t)m);
+    xllm_status st = XLLM_OK;
+    for (int32_t p0 = pos0; p0 < end && st == XLLM_OK; p0 += m_max) {
+        int32_t k = XLLM_MIN(m_max, end - p0);
+        xllm_xfer_buf b = take_buf(s, XLLM_XFER_HEADER + 12 + 2 * (size_t)k * rb);
+        xllm_xfer_put_layer_head(&b, id, (uint32_t)il, (uint32_t)p0, (uint32_t)k, rb);
+        copy_rows(s->spans, ns, false, p0, k, rb, b.data + b.len);
+        copy_rows(s->spans, ns, true, p0, k, rb, b.data + b.len + (size_t)k * rb);
+        b.len += 2 * (size_t)k * rb;
         pthread_mutex_lock(&s->mu);
-        t = find_tx(s, id, NULL);          /* abort (any thread) may have removed it */
+        tx *t = find_tx(s, id, NULL);      /* abort (any thread) may have removed it */
         if (!t || t->state == TX_FAILED) { /* aborted, refused or cancelled meanwhile */
             st = t ? t->st : XLLM_ERR_INVALID_ARG;
             xllm_xfer_buf_free(&b);
         } else {
             st = enqueue(s, &b, id);
+            if (st == XLLM_OK) t->done[il] = (uint32_t)(p0 + k);
         }
         pthread_mutex_unlock(&s->mu);
     }
-    if (st == XLLM_OK) {
-        pthread_mutex_lock(&s->mu);
-        t = find_tx(s, id, NULL);
-        if (t) t->sent[il] = 1;
-        pthread_mutex_unlock(&s->mu);
-    }
     return st;
+}
+
+xllm_status xllm_kv_sender_send_layer(xllm_kv_sender *s, uint64_t id, int32_t seq, int32_t il) {
+    if (seq < 0 || seq >= xllm_context_n_seq_max(s->ctx) || il < 0 ||
+        (uint32_t)il >= s->self.n_layer)
+        return XLLM_ERR_INVALID_ARG;
+    uint32_t n;
+    xllm_status st = check_rows(s, id, il, 0, 0, true, &n);
+    if (st != XLLM_OK) return st;
+    if (xllm_kv_seq_len(s->ctx->kv, seq) < (int32_t)n) return XLLM_ERR_INVALID_ARG;
+    return queue_rows(s, id, seq, il, 0, (int32_t)n);
+}
+
+xllm_status xllm_kv_sender_send_rows(xllm_kv_sender *s, uint64_t id, int32_t seq, int32_t il,
+                                     int32_t pos0, int32_t m) {
+    if (seq < 0 || seq >= xllm_context_n_seq_max(s->ctx) || il < 0 ||
+        (uint32_t)il >= s->self.n_layer || pos0 < 0 || m <= 0)
+        return XLLM_ERR_INVALID_ARG;
+    uint32_t n;
+    xllm_status st = check_rows(s, id, il, pos0, m, false, &n);
+    if (st != XLLM_OK) return st;
+    /* the rows need not be committed yet (the forward pass calls this), but must be reserved */
+    xllm_kv *kv = s->ctx->kv;
+    if ((int64_t)pos0 + m > xllm_kv_seq_pages(kv, seq) * xllm_kv_block_tokens(kv))
+        return XLLM_ERR_INVALID_ARG;
+    return queue_rows(s, id, seq, il, pos0, m);
 }
 
 xllm_status xllm_kv_sender_end(xllm_kv_sender *s, uint64_t id, int32_t first_token, float logprob) {
@@ -635,7 +696,7 @@ xllm_status xllm_kv_sender_end(xllm_kv_sender *s, uint64_t id, int32_t first_tok
         st = t->st;
     } else {
         for (uint32_t il = 0; il < s->self.n_layer; il++)
-            if (!t->sent[il]) st = XLLM_ERR_INVALID_ARG;
+            if (t->done[il] != t->n) st = XLLM_ERR_INVALID_ARG;
     }
     if (st == XLLM_OK) {
         xllm_xfer_buf b = {0};
@@ -666,6 +727,7 @@ xllm_status xllm_kv_sender_abort(xllm_kv_sender *s, uint64_t id, const char *rea
             chunk *c = xllm_xcalloc(1, sizeof(*c));
             c->data = b.data;
             c->len = b.len;
+            c->cap = b.cap;
             c->id = 0;
             if (s->tail)
                 s->tail->next = c;

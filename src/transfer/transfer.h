@@ -54,14 +54,22 @@ void xllm_kv_sender_free(xllm_kv_sender *s);
 xllm_status xllm_kv_sender_begin(xllm_kv_sender *s, uint64_t id, const int32_t *tokens, int32_t n);
 /* Copies the K and V rows of positions [0, n) of layer il of sequence seq (which must hold them)
  * into frames queued for the I/O thread, and returns: the caller may compute the next layer
- * while this one is on the wire. Each layer is sent once. Waits only when max_queue_bytes are
- * already queued. Returns the transfer's error when the receiver refused or cancelled it or the
- * connection dropped (the caller should then stop, forget the id with xllm_kv_sender_abort and
- * free its sequence). Engine thread. */
+ * while this one is on the wire. Only for a layer of which nothing was sent yet. Waits only when
+ * max_queue_bytes are already queued. Returns the transfer's error when the receiver refused or
+ * cancelled it or the connection dropped (the caller should then stop, forget the id with
+ * xllm_kv_sender_abort and free its sequence). Engine thread. */
 xllm_status xllm_kv_sender_send_layer(xllm_kv_sender *s, uint64_t id, int32_t seq, int32_t il);
-/* Ends the transfer: every layer must have been sent. first_token is the token sampled from the
- * last prompt position (the decode instance feeds it next) and logprob its log-probability.
- * After this the sender's sequence may be freed. Engine thread. */
+/* The same for positions [pos0, pos0 + m) of layer il only: a layer may be sent in several
+ * ranges (a prompt computed in chunks), in order: pos0 must be the number of positions of that
+ * layer sent so far, and pos0 + m <= n. The rows must have been stored in reserved positions of
+ * seq; they need not be committed, so the forward pass may send a layer right after storing it
+ * (the copy is made before this returns: the rows may change afterwards). XLLM_ERR_INVALID_ARG
+ * for a range out of order or not reserved. Engine thread. */
+xllm_status xllm_kv_sender_send_rows(xllm_kv_sender *s, uint64_t id, int32_t seq, int32_t il,
+                                     int32_t pos0, int32_t m);
+/* Ends the transfer: every position of every layer must have been sent. first_token is the token
+ * sampled from the last prompt position (the decode instance feeds it next) and logprob its
+ * log-probability. After this the sender's sequence may be freed. Engine thread. */
 xllm_status xllm_kv_sender_end(xllm_kv_sender *s, uint64_t id, int32_t first_token, float logprob);
 /* Cancels the transfer: frames not yet on the wire are dropped, an ABORT frame tells the
  * receiver to free its staging, and the sender forgets the id. reason may be NULL. Any thread. */

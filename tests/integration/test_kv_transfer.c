@@ -1,7 +1,8 @@
 /* PD disaggregation over loopback TCP in one process: context A (prefill) computes prompts and
  * sends their KV layer by layer to context B's receiver; B imports them and both continue
  * greedy decoding with identical logits (both KV layouts, mismatched layouts, f32 and f16 KV, a
- * quantized model, several transfers interleaved on one connection, layers split into frames).
+ * quantized model, several transfers interleaved on one connection, layers split into frames or
+ * sent in position ranges).
  * Failures: a sender that dies mid-transfer, a sender that closes mid-transfer, a cancellation
  * by the decode side, and model / KV type mismatches refused at HELLO. */
 #include <math.h>
@@ -123,9 +124,19 @@ static void check_pd(const char *model, xllm_dtype kv_type, xllm_kv_layout la, x
     assert_int_equal(xllm_kv_sender_send_layer(s, id[0], 0, 0), XLLM_ERR_INVALID_ARG); /* twice */
     assert_int_equal(xllm_kv_sender_end(s, id[0], first[0], lp[0]), XLLM_ERR_INVALID_ARG);
     assert_int_equal(xllm_kv_sender_begin(s, id[0], toks[0], n[0]), XLLM_ERR_INVALID_ARG);
+    /* ranges of a layer go in order and within the sequence */
+    assert_int_equal(xllm_kv_sender_send_rows(s, id[1], 1, 0, 3, 2), XLLM_ERR_INVALID_ARG);
+    assert_int_equal(xllm_kv_sender_send_rows(s, id[1], 1, 0, 0, n[1] + 1), XLLM_ERR_INVALID_ARG);
+    assert_int_equal(xllm_kv_sender_send_rows(s, id[1], 1, 0, 0, 0), XLLM_ERR_INVALID_ARG);
     for (int32_t il = 0; il < NL; il++) { /* interleaved on one connection */
         if (il > 0) assert_int_equal(xllm_kv_sender_send_layer(s, id[0], 0, il), XLLM_OK);
-        assert_int_equal(xllm_kv_sender_send_layer(s, id[1], 1, il), XLLM_OK);
+        /* the second in two ranges, as a prompt computed in chunks sends it */
+        assert_int_equal(xllm_kv_sender_send_rows(s, id[1], 1, il, 0, 7), XLLM_OK);
+        assert_int_equal(xllm_kv_sender_send_layer(s, id[1], 1, il), XLLM_ERR_INVALID_ARG);
+        assert_int_equal(xllm_kv_sender_send_rows(s, id[1], 1, il, 0, 7), XLLM_ERR_INVALID_ARG);
+        if (il == 0) /* not every position of every layer yet */
+            assert_int_equal(xllm_kv_sender_end(s, id[1], first[1], lp[1]), XLLM_ERR_INVALID_ARG);
+        assert_int_equal(xllm_kv_sender_send_rows(s, id[1], 1, il, 7, n[1] - 7), XLLM_OK);
     }
     assert_int_equal(xllm_kv_sender_end(s, id[1], first[1], lp[1]), XLLM_OK);
     assert_int_equal(xllm_kv_sender_end(s, id[0], first[0], lp[0]), XLLM_OK);
@@ -295,6 +306,8 @@ static void test_failures(void **state) {
     s = new_sender(A, port, 0);
     assert_int_equal(xllm_kv_sender_begin(s, 6, toks, N_PROMPT), XLLM_OK);
     assert_int_equal(xllm_kv_sender_send_layer(s, 6, 0, 0), XLLM_OK);
+    /* rows of positions that sequence 1 has not reserved are refused */
+    assert_int_equal(xllm_kv_sender_send_rows(s, 6, 1, 1, 0, 1), XLLM_ERR_INVALID_ARG);
     assert_int_equal(xllm_kv_sender_abort(s, 6, "client disconnected"), XLLM_OK);
     assert_int_equal(xllm_kv_sender_abort(s, 6, NULL), XLLM_ERR_INVALID_ARG);
     expect_failed(r, B, 6, "client disconnected");
