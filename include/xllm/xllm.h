@@ -280,6 +280,12 @@ typedef struct xllm_kv_events {
 xllm_status xllm_context_kv_events(xllm_context *ctx, uint64_t since, int32_t max,
                                    xllm_kv_events *out);
 void xllm_kv_events_free(xllm_kv_events *ev); /* frees ev->ev; accepts NULL */
+/* Reduces a read to its net change: only the last event of each block stays (in order; next and
+ * the seq of what stays are unchanged). Applied in any order (evicted, then stored, say), the
+ * result takes a reader's set to the same state as the events one by one: a block stored and
+ * evicted within the read is evicted (the reader may not have it), one evicted and stored again
+ * is stored (the reader may have it already). No effect on a reset. */
+void xllm_kv_events_net(xllm_kv_events *ev);
 /* One link of the chain: the hash of block_tokens ids given the previous block's hash (or
  * XLLM_KV_HASH_ROOT for the first). */
 uint64_t xllm_kv_block_hash(const int32_t *tokens, int32_t block_tokens, uint64_t parent);

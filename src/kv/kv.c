@@ -872,6 +872,18 @@ xllm_status xllm_kv_events_read(xllm_kv *kv, uint64_t since, int32_t max, xllm_k
     return XLLM_OK;
 }
 
+void xllm_kv_events_net(xllm_kv_events *ev) {
+    if (ev->reset || ev->n < 2) return;
+    xllm_u64map last; /* hash -> index of its last event */
+    xllm_u64map_init(&last, 2 * (size_t)ev->n + 2);
+    for (int32_t i = 0; i < ev->n; i++) xllm_u64map_put(&last, ev->ev[i].hash, i);
+    int32_t n = 0;
+    for (int32_t i = 0; i < ev->n; i++)
+        if (xllm_u64map_get(&last, ev->ev[i].hash) == i) ev->ev[n++] = ev->ev[i];
+    ev->n = n;
+    xllm_u64map_free(&last);
+}
+
 void xllm_kv_events_free(xllm_kv_events *ev) {
     if (!ev) return;
     free(ev->ev);

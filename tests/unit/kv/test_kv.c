@@ -230,6 +230,7 @@ typedef struct replay {
     xllm_u64map set;
     uint64_t cursor; /* 0: nothing read yet (the first read is a reset) */
     int64_t events, resets;
+    bool net; /* apply each read netted (xllm_kv_events_net): evictions first, then stores */
 } replay;
 
 static void replay_init(replay *r) {
@@ -250,6 +251,23 @@ static bool replay_pull(replay *r, xllm_kv *kv, int32_t max) {
             xllm_u64map_clear(&r->set);
             r->resets++;
         }
+        const int32_t n_read = ev.n;
+        if (r->net && !ev.reset) {
+            xllm_kv_events_net(&ev);
+            for (int32_t i = 0; ok && i < ev.n; i++) /* in order, one per block, in the window */
+                ok = ev.ev[i].seq > (i ? ev.ev[i - 1].seq : r->cursor) && ev.ev[i].seq <= ev.next;
+            for (int k = 0; ok && k < 2; k++)
+                for (int32_t i = 0; i < ev.n; i++) {
+                    const xllm_kv_event *e = &ev.ev[i];
+                    if (k == 0 && e->kind == XLLM_KV_EVENT_EVICTED) {
+                        xllm_u64map_del(&r->set, e->hash);
+                    } else if (k == 1 && e->kind == XLLM_KV_EVENT_STORED) {
+                        xllm_u64map_reserve(&r->set, r->set.n + 1);
+                        xllm_u64map_put(&r->set, e->hash, 1);
+                    }
+                }
+            ev.n = 0; /* applied */
+        }
         for (int32_t i = 0; ok && i < ev.n; i++) {
             const xllm_kv_event *e = &ev.ev[i];
             xllm_u64map_reserve(&r->set, r->set.n + 1);
@@ -268,8 +286,8 @@ static bool replay_pull(replay *r, xllm_kv *kv, int32_t max) {
             if (!ok) fprintf(stderr, "replay: bad event %d of %d (reset %d)\n", i, ev.n, ev.reset);
         }
         if (!ev.reset) {
-            r->events += ev.n;
-            ok = ok && ev.next == r->cursor + (uint64_t)ev.n;
+            r->events += n_read;
+            ok = ok && ev.next == r->cursor + (uint64_t)n_read;
         }
         r->cursor = ev.next;
         bool more = ev.more;
@@ -482,6 +500,39 @@ static void test_events_evict(void **state) {
     xllm_kv_free(kv);
 }
 
+/* Netting keeps the last event of each block, in order. */
+static void test_events_net(void **state) {
+    (void)state;
+    xllm_kv_event e[6] = {
+        {.seq = 11, .hash = 7, .kind = XLLM_KV_EVENT_STORED},
+        {.seq = 12, .hash = 8, .kind = XLLM_KV_EVENT_EVICTED},
+        {.seq = 13, .hash = 7, .kind = XLLM_KV_EVENT_EVICTED},
+        {.seq = 14, .hash = 9, .kind = XLLM_KV_EVENT_STORED},
+        {.seq = 15, .hash = 8, .kind = XLLM_KV_EVENT_STORED},
+        {.seq = 16, .hash = 5, .kind = XLLM_KV_EVENT_EVICTED},
+    };
+    xllm_kv_events ev = {.next = 16, .n = 6, .ev = xllm_xmalloc(sizeof(e))};
+    memcpy(ev.ev, e, sizeof(e));
+    xllm_kv_events_net(&ev);
+    assert_int_equal(ev.n, 4);
+    const uint64_t seq[4] = {13, 14, 15, 16}, hash[4] = {7, 9, 8, 5};
+    const xllm_kv_event_kind kind[4] = {XLLM_KV_EVENT_EVICTED, XLLM_KV_EVENT_STORED,
+                                        XLLM_KV_EVENT_STORED, XLLM_KV_EVENT_EVICTED};
+    for (int i = 0; i < 4; i++) {
+        assert_true(ev.ev[i].seq == seq[i] && ev.ev[i].hash == hash[i]);
+        assert_int_equal(ev.ev[i].kind, kind[i]);
+    }
+    assert_true(ev.next == 16);
+    ev.reset = true; /* a snapshot is left alone */
+    ev.n = 4;
+    ev.ev[1].hash = 7;
+    xllm_kv_events_net(&ev);
+    assert_int_equal(ev.n, 4);
+    xllm_kv_events_free(&ev);
+    assert_null(ev.ev);
+    xllm_kv_events_free(NULL);
+}
+
 /* A reader that falls behind the ring, asks with a cursor from the future, from another ring or
  * 0 gets a reset: the whole cached set at a cursor from which events continue exactly. */
 static void test_events_overflow(void **state) {
@@ -551,10 +602,13 @@ static void run_random(xllm_kv_layout layout, bool background, int ops) {
     for (int k = 0; k < 3; k++)
         for (int i = 0; i < CTX; i++) prefixes[k][i] = (int32_t)(xllm_test_rand_u64(&rng) % 64);
     int n_ops[5] = {0};
-    /* a reader of the events, falling behind a ring of 64 now and then */
-    replay rp;
+    /* readers of the events, falling behind a ring of 64 now and then: one applies them one by
+     * one, the other netted, as the instance RPC sends them */
+    replay rp, rn;
     replay_init(&rp);
-    int next_pull = 0;
+    replay_init(&rn);
+    rn.net = true;
+    int next_pull = 0, next_net = 0;
     for (int it = 0; it < ops; it++) {
         int s = (int)(xllm_test_rand_u64(&rng) % NS);
         int op = (int)(xllm_test_rand_u64(&rng) % 10);
@@ -593,9 +647,16 @@ static void run_random(xllm_kv_layout layout, bool background, int ops) {
             replay_verify(&rp, kv);
             next_pull = it + 1 + (int)(xllm_test_rand_u64(&rng) % 100);
         }
+        if (it >= next_net) {
+            assert_true(replay_pull(&rn, kv, 1 + (int32_t)(xllm_test_rand_u64(&rng) % 64)));
+            replay_verify(&rn, kv);
+            next_net = it + 1 + (int)(xllm_test_rand_u64(&rng) % 100);
+        }
     }
     assert_true(replay_pull(&rp, kv, 4096));
     replay_verify(&rp, kv);
+    assert_true(replay_pull(&rn, kv, 4096));
+    replay_verify(&rn, kv);
     for (int q = 0; q < NS; q++) verify_rows(kv, q, tokens[q]);
     xllm_kv_stats st;
     xllm_kv_get_stats(kv, &st);
@@ -609,7 +670,9 @@ static void run_random(xllm_kv_layout layout, bool background, int ops) {
     assert_true(st.prefix_hit_tokens > 0);
     assert_true(st.evictions > 0);
     assert_true(rp.events > 0 && rp.resets > 1); /* both paths of the reader were taken */
+    assert_true(rn.events > 0 && rn.resets > 1);
     xllm_u64map_free(&rp.set);
+    xllm_u64map_free(&rn.set);
     xllm_kv_free(kv);
 }
 
@@ -678,11 +741,17 @@ static void test_events_concurrent(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_basic),           cmocka_unit_test(test_pool_exhaustion_and_eviction),
-        cmocka_unit_test(test_map_limit),       cmocka_unit_test(test_random_xtensor),
-        cmocka_unit_test(test_random_paged),    cmocka_unit_test(test_events_stored),
-        cmocka_unit_test(test_events_truncate), cmocka_unit_test(test_events_evict),
-        cmocka_unit_test(test_events_overflow), cmocka_unit_test(test_events_concurrent),
+        cmocka_unit_test(test_basic),
+        cmocka_unit_test(test_pool_exhaustion_and_eviction),
+        cmocka_unit_test(test_map_limit),
+        cmocka_unit_test(test_random_xtensor),
+        cmocka_unit_test(test_random_paged),
+        cmocka_unit_test(test_events_stored),
+        cmocka_unit_test(test_events_truncate),
+        cmocka_unit_test(test_events_evict),
+        cmocka_unit_test(test_events_net),
+        cmocka_unit_test(test_events_overflow),
+        cmocka_unit_test(test_events_concurrent),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
