@@ -24,7 +24,13 @@ xllm_status xllm_policy_parse(const char *s, xllm_policy *out);
 
 typedef struct xllm_router_params {
     xllm_policy policy;
-    int32_t block_tokens;      /* prefix index granularity in tokens; 0 = 16 */
+    int32_t block_tokens;      /* prefix policy: block size for instances that publish none
+                                  (no kv_block_tokens attribute, no events); 0 = 16 */
+    int32_t prefix_max_blocks; /* prefix policy: blocks indexed per instance; stored events
+                                  beyond it are not indexed (counted); 0 = 262144 */
+    int32_t prefix_pending_ms; /* prefix policy: how long the blocks of a prompt routed to an
+                                  instance count as there before its events confirm them;
+                                  0 = 5000 */
     double prefix_max_gap;     /* prefix policy: an instance whose load exceeds the least loaded
                                   one's by more than this (requests) is skipped; 0 = 4 */
     double prefix_load_weight; /* score = matched fraction - weight * load / (1 + max load);
