@@ -660,14 +660,7 @@ static size_t collect(char *p, size_t sz, size_t n, void *u) {
     return sz * n;
 }
 
-/* The "kv" object of a load answer, decoded. */
-typedef struct kv_answer {
-    int32_t block_tokens;
-    uint64_t next;
-    bool reset, more;
-    uint64_t *stored, *evicted;
-    size_t n_stored, n_evicted;
-} kv_answer;
+typedef xllm_router_kv_answer kv_answer;
 
 /* Exactly 16 hex digits (a block hash as the instance writes it). */
 static bool parse_hex64(const char *t, uint64_t *out) {
@@ -715,6 +708,20 @@ static bool parse_kv(json_t *o, kv_answer *a) {
     a->more = json_is_true(more);
     return parse_hashes(json_object_get(kv, "stored"), &a->stored, &a->n_stored) &&
            parse_hashes(json_object_get(kv, "evicted"), &a->evicted, &a->n_evicted);
+}
+
+bool xllm_router_kv_parse(const char *text, size_t len, xllm_router_kv_answer *a) {
+    memset(a, 0, sizeof(*a));
+    json_t *o = json_loadb(text, len, 0, NULL);
+    bool ok = o && parse_kv(o, a);
+    json_decref(o);
+    return ok;
+}
+
+void xllm_router_kv_answer_clear(xllm_router_kv_answer *a) {
+    free(a->stored);
+    free(a->evicted);
+    memset(a, 0, sizeof(*a));
 }
 
 /* Applies an instance's events to its index (caller holds mu). */
@@ -780,8 +787,7 @@ static bool poll_one(xllm_router *r, CURL *c, const char *name, uint64_t inc, co
         }
     }
     pthread_mutex_unlock(&r->mu);
-    free(ka.stored);
-    free(ka.evicted);
+    xllm_router_kv_answer_clear(&ka);
     json_decref(o);
     return more;
 }

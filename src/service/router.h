@@ -106,4 +106,19 @@ typedef struct xllm_router_inst_info {
 } xllm_router_inst_info;
 int32_t xllm_router_snapshot(xllm_router *r, xllm_router_inst_info *out, int32_t max);
 
+/* The "kv" object of an instance's load answer (docs/cluster.md), decoded; exposed for the fuzz
+ * target. xllm_router_kv_parse reads a whole load answer (JSON text) and returns false when it
+ * has no kv object or any field of it is malformed (wrong hash scheme, a block size outside
+ * 1..2^20, a hash that is not 16 hex digits, ...); the arrays are malloc'd either way: release
+ * them with xllm_router_kv_answer_clear. */
+typedef struct xllm_router_kv_answer {
+    int32_t block_tokens;
+    uint64_t next;
+    bool reset, more;
+    uint64_t *stored, *evicted;
+    size_t n_stored, n_evicted;
+} xllm_router_kv_answer;
+bool xllm_router_kv_parse(const char *text, size_t len, xllm_router_kv_answer *a);
+void xllm_router_kv_answer_clear(xllm_router_kv_answer *a);
+
 #endif

@@ -396,8 +396,51 @@ static void test_bound(void **state) {
     cluster_stop(&c);
 }
 
+/* The parser of the kv object: what it accepts, and that anything malformed is refused whole. */
+static void test_parse(void **state) {
+    (void)state;
+    static const char *const good =
+        "{\"kv\":{\"block_tokens\":64,\"hash\":\"xxh3-chain-v1\",\"next\":4294967301,"
+        "\"reset\":false,\"more\":true,\"stored\":[\"0123456789abcdef\",\"FFFFFFFFFFFFFFFF\"],"
+        "\"evicted\":[\"0000000000000001\"]}}";
+    xllm_router_kv_answer a;
+    assert_true(xllm_router_kv_parse(good, strlen(good), &a));
+    assert_int_equal(a.block_tokens, 64);
+    assert_true(a.next == 4294967301ull && !a.reset && a.more);
+    assert_int_equal(a.n_stored, 2);
+    assert_true(a.stored[0] == 0x0123456789abcdefull && a.stored[1] == UINT64_MAX);
+    assert_int_equal(a.n_evicted, 1);
+    assert_true(a.evicted[0] == 1);
+    xllm_router_kv_answer_clear(&a);
+    static const char *const bad[] = {
+        "{}",
+        "not json",
+        "{\"kv\":{\"block_tokens\":64,\"hash\":\"fnv\",\"next\":5,\"reset\":true,"
+        "\"stored\":[],\"evicted\":[]}}",
+        "{\"kv\":{\"block_tokens\":0,\"hash\":\"xxh3-chain-v1\",\"next\":5,\"reset\":true,"
+        "\"stored\":[],\"evicted\":[]}}",
+        "{\"kv\":{\"block_tokens\":16,\"hash\":\"xxh3-chain-v1\",\"next\":0,\"reset\":true,"
+        "\"stored\":[],\"evicted\":[]}}",
+        "{\"kv\":{\"block_tokens\":16,\"hash\":\"xxh3-chain-v1\",\"next\":5,\"reset\":1,"
+        "\"stored\":[],\"evicted\":[]}}",
+        "{\"kv\":{\"block_tokens\":16,\"hash\":\"xxh3-chain-v1\",\"next\":5,\"reset\":false,"
+        "\"stored\":[\"0x23456789abcdef\"],\"evicted\":[]}}",
+        "{\"kv\":{\"block_tokens\":16,\"hash\":\"xxh3-chain-v1\",\"next\":5,\"reset\":false,"
+        "\"stored\":[\"0123456789abcdef0\"],\"evicted\":[]}}",
+        "{\"kv\":{\"block_tokens\":16,\"hash\":\"xxh3-chain-v1\",\"next\":5,\"reset\":false,"
+        "\"stored\":[],\"evicted\":[12]}}",
+        "{\"kv\":{\"block_tokens\":16,\"hash\":\"xxh3-chain-v1\",\"next\":5,\"reset\":false,"
+        "\"stored\":[]}}",
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        assert_false(xllm_router_kv_parse(bad[i], strlen(bad[i]), &a));
+        xllm_router_kv_answer_clear(&a);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_parse),
         cmocka_unit_test(test_follows_events),
         cmocka_unit_test(test_pending),
         cmocka_unit_test(test_bound),
