@@ -727,9 +727,17 @@ void xllm_router_kv_answer_clear(xllm_router_kv_answer *a) {
 /* Applies an instance's events to its index (caller holds mu). */
 static void apply_kv(xllm_router *r, inst *x, const kv_answer *a) {
     if (a->block_tokens != x->kv_bt) {
-        /* first answer, or the size changed: what is indexed is at another granularity */
-        if (x->kv_bt) xllm_u64map_clear(&x->idx), x->n_pending = 0;
+        /* unknown until now, or changed: what is indexed is at another granularity */
+        bool had = x->kv_bt != 0;
         x->kv_bt = a->block_tokens;
+        if (had) {
+            xllm_u64map_clear(&x->idx);
+            x->n_pending = 0;
+            if (!a->reset) {
+                x->kv_cursor = 0; /* ask for the whole set */
+                return;
+            }
+        }
     }
     if (a->reset) {
         index_reset(x);

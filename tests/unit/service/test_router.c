@@ -45,8 +45,8 @@ static void hexs(json_t *arr, uint64_t h) {
     json_array_append_new(arr, json_string(t));
 }
 
-/* Answers like an engine: events after kv_since, or the whole set when the cursor is not in its
- * log. (No block is stored and evicted within one answer here, so the lists need no netting.) */
+/* Answers like an engine: events after kv_since (netted as the instance RPC does), or the whole
+ * set when the cursor is not in its log. */
 static enum MHD_Result fake_answer(void *cls, struct MHD_Connection *c, const char *url,
                                    const char *method, const char *version, const char *upload,
                                    size_t *upload_size, void **con_cls) {
@@ -65,7 +65,17 @@ static enum MHD_Result fake_answer(void *cls, struct MHD_Connection *c, const ch
         int from = (int)(since - f->base), to = XLLM_MIN(f->n_log, from + f->max_per_answer);
         more = to < f->n_log;
         next = f->base + (uint64_t)to;
-        for (int i = from; i < to; i++) hexs(f->log[i].stored ? stored : evicted, f->log[i].hash);
+        xllm_kv_events ev = {.next = next, .n = to - from};
+        ev.ev = xllm_xcalloc((size_t)ev.n + 1, sizeof(xllm_kv_event));
+        for (int i = from; i < to; i++)
+            ev.ev[i - from] = (xllm_kv_event){.seq = f->base + (uint64_t)i + 1,
+                                              .hash = f->log[i].hash,
+                                              .kind = f->log[i].stored ? XLLM_KV_EVENT_STORED
+                                                                       : XLLM_KV_EVENT_EVICTED};
+        xllm_kv_events_net(&ev);
+        for (int32_t i = 0; i < ev.n; i++)
+            hexs(ev.ev[i].kind == XLLM_KV_EVENT_STORED ? stored : evicted, ev.ev[i].hash);
+        xllm_kv_events_free(&ev);
     }
     if (f->bad) json_array_append_new(stored, json_string("00000000000000zz"));
     json_t *o = json_pack("{s:s,s:i,s:i,s:i,s:f,s:i}", "magic", "xllm-rpc", "version", 1, "running",
@@ -259,6 +269,16 @@ static int64_t blocks(cluster *c, const char *inst) {
     return metric(c->r, "xllm_cluster_prefix_blocks", inst);
 }
 
+/* Does the router hold incarnation inc of instance name (the watch is asynchronous)? */
+static bool has_incarnation(cluster *c, const char *name, uint64_t inc) {
+    char *t = xllm_router_describe(c->r);
+    char want[128];
+    snprintf(want, sizeof(want), "\"name\":\"%s\",\"incarnation\":\"%016" PRIx64 "\"", name, inc);
+    bool found = strstr(t, want) != NULL;
+    free(t);
+    return found;
+}
+
 /* ---- tests ------------------------------------------------------------------------------------
  */
 
@@ -266,6 +286,7 @@ static xllm_router_params params(void) {
     xllm_router_params rp = xllm_router_default_params();
     rp.policy = XLLM_POLICY_PREFIX;
     rp.poll_ms = 10;
+    rp.prefix_pending_ms = 600000; /* nothing expires during a test unless it asks */
     return rp;
 }
 
@@ -316,7 +337,7 @@ static void test_follows_events(void **state) {
     for (int b = 0; b < 5; b++) fake_store(&c.b, p4.h[b]);
     fake_store(&c.a, p4.h[0]);
     register_inst(&c, "B", 3, c.b.port);
-    WAIT_FOR(blocks(&c, "B") == 5 && blocks(&c, "A") == 8);
+    WAIT_FOR(has_incarnation(&c, "B", 3) && blocks(&c, "B") == 5 && blocks(&c, "A") == 8);
     assert_int_equal(metric(c.r, "xllm_cluster_prefix_pending", "B"), 0);
     assert_string_equal(route(&c, p4.ids, 100, NULL), "B");
     assert_string_equal(route(&c, p1.ids, 100, NULL), "A"); /* B's old blocks are gone */
@@ -335,39 +356,70 @@ static void test_follows_events(void **state) {
     cluster_stop(&c);
 }
 
-/* A burst of equal prompts sticks to where the first went, before any event; confirmed entries
- * stay; unconfirmed ones expire. */
+/* The tie-break's choice for a prompt nobody holds (dflt) and the other instance. */
+static void tie_break(cluster *c, int seed, char *dflt, char *other, fake **fo) {
+    prompt p;
+    make_prompt(&p, seed);
+    snprintf(dflt, 64, "%s", route(c, p.ids, 100, NULL));
+    snprintf(other, 64, "%s", strcmp(dflt, "A") ? "A" : "B");
+    *fo = strcmp(other, "A") ? &c->b : &c->a;
+}
+
+/* A burst of equal prompts sticks to where the first went, before any event; the events confirm
+ * the entries. */
 static void test_pending(void **state) {
     (void)state;
     cluster c;
     xllm_router_params rp = params();
-    rp.prefix_pending_ms = 50;
     cluster_start(&c, &rp);
-    prompt p5, p6, p7;
-    make_prompt(&p5, 5);
-    make_prompt(&p6, 6);
-    make_prompt(&p7, 7);
-    /* where a prompt nobody holds goes (the tie-break), and the other instance */
-    const char *d = route(&c, p6.ids, 100, NULL);
     char dflt[64], other[64];
-    snprintf(dflt, sizeof(dflt), "%s", d);
-    snprintf(other, sizeof(other), "%s", strcmp(dflt, "A") ? "A" : "B");
-    fake *fo = strcmp(other, "A") ? &c.b : &c.a;
-
+    fake *fo;
+    tie_break(&c, 6, dflt, other, &fo);
+    prompt p5;
+    make_prompt(&p5, 5);
     assert_string_equal(route(&c, p5.ids, 100, dflt), other);
     assert_string_equal(route(&c, p5.ids, 100, NULL), other); /* sticks, by pending entries */
     assert_int_equal(metric(c.r, "xllm_cluster_prefix_pending", other), 6);
-    /* the instance confirms: the entries become its blocks and no longer expire */
+    assert_int_equal(blocks(&c, other), 0);
+    /* the instance confirms: the entries become its blocks */
     for (int b = 0; b < 6; b++) fake_store(fo, p5.h[b]);
     WAIT_FOR(blocks(&c, other) == 6);
     assert_int_equal(metric(c.r, "xllm_cluster_prefix_pending", other), 0);
-    usleep(100 * 1000);
     assert_string_equal(route(&c, p5.ids, 100, NULL), other);
+    /* an eviction removes a pending entry too: the next prompt's run stops there */
+    prompt p10;
+    make_prompt(&p10, 10);
+    assert_string_equal(route(&c, p10.ids, 100, dflt), other);
+    assert_int_equal(metric(c.r, "xllm_cluster_prefix_pending", other), 6);
+    fake_store(fo, p10.h[0]);
+    fake_evict(fo, p10.h[0]);
+    WAIT_FOR(metric(c.r, "xllm_cluster_prefix_pending", other) == 5 && blocks(&c, other) == 6);
+    assert_string_equal(route(&c, p10.ids, 100, NULL), dflt);
+    cluster_stop(&c);
+}
 
-    /* unconfirmed entries expire: the next equal prompt goes by the tie-break again */
+/* Unconfirmed entries expire: the next equal prompt goes by the tie-break again; confirmed
+ * blocks do not expire. */
+static void test_pending_expiry(void **state) {
+    (void)state;
+    cluster c;
+    xllm_router_params rp = params();
+    rp.prefix_pending_ms = 1;
+    cluster_start(&c, &rp);
+    char dflt[64], other[64];
+    fake *fo;
+    tie_break(&c, 6, dflt, other, &fo);
+    prompt p7, p11;
+    make_prompt(&p7, 7);
+    make_prompt(&p11, 11);
     assert_string_equal(route(&c, p7.ids, 100, dflt), other);
-    usleep(100 * 1000);
+    usleep(20 * 1000); /* well past 1 ms */
     assert_string_equal(route(&c, p7.ids, 100, NULL), dflt);
+    assert_int_equal(metric(c.r, "xllm_cluster_prefix_pending", other), 0);
+    for (int b = 0; b < 6; b++) fake_store(fo, p11.h[b]);
+    WAIT_FOR(blocks(&c, other) == 6);
+    usleep(20 * 1000);
+    assert_string_equal(route(&c, p11.ids, 100, NULL), other);
     cluster_stop(&c);
 }
 
@@ -440,9 +492,8 @@ static void test_parse(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_parse),
-        cmocka_unit_test(test_follows_events),
-        cmocka_unit_test(test_pending),
+        cmocka_unit_test(test_parse),   cmocka_unit_test(test_follows_events),
+        cmocka_unit_test(test_pending), cmocka_unit_test(test_pending_expiry),
         cmocka_unit_test(test_bound),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
