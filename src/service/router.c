@@ -315,13 +315,13 @@ static double predict_tpot(const inst *x) {
     return fit_predict(&x->tpot_fit, (double)(x->in_flight + x->running + 1), 2.0, 0.5);
 }
 
-/* Picks the best of cand[0..n) for the policy; match[i]: the fraction of the prompt's full
+/* Picks the best of cand[0..n) for policy pol; match[i]: the fraction of the prompt's full
  * blocks that cand[i] holds (prefix policy). */
-static int32_t choose(xllm_router *r, inst **cand, int32_t n, const double *match, int32_t n_prompt,
-                      int64_t ttft_slo, int64_t tpot_slo) {
+static int32_t choose(xllm_router *r, xllm_policy pol, inst **cand, int32_t n, const double *match,
+                      int32_t n_prompt, int64_t ttft_slo, int64_t tpot_slo) {
     if (n == 0) return -1;
     int32_t best = 0;
-    switch (r->p.policy) {
+    switch (pol) {
         case XLLM_POLICY_ROUND_ROBIN:
             return (int32_t)(r->rr++ % (uint64_t)n);
         case XLLM_POLICY_LEAST_LOAD:
@@ -437,15 +437,14 @@ xllm_status xllm_router_pick(xllm_router *r, const int32_t *prompt, int32_t n_pr
      * pair's prefill side is chosen by the policy (it holds the prompt's prefix cache), its
      * decode side by load */
     const bool pd = r->p.pd && nc[XLLM_ROLE_PREFILL] > 0 && nc[XLLM_ROLE_DECODE] > 0;
-    int32_t pi = pd ? choose(r, cand[XLLM_ROLE_PREFILL], nc[XLLM_ROLE_PREFILL],
+    const xllm_policy pol = r->p.policy; /* r->p never changes: the poller reads it unlocked */
+    int32_t pi = pd ? choose(r, pol, cand[XLLM_ROLE_PREFILL], nc[XLLM_ROLE_PREFILL],
                              match[XLLM_ROLE_PREFILL], n_prompt, ttft_slo_ms, tpot_slo_ms)
                     : -1;
-    xllm_policy saved = r->p.policy;
-    if (saved != XLLM_POLICY_ROUND_ROBIN) r->p.policy = XLLM_POLICY_LEAST_LOAD;
-    int32_t di = pd ? choose(r, cand[XLLM_ROLE_DECODE], nc[XLLM_ROLE_DECODE], NULL, n_prompt,
+    const xllm_policy dpol = pol == XLLM_POLICY_ROUND_ROBIN ? pol : XLLM_POLICY_LEAST_LOAD;
+    int32_t di = pd ? choose(r, dpol, cand[XLLM_ROLE_DECODE], nc[XLLM_ROLE_DECODE], NULL, n_prompt,
                              ttft_slo_ms, tpot_slo_ms)
                     : -1;
-    r->p.policy = saved;
     /* the candidate list for the final choice: mixed instances + the pair (as its prefill) */
     int32_t nm = nc[XLLM_ROLE_MIXED];
     if (pi >= 0 && di >= 0) {
@@ -453,8 +452,8 @@ xllm_status xllm_router_pick(xllm_router *r, const int32_t *prompt, int32_t n_pr
         match[XLLM_ROLE_MIXED][nm] = match[XLLM_ROLE_PREFILL][pi];
         nm++;
     }
-    int32_t c = choose(r, cand[XLLM_ROLE_MIXED], nm, match[XLLM_ROLE_MIXED], n_prompt, ttft_slo_ms,
-                       tpot_slo_ms);
+    int32_t c = choose(r, pol, cand[XLLM_ROLE_MIXED], nm, match[XLLM_ROLE_MIXED], n_prompt,
+                       ttft_slo_ms, tpot_slo_ms);
     xllm_status st = XLLM_OK;
     if (c < 0) {
         r->no_route++;
