@@ -5,7 +5,6 @@
  * the poller and the request threads. */
 #include <math.h>
 #include <pthread.h>
-#include <stdio.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
