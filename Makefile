@@ -4,7 +4,7 @@
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
 TSAN_BUILD ?= build-tsan
-TSAN_TESTS ?= test_kv test_engine test_registry_mem test_registry_etcd test_kv_transfer
+TSAN_TESTS ?= test_kv test_engine test_registry_mem test_registry_etcd test_kv_transfer test_router
 FUZZ_BUILD ?= build-fuzz
 JOBS       ?= $(shell nproc)
 SHARED     ?= $(abspath ../shared)
@@ -46,7 +46,8 @@ test-asan: deps node-deps
 	@cmake --build $(ASAN_BUILD) -j $(JOBS) -- --no-print-directory
 	ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS)
 
-# ThreadSanitizer over the tests whose code runs several threads (KV pre-mapper, engine, registry)
+# ThreadSanitizer over the tests whose code runs several threads (KV pre-mapper, engine, registry,
+# router)
 test-tsan: deps
 	@cmake -S . -B $(TSAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_FLAGS=-fsanitize=thread \
 		-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=thread >/dev/null

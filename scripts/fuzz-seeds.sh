@@ -111,6 +111,12 @@ PY
     printf '\005L3hsbG0vZGVmYXVsdC9pbnN0YW5jZXMvZGVjb2RlL2Ux' >"$corpus/seed-b64"
     printf '\003{"error":"etcdserver: requested lease not found","message":"etcdserver: requested lease not found","code":5}' >"$corpus/seed-error"
     ;;
+  fuzz_router_kv)
+    # load answers with prefix-cache events: incremental, reset, malformed hash
+    printf '{"magic":"xllm-rpc","version":1,"waiting":0,"kv":{"block_tokens":64,"hash":"xxh3-chain-v1","next":4294967300,"reset":false,"more":true,"stored":["0123456789abcdef"],"evicted":["fedcba9876543210"]}}' >"$corpus/seed-events"
+    printf '{"kv":{"block_tokens":16,"hash":"xxh3-chain-v1","next":5000000000,"reset":true,"more":false,"stored":["00000000000000ff","ffffffffffffffff"],"evicted":[]}}' >"$corpus/seed-reset"
+    printf '{"kv":{"block_tokens":16,"hash":"xxh3-chain-v1","next":1,"reset":false,"stored":["0x00000000000000"],"evicted":[]}}' >"$corpus/seed-bad"
+    ;;
   fuzz_api_request)
     # valid bodies of both endpoints (first byte: 0 completions, 1 chat)
     printf '0{"prompt":"Once upon a time","max_tokens":16,"stop":[" the","\\n"],"temperature":0}' >"$corpus/seed-completion"

@@ -46,6 +46,8 @@ xllm_status xllm_api_server_start(const xllm_api_params *params, xllm_api_server
 int32_t xllm_api_server_port(const xllm_api_server *s);
 /* The port of the engine's KV receiver (PD decode side), 0 when none or not loaded yet. */
 int xllm_api_server_kv_port(const xllm_api_server *s);
+/* Tokens per KV block of the engine (the prefix cache's granularity), 0 when not loaded yet. */
+int32_t xllm_api_server_kv_block_tokens(const xllm_api_server *s);
 /* Loads the model, the chat template and starts the engine; then the server is ready. Blocks
  * for the load. Main thread, once. */
 xllm_status xllm_api_server_load(xllm_api_server *s, char *err, size_t err_size);

@@ -171,6 +171,14 @@ int xllm_engine_kv_port(const xllm_engine *e);
 /* The context length per request. */
 int32_t xllm_engine_n_ctx(const xllm_engine *e);
 
+/* The prefix-cache events of the engine's KV after cursor `since` (see xllm_context_kv_events:
+ * at most max events, or a reset with the whole set of cached blocks). Any thread, while the
+ * engine runs; the engine thread only appends to the ring. Release out with
+ * xllm_kv_events_free. */
+xllm_status xllm_engine_kv_events(xllm_engine *e, uint64_t since, int32_t max, xllm_kv_events *out);
+/* Tokens per KV block: the granularity of the prefix cache and of its event hashes. */
+int32_t xllm_engine_kv_block_tokens(const xllm_engine *e);
+
 #ifdef __cplusplus
 }
 #endif

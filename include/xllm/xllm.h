@@ -242,6 +242,56 @@ void xllm_context_kv_stats(xllm_context *ctx, xllm_kv_stats *st);
 /* Rows evaluated by xllm_decode on this context since it was created. */
 uint64_t xllm_context_tokens_evaluated(const xllm_context *ctx);
 
+/* Prefix-cache events. The prefix cache keys each full block of B tokens (B =
+ * xllm_context_kv_block_tokens) by a chained hash, scheme "xxh3-chain-v1":
+ *   h_b = XXH3_64bits_withSeed(token ids of block b as int32 in host order (little-endian on
+ *         every supported host), B * 4 bytes, seed h_{b-1}),   h_{-1} = XLLM_KV_HASH_ROOT,
+ * so a block's hash names the whole prefix up to its end. Every block that enters the cache
+ * (STORED) or leaves it (EVICTED: its page was taken for new work, or a truncation rewrites it)
+ * is appended to a bounded ring (65536 events) under consecutive sequence numbers; readers follow
+ * it with a cursor. */
+#define XLLM_KV_HASH_ROOT 0x786c6c6d6b763031ull /* "xllmkv01" */
+
+typedef enum xllm_kv_event_kind {
+    XLLM_KV_EVENT_STORED = 0,
+    XLLM_KV_EVENT_EVICTED = 1,
+} xllm_kv_event_kind;
+
+typedef struct xllm_kv_event {
+    uint64_t seq;  /* the event's number (a cursor); consecutive within a ring */
+    uint64_t hash; /* the block's chained hash */
+    xllm_kv_event_kind kind;
+} xllm_kv_event;
+
+typedef struct xllm_kv_events {
+    uint64_t next;     /* cursor for the next read: the last event returned, or the snapshot's */
+    bool reset;        /* the cursor asked for is not in the ring (0, overwritten, ahead, or another
+                          ring's): ev is the whole set of cached blocks at `next`, one STORED entry
+                          each (seq = next, no order), and replaces whatever the reader held */
+    bool more;         /* events after `next` exist already (the read stopped at max) */
+    int32_t n;         /* entries in ev */
+    xllm_kv_event *ev; /* malloc'd by the read; release with xllm_kv_events_free */
+} xllm_kv_events;
+
+/* Reads the prefix-cache events after cursor `since` (at most max > 0; a reset returns the
+ * whole set however large: at most one entry per KV page). Unlike the rest of the context, may
+ * be called from any thread while the owner thread works. Cursors are numbers below 2^53;
+ * 0 always gets a reset. */
+xllm_status xllm_context_kv_events(xllm_context *ctx, uint64_t since, int32_t max,
+                                   xllm_kv_events *out);
+void xllm_kv_events_free(xllm_kv_events *ev); /* frees ev->ev; accepts NULL */
+/* Reduces a read to its net change: only the last event of each block stays (in order; next and
+ * the seq of what stays are unchanged). Applied in any order (evicted, then stored, say), the
+ * result takes a reader's set to the same state as the events one by one: a block stored and
+ * evicted within the read is evicted (the reader may not have it), one evicted and stored again
+ * is stored (the reader may have it already). No effect on a reset. */
+void xllm_kv_events_net(xllm_kv_events *ev);
+/* One link of the chain: the hash of block_tokens ids given the previous block's hash (or
+ * XLLM_KV_HASH_ROOT for the first). */
+uint64_t xllm_kv_block_hash(const int32_t *tokens, int32_t block_tokens, uint64_t parent);
+/* Tokens per KV page / prefix-cache block. */
+int32_t xllm_context_kv_block_tokens(const xllm_context *ctx);
+
 /* Prefix caching: maps the cached KV blocks that match the start of tokens[0..n) into the empty
  * sequence seq_id and returns how many positions they cover (always < n; 0 when none). The
  * caller then decodes tokens from that position on. */

@@ -1,7 +1,10 @@
 /* The instance RPC that a cluster service (`xllm service`) speaks to an engine instance over
  * HTTP: POST /v1/instance/generate takes token ids and streams token events as JSON lines,
- * GET /v1/instance/load reports the engine's load, POST /v1/instance/role switches the role.
+ * GET /v1/instance/load reports the engine's load (and, with ?kv_since=N, its prefix-cache
+ * events), POST /v1/instance/role switches the role.
  * Every message starts with {"magic": "xllm-rpc", "version": 1} (docs/cluster.md). */
+#include <errno.h>
+#include <inttypes.h>
 #include <poll.h>
 #include <string.h>
 #include <time.h>
@@ -9,8 +12,10 @@
 #include "api/api-impl.h"
 #include "util/common.h"
 
-#define RPC_MAGIC   "xllm-rpc"
-#define RPC_VERSION 1
+#define RPC_MAGIC      "xllm-rpc"
+#define RPC_VERSION    1
+#define KV_EVENTS_MAX  4096            /* prefix-cache events per load answer */
+#define KV_HASH_SCHEME "xxh3-chain-v1" /* XLLM_KV_HASH_ROOT, xllm_kv_block_hash */
 
 /* ---------------------------------------------------------------------------------------- */
 /* Parsing                                                                                   */
@@ -283,8 +288,47 @@ enum MHD_Result xllm_api_handle_instance_generate(xllm_api_server *s, struct MHD
 /* Load and role                                                                             */
 /* ---------------------------------------------------------------------------------------- */
 
+/* Parses ?kv_since=N (a decimal cursor). */
+static bool parse_cursor(const char *t, uint64_t *out) {
+    if (!t || *t < '0' || *t > '9' || strlen(t) > 20) return false;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(t, &end, 10);
+    if (errno || *end) return false;
+    *out = v;
+    return true;
+}
+
+/* The "kv" object of a load answer: the engine's prefix-cache events after cursor `since`, as
+ * the net change per block (the two lists lose the order of events, so a block stored and then
+ * evicted within one answer appears once, under its last event), or the whole set on a reset.
+ * HTTP thread, holding eng_lock's read side. */
+static json_t *kv_events_json(xllm_engine *e, uint64_t since) {
+    xllm_kv_events ev;
+    if (xllm_engine_kv_events(e, since, KV_EVENTS_MAX, &ev) != XLLM_OK) return NULL;
+    xllm_kv_events_net(&ev);
+    json_t *stored = json_array(), *evicted = json_array();
+    for (int32_t i = 0; i < ev.n; i++) {
+        const xllm_kv_event *x = &ev.ev[i];
+        char hex[17];
+        snprintf(hex, sizeof(hex), "%016" PRIx64, x->hash);
+        json_array_append_new(x->kind == XLLM_KV_EVENT_STORED ? stored : evicted, json_string(hex));
+    }
+    json_t *o =
+        json_pack("{s:i,s:s,s:I,s:b,s:b,s:o,s:o}", "block_tokens", xllm_engine_kv_block_tokens(e),
+                  "hash", KV_HASH_SCHEME, "next", (json_int_t)ev.next, "reset", ev.reset, "more",
+                  ev.more, "stored", stored, "evicted", evicted);
+    xllm_kv_events_free(&ev);
+    return o;
+}
+
 enum MHD_Result xllm_api_handle_instance_load(xllm_api_server *s, struct MHD_Connection *c) {
     if (!s->engine) return xllm_api_send_error(s, c, 404, NULL, NULL, "not an engine instance");
+    const char *since_s = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "kv_since");
+    uint64_t since = 0;
+    if (since_s && !parse_cursor(since_s, &since))
+        return xllm_api_send_error(s, c, 400, "kv_since", NULL,
+                                   "kv_since: a decimal cursor is expected (0 for the whole set)");
     json_t *o = json_pack("{s:s,s:i}", "magic", RPC_MAGIC, "version", RPC_VERSION);
     pthread_rwlock_rdlock(&s->eng_lock);
     if (s->engine && atomic_load(&s->state) != XLLM_API_STOPPING) {
@@ -304,6 +348,10 @@ enum MHD_Result xllm_api_handle_instance_load(xllm_api_server *s, struct MHD_Con
         json_object_set_new(o, "tpot_n", json_integer((json_int_t)st.tpot.n));
         json_object_set_new(o, "itl_sum_s", json_real(st.itl.sum));
         json_object_set_new(o, "itl_n", json_integer((json_int_t)st.itl.n));
+        if (since_s) {
+            json_t *kv = kv_events_json(s->engine, since);
+            if (kv) json_object_set_new(o, "kv", kv);
+        }
     }
     pthread_rwlock_unlock(&s->eng_lock);
     json_object_set_new(o, "in_flight", json_integer(atomic_load(&s->in_flight)));

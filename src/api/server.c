@@ -726,6 +726,10 @@ int xllm_api_server_kv_port(const xllm_api_server *s) {
     return s->engine ? xllm_engine_kv_port(s->engine) : 0;
 }
 
+int32_t xllm_api_server_kv_block_tokens(const xllm_api_server *s) {
+    return s->engine ? xllm_engine_kv_block_tokens(s->engine) : 0;
+}
+
 int32_t xllm_api_server_port(const xllm_api_server *s) {
     return s->port;
 }

@@ -298,13 +298,17 @@ static int serve_main(int argc, char **argv, bool engine) {
         snprintf(addr, sizeof(addr), "%s%s%s:%d", strchr(adv, ':') ? "[" : "", adv,
                  strchr(adv, ':') ? "]" : "", xllm_api_server_port(s));
         int kv_port = xllm_api_server_kv_port(s);
+        /* kv_block_tokens: the granularity of the prefix-cache events a service indexes */
         if (kv_port > 0)
-            snprintf(attrs, sizeof(attrs), "{\"model\":\"%s\",\"kv_addr\":\"%s%s%s:%d\"}",
+            snprintf(attrs, sizeof(attrs),
+                     "{\"model\":\"%s\",\"kv_block_tokens\":%d,\"kv_addr\":\"%s%s%s:%d\"}",
                      p.served_model_name ? p.served_model_name : "model",
-                     strchr(adv, ':') ? "[" : "", adv, strchr(adv, ':') ? "]" : "", kv_port);
+                     (int)xllm_api_server_kv_block_tokens(s), strchr(adv, ':') ? "[" : "", adv,
+                     strchr(adv, ':') ? "]" : "", kv_port);
         else
-            snprintf(attrs, sizeof(attrs), "{\"model\":\"%s\"}",
-                     p.served_model_name ? p.served_model_name : "model");
+            snprintf(attrs, sizeof(attrs), "{\"model\":\"%s\",\"kv_block_tokens\":%d}",
+                     p.served_model_name ? p.served_model_name : "model",
+                     (int)xllm_api_server_kv_block_tokens(s));
         xllm_instance inst = {.name = self_name,
                               .incarnation = xllm_instance_new_incarnation(),
                               .role = role,

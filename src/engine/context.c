@@ -167,6 +167,15 @@ void xllm_context_kv_stats(xllm_context *ctx, xllm_kv_stats *st) {
     xllm_kv_get_stats(ctx->kv, st);
 }
 
+xllm_status xllm_context_kv_events(xllm_context *ctx, uint64_t since, int32_t max,
+                                   xllm_kv_events *out) {
+    return xllm_kv_events_read(ctx->kv, since, max, out);
+}
+
+int32_t xllm_context_kv_block_tokens(const xllm_context *ctx) {
+    return xllm_kv_block_tokens(ctx->kv);
+}
+
 const char *xllm_context_last_error(const xllm_context *ctx) {
     return xllm_kv_last_error(ctx->kv);
 }

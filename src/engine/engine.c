@@ -1270,3 +1270,12 @@ int xllm_engine_kv_port(const xllm_engine *e) {
 int32_t xllm_engine_n_ctx(const xllm_engine *e) {
     return xllm_context_n_ctx(e->ctx);
 }
+
+xllm_status xllm_engine_kv_events(xllm_engine *e, uint64_t since, int32_t max,
+                                  xllm_kv_events *out) {
+    return xllm_context_kv_events(e->ctx, since, max, out);
+}
+
+int32_t xllm_engine_kv_block_tokens(const xllm_engine *e) {
+    return xllm_context_kv_block_tokens(e->ctx);
+}

@@ -1,6 +1,7 @@
 /* xTensor KV memory on CPU: a memfd page pool, per-sequence virtual regions with pages mapped in
  * on demand (MAP_FIXED), a background pre-mapper, a prefix cache of full blocks (chained XXH3,
- * shared pages, LRU eviction), and the block-table ("paged") baseline over the same pool. */
+ * shared pages, LRU eviction) with a ring of its store / evict events for other threads, and the
+ * block-table ("paged") baseline over the same pool. */
 #include "kv/kv.h"
 
 #include <errno.h>
@@ -10,17 +11,20 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
 
 #include "compute/dtype.h"
 #include "util/common.h"
+#include "util/u64map.h"
 
 #define OS_PAGE        4096
-#define HASH_SEED      0x786c6c6d6b763031ull /* "xllmkv01": the chain's root */
-#define MAP_SLACK      2048                  /* mappings left to the rest of the process */
-#define PREMAP_DIVISOR 4 /* pre-map the next page when <= B/4 rows are left in the last */
+#define HASH_SEED      XLLM_KV_HASH_ROOT /* "xllmkv01": the chain's root */
+#define MAP_SLACK      2048              /* mappings left to the rest of the process */
+#define PREMAP_DIVISOR 4     /* pre-map the next page when <= B/4 rows are left in the last */
+#define EVENTS_DEFAULT 65536 /* prefix-cache events kept for readers */
 
 /* ---------------------------------------------------------------------------------------- */
 /* Structures                                                                                */
@@ -64,9 +68,7 @@ struct xllm_kv {
     int32_t lru_head, lru_tail;
     int64_t n_idle;
 
-    uint64_t *hkeys; /* prefix index: open addressing, linear probing */
-    int32_t *hvals;  /* page id, -1 = empty slot */
-    size_t hcap;
+    xllm_u64map index; /* prefix index: chained block hash -> page */
 
     kv_seq *seqs;
     int64_t mappings, max_mappings;
@@ -77,47 +79,45 @@ struct xllm_kv {
     pthread_cond_t cv;
     pthread_t thread;
     bool thread_on, stop;
+
+    /* prefix-cache events: appended by whoever changes the index (holding mu, then ev_mu), read
+     * by any thread under ev_mu alone. Event s lives in slot s % ev_cap. */
+    pthread_mutex_t ev_mu;
+    uint64_t *ev_hash; /* [ev_cap] */
+    uint8_t *ev_kind;  /* [ev_cap] xllm_kv_event_kind */
+    int64_t ev_cap;
+    uint64_t ev_last; /* seq of the newest event (the ring's random start before any) */
+    int64_t ev_n;     /* events held: seqs (ev_last - ev_n, ev_last] */
 };
 
 /* ---------------------------------------------------------------------------------------- */
 /* Prefix index                                                                              */
 /* ---------------------------------------------------------------------------------------- */
 
-static size_t h_slot(const xllm_kv *kv, uint64_t h) {
-    return (size_t)(h * 0x9E3779B97F4A7C15ull >> 7) & (kv->hcap - 1);
+/* Appends an event (caller holds mu). No allocation: the ring overwrites its oldest slot. */
+static void ev_push(xllm_kv *kv, xllm_kv_event_kind kind, uint64_t h) {
+    pthread_mutex_lock(&kv->ev_mu);
+    uint64_t s = ++kv->ev_last;
+    size_t slot = (size_t)(s % (uint64_t)kv->ev_cap);
+    kv->ev_hash[slot] = h;
+    kv->ev_kind[slot] = (uint8_t)kind;
+    if (kv->ev_n < kv->ev_cap) kv->ev_n++;
+    pthread_mutex_unlock(&kv->ev_mu);
 }
 
-static int32_t h_find(const xllm_kv *kv, uint64_t h) {
-    for (size_t i = h_slot(kv, h);; i = (i + 1) & (kv->hcap - 1)) {
-        if (kv->hvals[i] < 0) return -1;
-        if (kv->hkeys[i] == h) return kv->hvals[i];
-    }
+/* Page p (holding the block with chained hash h) enters the index. Caller holds mu. */
+static void index_add(xllm_kv *kv, uint64_t h, int32_t p) {
+    xllm_u64map_put(&kv->index, h, p);
+    kv->pg[p].cached = true;
+    kv->pg[p].hash = h;
+    ev_push(kv, XLLM_KV_EVENT_STORED, h);
 }
 
-static void h_insert(xllm_kv *kv, uint64_t h, int32_t page) {
-    size_t i = h_slot(kv, h);
-    while (kv->hvals[i] >= 0) i = (i + 1) & (kv->hcap - 1);
-    kv->hkeys[i] = h;
-    kv->hvals[i] = page;
-}
-
-/* Removes key h (backward-shift deletion keeps probe chains intact). */
-static void h_remove(xllm_kv *kv, uint64_t h) {
-    size_t mask = kv->hcap - 1, i = h_slot(kv, h);
-    while (kv->hvals[i] >= 0 && kv->hkeys[i] != h) i = (i + 1) & mask;
-    if (kv->hvals[i] < 0) return;
-    kv->hvals[i] = -1;
-    for (size_t j = (i + 1) & mask; kv->hvals[j] >= 0; j = (j + 1) & mask) {
-        size_t home = h_slot(kv, kv->hkeys[j]);
-        /* move j back to i when its home is not in (i, j] (cyclically) */
-        bool between = i <= j ? (home > i && home <= j) : (home > i || home <= j);
-        if (!between) {
-            kv->hkeys[i] = kv->hkeys[j];
-            kv->hvals[i] = kv->hvals[j];
-            kv->hvals[j] = -1;
-            i = j;
-        }
-    }
+/* Cached page p leaves the index (evicted, or about to be rewritten). Caller holds mu. */
+static void index_drop(xllm_kv *kv, int32_t p) {
+    xllm_u64map_del(&kv->index, kv->pg[p].hash);
+    kv->pg[p].cached = false;
+    ev_push(kv, XLLM_KV_EVENT_EVICTED, kv->pg[p].hash);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -176,8 +176,7 @@ static int32_t page_alloc(xllm_kv *kv, int32_t hint, bool evict) {
     } else if (evict && kv->lru_head >= 0) {
         p = kv->lru_head;
         lru_unlink(kv, p);
-        h_remove(kv, kv->pg[p].hash);
-        kv->pg[p].cached = false;
+        index_drop(kv, p);
         kv->st.evictions++;
     } else {
         return -1;
@@ -366,6 +365,19 @@ static size_t gcd_sz(size_t a, size_t b) {
     return a;
 }
 
+/* The sequence number before a ring's first event: random in [2^32, 2^32 + 2^47), so that a
+ * cursor of another ring (another process, an earlier run) is almost surely outside this one's
+ * window and gets a reset, and cursors stay below 2^53 (exact in any JSON reader). */
+static uint64_t ring_start(void) {
+    uint64_t r = 0;
+    if (getrandom(&r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        r = XXH3_64bits(&ts, sizeof(ts)) ^ (uint64_t)getpid();
+    }
+    return (1ull << 32) + (r & ((1ull << 47) - 1));
+}
+
 xllm_status xllm_kv_new(const xllm_kv_params *p, xllm_kv **out, char *err, size_t err_size) {
     *out = NULL;
     if (p->n_layer <= 0 || p->n_seq <= 0 || p->n_ctx <= 0 || p->row_elems <= 0 ||
@@ -431,6 +443,11 @@ xllm_status xllm_kv_new(const xllm_kv_params *p, xllm_kv **out, char *err, size_
     kv->lru_head = kv->lru_tail = -1;
     pthread_mutex_init(&kv->mu, NULL);
     pthread_cond_init(&kv->cv, NULL);
+    pthread_mutex_init(&kv->ev_mu, NULL);
+    kv->ev_cap = p->events > 0 ? p->events : EVENTS_DEFAULT;
+    kv->ev_hash = xllm_xcalloc((size_t)kv->ev_cap, sizeof(uint64_t));
+    kv->ev_kind = xllm_xcalloc((size_t)kv->ev_cap, 1);
+    kv->ev_last = ring_start();
 
     size_t pool_bytes = kv->page_bytes * (size_t)n_pages;
     kv->fd = memfd_create("xllm-kv", MFD_CLOEXEC);
@@ -456,11 +473,7 @@ xllm_status xllm_kv_new(const xllm_kv_params *p, xllm_kv **out, char *err, size_
         kv->pg[i].lru_prev = kv->pg[i].lru_next = -1;
         free_push(kv, (int32_t)i);
     }
-    kv->hcap = 16;
-    while (kv->hcap < (size_t)n_pages * 2) kv->hcap *= 2;
-    kv->hkeys = xllm_xcalloc(kv->hcap, sizeof(uint64_t));
-    kv->hvals = xllm_xmalloc(kv->hcap * sizeof(int32_t));
-    for (size_t i = 0; i < kv->hcap; i++) kv->hvals[i] = -1;
+    xllm_u64map_init(&kv->index, (size_t)n_pages * 2);
 
     kv->seqs = xllm_xcalloc((size_t)p->n_seq, sizeof(kv_seq));
     for (int32_t i = 0; i < p->n_seq; i++) {
@@ -514,8 +527,10 @@ void xllm_kv_free(xllm_kv *kv) {
     free(kv->pg);
     free(kv->free_stack);
     free(kv->free_pos);
-    free(kv->hkeys);
-    free(kv->hvals);
+    xllm_u64map_free(&kv->index);
+    free(kv->ev_hash);
+    free(kv->ev_kind);
+    pthread_mutex_destroy(&kv->ev_mu);
     pthread_mutex_destroy(&kv->mu);
     pthread_cond_destroy(&kv->cv);
     free(kv);
@@ -559,8 +574,12 @@ void xllm_kv_seq_set_tokens(xllm_kv *kv, int32_t seq, int32_t pos, const int32_t
     memcpy(s->tokens + pos, tokens, (size_t)n * sizeof(int32_t));
 }
 
+uint64_t xllm_kv_block_hash(const int32_t *tokens, int32_t block_tokens, uint64_t parent) {
+    return XXH3_64bits_withSeed(tokens, (size_t)block_tokens * sizeof(int32_t), parent);
+}
+
 static uint64_t block_hash(const xllm_kv *kv, const int32_t *tokens, uint64_t parent) {
-    return XXH3_64bits_withSeed(tokens, (size_t)kv->B * sizeof(int32_t), parent);
+    return xllm_kv_block_hash(tokens, kv->B, parent);
 }
 
 /* Copies the rows of block b into a fresh private page (the block was shared or cached and is
@@ -623,8 +642,7 @@ void xllm_kv_seq_set_len(xllm_kv *kv, int32_t seq, int32_t n) {
                     n = b * kv->B;
                 }
             } else if (kv->pg[page].cached) {
-                h_remove(kv, kv->pg[page].hash);
-                kv->pg[page].cached = false;
+                index_drop(kv, page);
             }
         }
         s->len = n;
@@ -636,11 +654,8 @@ void xllm_kv_seq_set_len(xllm_kv *kv, int32_t seq, int32_t n) {
             uint64_t h = block_hash(kv, s->tokens + (size_t)b * kv->B, parent);
             s->hashes[b] = h;
             int32_t page = s->pages[b];
-            if (kv->p.prefix_cache && !kv->pg[page].cached && h_find(kv, h) < 0) {
-                h_insert(kv, h, page);
-                kv->pg[page].cached = true;
-                kv->pg[page].hash = h;
-            }
+            if (kv->p.prefix_cache && !kv->pg[page].cached && xllm_u64map_get(&kv->index, h) < 0)
+                index_add(kv, h, page);
             s->n_hashed = b + 1;
         }
     }
@@ -658,7 +673,7 @@ int32_t xllm_kv_seq_reuse_prefix(xllm_kv *kv, int32_t seq, const int32_t *tokens
     int32_t b = 0;
     for (; b < max_b; b++) {
         uint64_t h = block_hash(kv, tokens + (size_t)b * kv->B, parent);
-        int32_t page = h_find(kv, h);
+        int32_t page = xllm_u64map_get(&kv->index, h);
         if (page < 0) break;
         page_ref(kv, page);
         if (!map_block(kv, s, b, page)) {
@@ -802,6 +817,81 @@ const char *xllm_kv_last_error(const xllm_kv *kv) {
 }
 
 /* ---------------------------------------------------------------------------------------- */
+/* Prefix-cache events                                                                       */
+/* ---------------------------------------------------------------------------------------- */
+
+/* The whole index as STORED entries at the current cursor. Takes mu (which every append
+ * holds), so no event can fall between the set and its cursor. */
+static void events_snapshot(xllm_kv *kv, xllm_kv_events *out) {
+    /* allocated before locking: a cached block holds a page, so n_pages bounds the set */
+    xllm_kv_event *ev = xllm_xmalloc((size_t)kv->n_pages * sizeof(*ev));
+    int32_t n = 0;
+    pthread_mutex_lock(&kv->mu);
+    pthread_mutex_lock(&kv->ev_mu);
+    const uint64_t at = kv->ev_last;
+    pthread_mutex_unlock(&kv->ev_mu);
+    for (size_t i = 0; i < kv->index.cap; i++) {
+        if (kv->index.vals[i] < 0) continue;
+        XLLM_ASSERT(n < kv->n_pages);
+        ev[n++] =
+            (xllm_kv_event){.seq = at, .hash = kv->index.keys[i], .kind = XLLM_KV_EVENT_STORED};
+    }
+    pthread_mutex_unlock(&kv->mu);
+    out->next = at;
+    out->reset = true;
+    out->n = n;
+    out->ev = ev;
+}
+
+xllm_status xllm_kv_events_read(xllm_kv *kv, uint64_t since, int32_t max, xllm_kv_events *out) {
+    memset(out, 0, sizeof(*out));
+    if (max <= 0) return XLLM_ERR_INVALID_ARG;
+    int32_t room = (int32_t)XLLM_MIN((int64_t)max, kv->ev_cap);
+    xllm_kv_event *ev = xllm_xmalloc((size_t)room * sizeof(*ev)); /* outside the lock */
+    pthread_mutex_lock(&kv->ev_mu);
+    const uint64_t last = kv->ev_last;
+    if (since > last || last - since > (uint64_t)kv->ev_n) {
+        /* overwritten, ahead, or another ring's cursor */
+        pthread_mutex_unlock(&kv->ev_mu);
+        free(ev);
+        events_snapshot(kv, out);
+        return XLLM_OK;
+    }
+    int32_t n = (int32_t)XLLM_MIN(last - since, (uint64_t)room);
+    for (int32_t i = 0; i < n; i++) {
+        uint64_t s = since + 1 + (uint64_t)i;
+        size_t slot = (size_t)(s % (uint64_t)kv->ev_cap);
+        ev[i] = (xllm_kv_event){
+            .seq = s, .hash = kv->ev_hash[slot], .kind = (xllm_kv_event_kind)kv->ev_kind[slot]};
+    }
+    pthread_mutex_unlock(&kv->ev_mu);
+    out->next = since + (uint64_t)n;
+    out->more = out->next < last;
+    out->n = n;
+    out->ev = ev;
+    return XLLM_OK;
+}
+
+void xllm_kv_events_net(xllm_kv_events *ev) {
+    if (ev->reset || ev->n < 2) return;
+    xllm_u64map last; /* hash -> index of its last event */
+    xllm_u64map_init(&last, 2 * (size_t)ev->n + 2);
+    for (int32_t i = 0; i < ev->n; i++) xllm_u64map_put(&last, ev->ev[i].hash, i);
+    int32_t n = 0;
+    for (int32_t i = 0; i < ev->n; i++)
+        if (xllm_u64map_get(&last, ev->ev[i].hash) == i) ev->ev[n++] = ev->ev[i];
+    ev->n = n;
+    xllm_u64map_free(&last);
+}
+
+void xllm_kv_events_free(xllm_kv_events *ev) {
+    if (!ev) return;
+    free(ev->ev);
+    ev->ev = NULL;
+    ev->n = 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
 /* Invariant checker                                                                         */
 /* ---------------------------------------------------------------------------------------- */
 
@@ -813,6 +903,40 @@ const char *xllm_kv_last_error(const xllm_kv *kv) {
             goto out;                                                                              \
         }                                                                                          \
     } while (0)
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+bool xllm_kv_check_cached(xllm_kv *kv, const uint64_t *hashes, int64_t n, char *err,
+                          size_t err_size) {
+    uint64_t *want = xllm_xmalloc((size_t)(n + 1) * sizeof(uint64_t));
+    uint64_t *have = xllm_xmalloc((size_t)(kv->n_pages + 1) * sizeof(uint64_t));
+    memcpy(want, hashes, (size_t)n * sizeof(uint64_t));
+    int64_t m = 0;
+    pthread_mutex_lock(&kv->mu);
+    for (int32_t p = 0; p < kv->n_pages; p++)
+        if (kv->pg[p].cached) have[m++] = kv->pg[p].hash;
+    pthread_mutex_unlock(&kv->mu);
+    qsort(want, (size_t)n, sizeof(uint64_t), cmp_u64);
+    qsort(have, (size_t)m, sizeof(uint64_t), cmp_u64);
+    bool ok = n == m;
+    int64_t i = 0;
+    while (ok && i < n && want[i] == have[i]) i++;
+    ok = ok && i == n;
+    if (!ok) {
+        if (n != m)
+            xllm_set_err(err, err_size, "cached set: %" PRId64 " hashes given, %" PRId64 " cached",
+                         n, m);
+        else
+            xllm_set_err(err, err_size, "cached set: %016" PRIx64 " given, %016" PRIx64 " cached",
+                         want[i], have[i]);
+    }
+    free(want);
+    free(have);
+    return ok;
+}
 
 bool xllm_kv_check(xllm_kv *kv, char *err, size_t err_size) {
     bool ok = true;
@@ -871,7 +995,8 @@ bool xllm_kv_check(xllm_kv *kv, char *err, size_t err_size) {
         }
         if (g->cached) {
             n_cached++;
-            CHECK(h_find(kv, g->hash) == p, "page %d: cached but not in the index", p);
+            CHECK(xllm_u64map_get(&kv->index, g->hash) == p, "page %d: cached but not in the index",
+                  p);
         }
         if (g->cached && g->refs == 0) n_idle++;
     }
@@ -887,15 +1012,19 @@ bool xllm_kv_check(xllm_kv *kv, char *err, size_t err_size) {
     }
     CHECK(walked == n_idle, "lru: %" PRId64 " pages listed, %" PRId64 " idle", walked, n_idle);
     int64_t entries = 0;
-    for (size_t i = 0; i < kv->hcap; i++) {
-        if (kv->hvals[i] < 0) continue;
+    for (size_t i = 0; i < kv->index.cap; i++) {
+        if (kv->index.vals[i] < 0) continue;
         entries++;
-        int32_t p = kv->hvals[i];
-        CHECK(p < kv->n_pages && kv->pg[p].cached && kv->pg[p].hash == kv->hkeys[i],
+        int32_t p = kv->index.vals[i];
+        CHECK(p < kv->n_pages && kv->pg[p].cached && kv->pg[p].hash == kv->index.keys[i],
               "index: slot %zu points to page %d that is not cached under its key", i, p);
     }
-    CHECK(entries == n_cached, "index: %" PRId64 " entries, %" PRId64 " cached pages", entries,
-          n_cached);
+    CHECK(entries == n_cached && (size_t)entries == kv->index.n,
+          "index: %" PRId64 " entries (%zu counted), %" PRId64 " cached pages", entries,
+          kv->index.n, n_cached);
+    /* appends hold mu too, so the ring is still here */
+    CHECK(kv->ev_n >= 0 && kv->ev_n <= kv->ev_cap, "events: %" PRId64 " held in a ring of %" PRId64,
+          kv->ev_n, kv->ev_cap);
 out:
     pthread_mutex_unlock(&kv->mu);
     free(refs);

@@ -3,7 +3,9 @@
  * Pages are mapped into regions on demand (a background thread keeps the next page of each
  * running sequence mapped ahead); full blocks of tokens are kept in a prefix cache keyed by a
  * chained hash and shared between sequences by mapping the same page. A classic block-table
- * layout ("paged") over the same pool is kept as a baseline with the same API.
+ * layout ("paged") over the same pool is kept as a baseline with the same API. Every change of
+ * the prefix cache's set of blocks is appended to a bounded event ring that other threads read
+ * with a cursor (xllm_kv_events_read).
  *
  * Threads: every function is called from the engine thread that owns the context, except where
  * noted; the background mapper synchronizes with it through the kv's mutex. */
@@ -30,6 +32,8 @@ typedef struct xllm_kv_params {
     bool prefix_cache;     /* keep full blocks for reuse (default on in the context) */
     bool background;       /* run the pre-mapping thread (xtensor) */
     int64_t max_map_count; /* the OS limit; 0 = read /proc/sys/vm/max_map_count */
+    int32_t events;        /* prefix-cache events kept for readers (ring slots, 9 bytes each);
+                              0 = 65536 */
 } xllm_kv_params;
 
 /* Creates the pool (memfd), reserves the regions. Fails with a clear message when the budget,
@@ -96,11 +100,27 @@ int64_t xllm_kv_pages_available(xllm_kv *kv);
 /* Bytes the sequences hold beyond the rows they store (partly filled last pages). */
 size_t xllm_kv_waste_bytes(const xllm_kv *kv);
 
+/* ---- prefix-cache events ------------------------------------------------------------------ */
+
+/* Every block that enters the prefix index (a full block committed by xllm_kv_seq_set_len)
+ * appends a STORED event, every block that leaves it (evicted for a new page, or a cached block
+ * truncated into and about to be rewritten) an EVICTED event, in the order they happen. Reads
+ * the events after cursor `since`, at most max (> 0), into out (see xllm_kv_events in
+ * xllm/xllm.h): when `since` is no cursor of the retained window (0, overwritten, ahead, or
+ * another ring's), out->reset is set and out->ev holds the whole index at out->next instead.
+ * Any thread: the ring has its own lock; a reset also takes the KV's lock for one walk of the
+ * index. Appending costs the engine one uncontended lock and no allocation. */
+xllm_status xllm_kv_events_read(xllm_kv *kv, uint64_t since, int32_t max, xllm_kv_events *out);
+
 /* The message of the last failed xllm_kv_reserve (empty when none). */
 const char *xllm_kv_last_error(const xllm_kv *kv);
 
 /* Walks every structure and checks its invariants (refcounts, free list, cache index, LRU,
  * mappings). Returns true when consistent; otherwise writes what is wrong into err. */
 bool xllm_kv_check(xllm_kv *kv, char *err, size_t err_size);
+/* Checks that hashes[0..n) is exactly the set of blocks cached now, read from the pages (not the
+ * index): the view against which tests replay the event stream. */
+bool xllm_kv_check_cached(xllm_kv *kv, const uint64_t *hashes, int64_t n, char *err,
+                          size_t err_size);
 
 #endif

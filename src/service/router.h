@@ -24,7 +24,13 @@ xllm_status xllm_policy_parse(const char *s, xllm_policy *out);
 
 typedef struct xllm_router_params {
     xllm_policy policy;
-    int32_t block_tokens;      /* prefix index granularity in tokens; 0 = 16 */
+    int32_t block_tokens;      /* prefix policy: block size for instances that publish none
+                                  (no kv_block_tokens attribute, no events); 0 = 16 */
+    int32_t prefix_max_blocks; /* prefix policy: blocks indexed per instance; stored events
+                                  beyond it are not indexed (counted); 0 = 262144 */
+    int32_t prefix_pending_ms; /* prefix policy: how long the blocks of a prompt routed to an
+                                  instance count as there before its events confirm them;
+                                  0 = 5000 */
     double prefix_max_gap;     /* prefix policy: an instance whose load exceeds the least loaded
                                   one's by more than this (requests) is skipped; 0 = 4 */
     double prefix_load_weight; /* score = matched fraction - weight * load / (1 + max load);
@@ -118,5 +124,20 @@ typedef struct xllm_router_inst_info {
 } xllm_router_inst_info;
 /* Copies up to max live instances and starts a new window. */
 int32_t xllm_router_window(xllm_router *r, xllm_router_inst_info *out, int32_t max);
+
+/* The "kv" object of an instance's load answer (docs/cluster.md), decoded; exposed for the fuzz
+ * target. xllm_router_kv_parse reads a whole load answer (JSON text) and returns false when it
+ * has no kv object or any field of it is malformed (wrong hash scheme, a block size outside
+ * 1..2^20, a hash that is not 16 hex digits, ...); the arrays are malloc'd either way: release
+ * them with xllm_router_kv_answer_clear. */
+typedef struct xllm_router_kv_answer {
+    int32_t block_tokens;
+    uint64_t next;
+    bool reset, more;
+    uint64_t *stored, *evicted;
+    size_t n_stored, n_evicted;
+} xllm_router_kv_answer;
+bool xllm_router_kv_parse(const char *text, size_t len, xllm_router_kv_answer *a);
+void xllm_router_kv_answer_clear(xllm_router_kv_answer *a);
 
 #endif

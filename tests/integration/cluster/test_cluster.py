@@ -3,7 +3,9 @@
 2. kill -9 of an instance under load: every request completes or gets an explicit error, none
    hangs, the instance leaves routing within the lease TTL, the service keeps serving;
 3. the master service is killed: the standby takes over within the lease time;
-4. a role switch of a live instance (POST /v1/instance/role) shows in the service's routing."""
+4. a role switch of a live instance (POST /v1/instance/role) shows in the service's routing;
+5. the instances' prefix-cache events (GET /v1/instance/load?kv_since=N) feed the prefix
+   policy's index: a prompt cached on an instance behind the service's back goes there."""
 import json
 import os
 import signal
@@ -59,15 +61,53 @@ def main():
             routed = {i["name"]: i["routed"] for i in cl.cluster_json(s)["instances"]}
             if pol in ("round-robin", "least-load"):
                 ok(all(v > 0 for v in routed.values()), pol + ": both instances used", routed)
-        # prefix: the same long prompt goes where its prefix is cached
+        # 5. prefix-cache events: the RPC, then the service's index fed by them
+        st, o = m1.get("/v1/instance/load?kv_since=0")
+        kv = json.loads(o)["kv"] if st == 200 else {}
+        bt = kv.get("block_tokens", 0)
+        ok(kv.get("hash") == "xxh3-chain-v1" and kv.get("reset") is True and bt > 0 and
+           all(len(h) == 16 and int(h, 16) >= 0 for h in kv["stored"]) and kv["evicted"] == [],
+           "instance load ?kv_since=0: the whole set of cached blocks (a reset)", kv)
+        st, o = m1.get("/v1/instance/load?kv_since=%d" % kv["next"])
+        kv2 = json.loads(o)["kv"]
+        ok(kv2["reset"] is False and kv2["next"] >= kv["next"], "events continue from next", kv2)
+        st, o = m1.get("/v1/instance/load?kv_since=x1")
+        ok(st == 400 and b"kv_since" in o, "a bad kv_since is refused (400)", o)
+        ok("kv" not in json.loads(m1.get("/v1/instance/load")[1]), "no kv without kv_since")
+
         s = svcs["prefix"]
-        long_p = " ".join(["Once upon a time there was a little girl named Lily."] * 4)
+
+        def prefix_blocks(name):
+            return s.metrics().get('xllm_cluster_prefix_blocks{instance="%s"}' % name, 0)
+        # prompts of at least two full KV blocks (the stories model's blocks are 64 tokens)
+        story = "Once upon a time there was a little girl named Lily. She liked to play outside."
+        long_p = " ".join([story] * 8)
+        fresh = " ".join(["The little dog ran to the park to play with a red ball."] * 12)
+        n_tok = len(m1.post("/tokenize", {"prompt": long_p})[1]["tokens"])
+        ok(n_tok >= 2 * bt, "the long prompt spans two KV blocks (%d tokens, blocks of %d)" %
+           (n_tok, bt))
+        # where a prompt no instance holds goes (the tie-break), and the other instance
+        before = {i["name"]: i["routed"] for i in cl.cluster_json(s)["instances"]}
+        s.post("/v1/completions", {"prompt": fresh, "max_tokens": 1, "temperature": 0})
+        after = {i["name"]: i["routed"] for i in cl.cluster_json(s)["instances"]}
+        dflt = [k for k in after if after[k] > before[k]][0]
+        other = {"m1": m1, "m2": m2}[[k for k in after if k != dflt][0]]
+        oname = [k for k in after if k != dflt][0]
+        # the other instance computes long_p behind the service's back: only its events tell
+        b0 = prefix_blocks(oname)
+        st, _ = other.post("/v1/completions", {"prompt": long_p, "max_tokens": 1,
+                                               "temperature": 0})
+        ok(st == 200 and cl.wait_for(lambda: prefix_blocks(oname) >= b0 + 2, 5),
+           "prefix: the service learns %s's new blocks from its events" % oname,
+           (b0, prefix_blocks(oname)))
         before = {i["name"]: i["routed"] for i in cl.cluster_json(s)["instances"]}
         for _ in range(4):
             s.post("/v1/completions", {"prompt": long_p, "max_tokens": 4, "temperature": 0})
         after = {i["name"]: i["routed"] for i in cl.cluster_json(s)["instances"]}
-        delta = sorted(after[k] - before[k] for k in after)
-        ok(delta == [0, 4], "prefix: a repeated prompt sticks to one instance", delta)
+        delta = {k: after[k] - before[k] for k in after}
+        ok(delta[oname] == 4 and delta[dflt] == 0,
+           "prefix: a prompt goes where the events say it is cached (not to the tie-break's %s)"
+           % dflt, delta)
         ok(json.loads(s.get("/v1/cluster")[1])["policy"] == "prefix", "/v1/cluster names the policy")
 
         # master election: exactly one of the services is master
