@@ -328,7 +328,7 @@ static int on_event(void *user, const char *data, size_t len) {
         return 0;
     }
     json_error_t je;
-    json_t *root = json_loadb(data, len, 0, &je);
+    json_t *root = json_loadb(data, len, JSON_ALLOW_NUL, &je);
     if (!json_is_object(root)) {
         char s[96];
         snippet(data, len, s, sizeof(s));

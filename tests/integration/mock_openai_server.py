@@ -113,7 +113,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.chunk(b"")  # end of body: the client must still count a failure
                 return
             last = i == n_chunks - 1
-            text = "tok%d " % i
+            # the second chunk carries a NUL character (JSON "\u0000"): models emit one, a
+            # client must read it
+            text = "tok%d " % i if i != 1 else "t\x00k1 "
             fin = "length" if last else None
             if chat:
                 choice = {"index": 0, "delta": {"content": text}, "finish_reason": fin}
