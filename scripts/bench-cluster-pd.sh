@@ -68,7 +68,9 @@ run_setup() { # name roles... (after --)
     i=$((i + 1))
   done
   local extra=()
-  [ "$name" = dynamic ] && extra=(--dynamic-pd --pd-interval-ms 1000 --pd-cooldown-ms 3000)
+  # the controller aims at half the SLOs, so that it moves an instance before they are missed
+  [ "$name" = dynamic ] && extra=(--dynamic-pd --pd-ttft-ms $((ttft / 2)) --pd-tpot-ms $((tpot / 2))
+    --pd-interval-ms 1000 --pd-cooldown-ms 3000)
   local sp=$((port + 20))
   "$xllm" service -m "$model" --etcd "http://127.0.0.1:$cp" --port "$sp" --policy least-load \
     --ttft-slo-ms "$ttft" --tpot-slo-ms "$tpot" ${extra[@]+"${extra[@]}"} >"$dir/service.log" 2>&1 &
