@@ -9,6 +9,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <jansson.h>
+
 #include "cli/cli.h"
 #include "cli/common.h"
 #include "service/registry.h"
@@ -293,28 +295,30 @@ static int serve_main(int argc, char **argv, bool engine) {
         snprintf(self_name, sizeof(self_name), "%s", name ? name : "");
         if (!name) snprintf(self_name, sizeof(self_name), "engine-%d", (int)getpid());
         er.name = self_name;
-        char addr[200], attrs[300];
+        char addr[200], kv_addr[200];
         const char *adv = advertise ? advertise : host;
-        snprintf(addr, sizeof(addr), "%s%s%s:%d", strchr(adv, ':') ? "[" : "", adv,
-                 strchr(adv, ':') ? "]" : "", xllm_api_server_port(s));
+        const char *lb = strchr(adv, ':') ? "[" : "", *rb = strchr(adv, ':') ? "]" : "";
+        snprintf(addr, sizeof(addr), "%s%s%s:%d", lb, adv, rb, xllm_api_server_port(s));
         int kv_port = xllm_api_server_kv_port(s);
-        /* kv_block_tokens: the granularity of the prefix-cache events a service indexes */
-        if (kv_port > 0)
-            snprintf(attrs, sizeof(attrs),
-                     "{\"model\":\"%s\",\"kv_block_tokens\":%d,\"kv_addr\":\"%s%s%s:%d\"}",
-                     p.served_model_name ? p.served_model_name : "model",
-                     (int)xllm_api_server_kv_block_tokens(s), strchr(adv, ':') ? "[" : "", adv,
-                     strchr(adv, ':') ? "]" : "", kv_port);
-        else
-            snprintf(attrs, sizeof(attrs), "{\"model\":\"%s\",\"kv_block_tokens\":%d}",
-                     p.served_model_name ? p.served_model_name : "model",
-                     (int)xllm_api_server_kv_block_tokens(s));
+        /* kv_block_tokens: the granularity of the prefix-cache events a service indexes; the
+         * JSON is built by jansson, so any model name is escaped */
+        json_t *ao =
+            json_pack("{s:s,s:i}", "model", p.served_model_name ? p.served_model_name : "model",
+                      "kv_block_tokens", (int)xllm_api_server_kv_block_tokens(s));
+        if (kv_port > 0) {
+            snprintf(kv_addr, sizeof(kv_addr), "%s%s%s:%d", lb, adv, rb, kv_port);
+            json_object_set_new(ao, "kv_addr", json_string(kv_addr));
+        }
+        char *attrs = json_dumps(ao, JSON_COMPACT);
+        json_decref(ao);
         xllm_instance inst = {.name = self_name,
                               .incarnation = xllm_instance_new_incarnation(),
                               .role = role,
                               .addr = addr,
                               .attrs = attrs};
-        if (xllm_registry_register(reg, &inst, err, sizeof(err)) != XLLM_OK) {
+        xllm_status rs = xllm_registry_register(reg, &inst, err, sizeof(err));
+        free(attrs);
+        if (rs != XLLM_OK) {
             fprintf(stderr, "xllm engine: %s\n", err);
             xllm_registry_free(reg);
             xllm_api_server_free(s);
