@@ -108,6 +108,9 @@ def main():
         [t.start() for t in th]
         cl.wait_for(lambda: (cl.cluster_json(rr) or {"instances": [{"in_flight": 0}]})
                     ["instances"][0]["in_flight"] >= 3, 5, 0.01)
+        # a sanitizer report ends a process at once (halt_on_error): the ones killed here must
+        # still be running when the test kills them
+        ok(m1.proc.poll() is None, "m1 runs until killed (no sanitizer report)", m1.log[-20:])
         t_kill = time.time()
         m1.proc.send_signal(signal.SIGKILL)
         [t.join(90) for t in th]
@@ -132,6 +135,8 @@ def main():
         # 3. the master service is killed; a standby takes over within the lease time
         master = [s for s in svcs.values() if cl.cluster_json(s)["master"]][0]
         others = [s for s in svcs.values() if s is not master]
+        ok(master.proc.poll() is None, "the master runs until killed (no sanitizer report)",
+           master.log[-20:])
         master.proc.send_signal(signal.SIGKILL)
         t0 = time.time()
         took = cl.wait_for(lambda: any(cl.cluster_json(s)["master"] for s in others), 5)
