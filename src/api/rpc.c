@@ -78,6 +78,28 @@ static const void *cat(const xllm_request_params *rp, const fdesc *f) {
     return (const char *)rp + f->off;
 }
 
+/* An integer field's value (F_I32 or F_I64), widened. */
+static int64_t int_at(const xllm_request_params *rp, const fdesc *f) {
+    if (f->type == F_I64) {
+        int64_t x;
+        memcpy(&x, cat(rp, f), sizeof(x));
+        return x;
+    }
+    int32_t x;
+    memcpy(&x, cat(rp, f), sizeof(x));
+    return x;
+}
+
+/* Stores an integer that int_ok accepted (so it fits the field). */
+static void set_int(xllm_request_params *rp, const fdesc *f, int64_t x) {
+    if (f->type == F_I64) {
+        memcpy(at(rp, f), &x, sizeof(x));
+    } else {
+        int32_t y = (int32_t)x;
+        memcpy(at(rp, f), &y, sizeof(y));
+    }
+}
+
 static bool int_ok(const fdesc *f, int64_t x, const char **field, char *err, size_t err_size) {
     if (x < f->ilo || x > f->ihi)
         FAIL(f->name, "%s: must be an integer in [%" PRId64 ", %" PRId64 "], got %" PRId64, f->name,
@@ -141,16 +163,9 @@ static bool encode_field(json_t *o, const fdesc *f, const xllm_request_params *r
     const void *p = cat(rp, f);
     json_t *v = NULL;
     switch (f->type) {
-        case F_I32: {
-            int32_t x;
-            memcpy(&x, p, sizeof(x));
-            if (!int_ok(f, x, field, err, err_size)) return false;
-            v = json_integer(x);
-            break;
-        }
+        case F_I32:
         case F_I64: {
-            int64_t x;
-            memcpy(&x, p, sizeof(x));
+            int64_t x = int_at(rp, f);
             if (!int_ok(f, x, field, err, err_size)) return false;
             v = json_integer((json_int_t)x);
             break;
@@ -246,12 +261,7 @@ static bool parse_field(json_t *o, const fdesc *f, xllm_request_params *rp, cons
             if (!json_is_integer(v)) FAIL(f->name, "%s: must be an integer", f->name);
             int64_t x = json_integer_value(v);
             if (!int_ok(f, x, field, err, err_size)) return false;
-            if (f->type == F_I32) {
-                int32_t y = (int32_t)x;
-                memcpy(p, &y, sizeof(y));
-            } else {
-                memcpy(p, &x, sizeof(x));
-            }
+            set_int(rp, f, x);
             return true;
         }
         case F_F32: {
@@ -380,7 +390,8 @@ bool xllm_rpc_params_equal(const xllm_request_params *a, const xllm_request_para
         }
     }
     if (a->pd_export_id != b->pd_export_id || a->pd_import_id != b->pd_import_id) return false;
-    return !a->pd_export_id || !strcmp(a->pd_export_to, b->pd_export_to);
+    if (!a->pd_export_id) return true; /* the address travels only with an export */
+    return a->pd_export_to && b->pd_export_to && !strcmp(a->pd_export_to, b->pd_export_to);
 }
 
 /* ---------------------------------------------------------------------------------------- */
