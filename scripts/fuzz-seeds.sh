@@ -125,5 +125,41 @@ PY
     printf '1{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi \\u5927\\u6d77"}],"max_completion_tokens":8,"stop":["<|im"],"logprobs":true,"top_logprobs":2}' >"$corpus/seed-chat"
     printf '1{"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],"chat_template_kwargs":{"enable_thinking":false},"add_generation_prompt":true}' >"$corpus/seed-parts"
     ;;
+  fuzz_rpc)
+    # First byte: 0 a generate body, 1 a response line, 2 a response stream (then the line
+    # limit / 16, 0 = default, and the seed of the cuts).
+    python3 - "$corpus" <<'PY'
+import json, sys
+out = sys.argv[1]
+full = {"magic": "xllm-rpc", "version": 1, "prompt": [1, 403, 407, 0, 31999], "max_tokens": 24,
+        "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.1,
+        "penalty_last_n": 64, "frequency_penalty": -0.5, "presence_penalty": 2.0,
+        "seed": "18446744073709551615", "ignore_eos": True, "priority": -3, "offline": False,
+        "top_logprobs": 20, "ttft_slo_ms": 250, "tpot_slo_ms": 9223372036854775807}
+bodies = {
+    "full": full,
+    "min": {"magic": "xllm-rpc", "version": 1, "prompt": [5]},
+    "export": dict(full, max_tokens=1, pd_export={"id": "12345678901234567890", "to": "127.0.0.1:7100"}),
+    "import": dict(full, pd_import={"id": "1"}),
+}
+lines = [
+    {"magic": "xllm-rpc", "version": 1},
+    {"t": 403, "lp": -0.25},
+    {"t": 7, "lp": None, "top": [[7, -0.125], [8, None], [49999, -17.5]]},
+    {"finish": "length", "n_cached": 16, "n_preempted": 1, "t_queue_ms": 0.5, "t_first_ms": 12.75},
+    {"finish": "abort"},
+]
+def dump(o):
+    return json.dumps(o, separators=(",", ":")).encode()
+for name, b in bodies.items():
+    open(f"{out}/seed-body-{name}", "wb").write(b"\x00" + dump(b))
+for i, l in enumerate(lines):
+    open(f"{out}/seed-line-{i}", "wb").write(b"\x01" + dump(l))
+stream = b"".join(dump(l) + b"\n" for l in lines[:4])
+for name, ctl in {"whole": b"\x00\x07", "tight": b"\x08\x01", "cut": b"\x00\xc3"}.items():
+    open(f"{out}/seed-stream-{name}", "wb").write(b"\x02" + ctl + stream)
+open(f"{out}/seed-stream-late", "wb").write(b"\x02\x00\x05" + stream + dump(lines[1]) + b"\n")
+PY
+    ;;
   *) ;;
 esac

@@ -5,123 +5,17 @@
  * Every message starts with {"magic": "xllm-rpc", "version": 1} (docs/cluster.md). */
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <poll.h>
 #include <string.h>
 #include <time.h>
 
 #include "api/api-impl.h"
+#include "api/rpc.h"
 #include "util/common.h"
 
-#define RPC_MAGIC      "xllm-rpc"
-#define RPC_VERSION    1
 #define KV_EVENTS_MAX  4096            /* prefix-cache events per load answer */
 #define KV_HASH_SCHEME "xxh3-chain-v1" /* XLLM_KV_HASH_ROOT, xllm_kv_block_hash */
-
-/* ---------------------------------------------------------------------------------------- */
-/* Parsing                                                                                   */
-/* ---------------------------------------------------------------------------------------- */
-
-static bool rpc_header_ok(json_t *o) {
-    const char *m = json_string_value(json_object_get(o, "magic"));
-    json_t *v = json_object_get(o, "version");
-    return m && !strcmp(m, RPC_MAGIC) && json_is_integer(v) && json_integer_value(v) == RPC_VERSION;
-}
-
-static bool get_int(json_t *o, const char *k, int64_t lo, int64_t hi, int64_t *out) {
-    json_t *v = json_object_get(o, k);
-    if (!v) return true;
-    if (!json_is_integer(v)) return false;
-    int64_t x = json_integer_value(v);
-    if (x < lo || x > hi) return false;
-    *out = x;
-    return true;
-}
-
-static bool get_num(json_t *o, const char *k, float *out) {
-    json_t *v = json_object_get(o, k);
-    if (!v) return true;
-    if (!json_is_number(v)) return false;
-    *out = (float)json_number_value(v);
-    return true;
-}
-
-/* Reads an RPC generate body into rp (prompt malloc'd into *ids). Returns false with a message. */
-static bool parse_generate(json_t *o, int32_t n_vocab, xllm_request_params *rp, int32_t **ids,
-                           char *pd_to, size_t pd_to_size, char *err, size_t err_size) {
-    if (!json_is_object(o) || !rpc_header_ok(o)) {
-        xllm_set_err(err, err_size, "not an xllm-rpc version %d message", RPC_VERSION);
-        return false;
-    }
-    json_t *pr = json_object_get(o, "prompt");
-    size_t n = json_array_size(pr);
-    if (!json_is_array(pr) || n == 0 || n > (1u << 20)) {
-        xllm_set_err(err, err_size, "prompt: a non-empty array of token ids is required");
-        return false;
-    }
-    *ids = xllm_xmalloc(n * sizeof(int32_t));
-    for (size_t i = 0; i < n; i++) {
-        json_t *t = json_array_get(pr, i);
-        if (!json_is_integer(t) || json_integer_value(t) < 0 || json_integer_value(t) >= n_vocab) {
-            xllm_set_err(err, err_size, "prompt[%zu]: not a token id", i);
-            return false;
-        }
-        (*ids)[i] = (int32_t)json_integer_value(t);
-    }
-    rp->prompt = *ids;
-    rp->n_prompt = (int32_t)n;
-    int64_t max_tokens = 0, prio = 0, top = -1, ttft = 0, tpot = 0,
-            last_n = rp->sampling.penalty_last_n, top_k = rp->sampling.top_k;
-    xllm_sampler_params *sp = &rp->sampling;
-    bool ok = get_int(o, "max_tokens", 0, INT32_MAX, &max_tokens) &&
-              get_int(o, "priority", INT32_MIN, INT32_MAX, &prio) &&
-              get_int(o, "top_logprobs", -1, XLLM_MAX_TOP_LOGPROBS, &top) &&
-              get_int(o, "ttft_slo_ms", 0, INT64_MAX, &ttft) &&
-              get_int(o, "tpot_slo_ms", 0, INT64_MAX, &tpot) &&
-              get_int(o, "penalty_last_n", -1, INT32_MAX, &last_n) &&
-              get_int(o, "top_k", 0, INT32_MAX, &top_k) &&
-              get_num(o, "temperature", &sp->temperature) && get_num(o, "top_p", &sp->top_p) &&
-              get_num(o, "min_p", &sp->min_p) &&
-              get_num(o, "repeat_penalty", &sp->repeat_penalty) &&
-              get_num(o, "frequency_penalty", &sp->frequency_penalty) &&
-              get_num(o, "presence_penalty", &sp->presence_penalty);
-    if (!ok) {
-        xllm_set_err(err, err_size, "a field has the wrong type or range");
-        return false;
-    }
-    const char *seed = json_string_value(json_object_get(o, "seed"));
-    if (seed) sp->seed = strtoull(seed, NULL, 10);
-    rp->max_tokens = (int32_t)max_tokens;
-    rp->priority = (int32_t)prio;
-    rp->top_logprobs = (int32_t)top;
-    rp->ttft_slo_ms = ttft;
-    rp->tpot_slo_ms = tpot;
-    sp->penalty_last_n = (int32_t)last_n;
-    sp->top_k = (int32_t)top_k;
-    rp->ignore_eos = json_is_true(json_object_get(o, "ignore_eos"));
-    rp->offline = json_is_true(json_object_get(o, "offline"));
-    /* PD: {"pd_export": {"id": "N", "to": "host:port"}} on the prefill leg,
-     * {"pd_import": {"id": "N"}} on the decode leg (ids are decimal strings: 64 bits) */
-    json_t *ex = json_object_get(o, "pd_export"), *im = json_object_get(o, "pd_import");
-    if (ex) {
-        const char *id = json_string_value(json_object_get(ex, "id"));
-        const char *to = json_string_value(json_object_get(ex, "to"));
-        if (!id || !to || !*to || strlen(to) >= pd_to_size ||
-            !(rp->pd_export_id = strtoull(id, NULL, 10))) {
-            xllm_set_err(err, err_size, "pd_export: needs a nonzero id and a receiver 'to'");
-            return false;
-        }
-        snprintf(pd_to, pd_to_size, "%s", to);
-        rp->pd_export_to = pd_to;
-    }
-    if (im) {
-        const char *id = json_string_value(json_object_get(im, "id"));
-        if (!id || !(rp->pd_import_id = strtoull(id, NULL, 10))) {
-            xllm_set_err(err, err_size, "pd_import: needs a nonzero id");
-            return false;
-        }
-    }
-    return true;
-}
 
 /* ---------------------------------------------------------------------------------------- */
 /* Streaming token events                                                                    */
@@ -129,9 +23,8 @@ static bool parse_generate(json_t *o, int32_t n_vocab, xllm_request_params *rp, 
 
 typedef struct rpc_job {
     xllm_api_server *s;
-    char pd_to[128]; /* PD receiver address (copied out of the body) */
+    xllm_rpc_request in; /* the parsed body (prompt, PD receiver address) */
     xllm_request *req;
-    int32_t *ids;
     xllm_api_waiter *w;
     int fd;
     xllm_api_buf out;
@@ -143,63 +36,53 @@ static void rpc_job_free(rpc_job *j) {
     xllm_request_free(j->req); /* cancels it when the service went away */
     if (j->w) xllm_api_waiter_put(j->s, j->w);
     xllm_api_buf_free(&j->out);
-    free(j->ids);
+    xllm_rpc_request_clear(&j->in);
     atomic_fetch_sub(&j->s->in_flight, 1);
     free(j);
 }
 
-static void line(rpc_job *j, json_t *o) {
-    char *t = json_dumps(o, JSON_COMPACT);
-    json_decref(o);
-    xllm_api_buf_add(&j->out, t, strlen(t));
-    xllm_api_buf_add(&j->out, "\n", 1);
-    free(t);
-}
-
-static const char *finish_str(xllm_finish_reason f) {
-    switch (f) {
-        case XLLM_FINISH_STOP:
-            return "stop";
-        case XLLM_FINISH_LENGTH:
-            return "length";
-        case XLLM_FINISH_CANCEL:
-            return "cancel";
-        default:
-            return "abort";
+/* Appends one line; false when the line cannot be encoded (the stream then ends with an error,
+ * which the service reads as a broken instance). */
+static bool line(rpc_job *j, const xllm_rpc_line *l) {
+    char err[256];
+    size_t n;
+    char *t = xllm_rpc_line_encode(l, &n, err, sizeof(err));
+    if (!t) {
+        fprintf(stderr, "xllm engine: instance RPC: %s\n", err);
+        return false;
     }
+    xllm_api_buf_add(&j->out, t, n);
+    free(t);
+    return true;
 }
 
-/* Formats the events published so far into j->out. */
-static void rpc_pump(rpc_job *j) {
-    xllm_token_event ev;
+static double ms_or_0(double x) {
+    return isfinite(x) && x > 0 ? x : 0;
+}
+
+/* Formats the events published so far into j->out. False when a line could not be encoded. */
+static bool rpc_pump(rpc_job *j) {
+    xllm_rpc_line l = {.kind = XLLM_RPC_LINE_TOKEN};
     for (;;) {
-        int rc = xllm_request_next(j->req, &ev, 0);
-        if (rc == 0) return;
-        if (rc < 0) {
-            xllm_request_stats st;
-            xllm_request_get_stats(j->req, &st);
-            json_t *o = json_object();
-            json_object_set_new(o, "finish",
-                                json_string(finish_str(xllm_request_finish_reason(j->req))));
-            json_object_set_new(o, "n_cached", json_integer(st.n_cached));
-            json_object_set_new(o, "n_preempted", json_integer(st.n_preempted));
-            json_object_set_new(o, "t_queue_ms", json_real(st.t_queue_ms));
-            json_object_set_new(o, "t_first_ms", json_real(st.t_first_ms));
-            line(j, o);
-            j->ended = true;
-            return;
+        int rc = xllm_request_next(j->req, &l.ev, 0);
+        if (rc == 0) return true;
+        if (rc > 0) {
+            if (!line(j, &l)) return false;
+            continue;
         }
-        json_t *o = json_object();
-        json_object_set_new(o, "t", json_integer(ev.token));
-        json_object_set_new(o, "lp", json_real(ev.logprob));
-        if (ev.n_top > 0) {
-            json_t *top = json_array();
-            for (int32_t k = 0; k < ev.n_top; k++)
-                json_array_append_new(
-                    top, json_pack("[i,f]", ev.top_ids[k], (double)ev.top_logprobs[k]));
-            json_object_set_new(o, "top", top);
-        }
-        line(j, o);
+        xllm_request_stats st;
+        xllm_request_get_stats(j->req, &st);
+        xllm_finish_reason f = xllm_request_finish_reason(j->req);
+        xllm_rpc_line fin = {
+            .kind = XLLM_RPC_LINE_FINISH,
+            .finish = f >= XLLM_FINISH_STOP && f <= XLLM_FINISH_CANCEL ? f : XLLM_FINISH_ABORT,
+            .n_cached = XLLM_MAX(st.n_cached, 0),
+            .n_preempted = XLLM_MAX(st.n_preempted, 0),
+            .t_queue_ms = ms_or_0(st.t_queue_ms),
+            .t_first_ms = ms_or_0(st.t_first_ms),
+        };
+        j->ended = true;
+        return line(j, &fin);
     }
 }
 
@@ -221,7 +104,7 @@ static ssize_t rpc_read(void *cls, uint64_t pos, char *buf, size_t max) {
         if (j->ended) return MHD_CONTENT_READER_END_OF_STREAM;
         j->out.len = j->out_pos = 0;
         uint64_t seen = xllm_api_waiter_seq(j->w);
-        rpc_pump(j);
+        if (!rpc_pump(j)) return MHD_CONTENT_READER_END_WITH_ERROR;
         if (j->out.len) continue;
         if (peer_gone(j->fd)) return MHD_CONTENT_READER_END_WITH_ERROR;
         xllm_api_waiter_wait(j->w, seen, 200);
@@ -235,21 +118,18 @@ static void rpc_free_cb(void *cls) {
 enum MHD_Result xllm_api_handle_instance_generate(xllm_api_server *s, struct MHD_Connection *c,
                                                   const char *body, size_t len) {
     if (!s->engine) return xllm_api_send_error(s, c, 404, NULL, NULL, "not an engine instance");
-    json_error_t jerr;
-    json_t *o = json_loadb(body, len, 0, &jerr);
     rpc_job *j = xllm_xcalloc(1, sizeof(*j));
     j->s = s;
     j->fd = -1;
     atomic_fetch_add(&s->in_flight, 1);
-    xllm_request_params rp = xllm_request_default_params();
     char err[512];
-    bool ok = parse_generate(o, xllm_tokenizer_n_vocab(s->tok), &rp, &j->ids, j->pd_to,
-                             sizeof(j->pd_to), err, sizeof(err));
-    json_decref(o);
-    if (!ok) {
+    const char *field = NULL;
+    if (xllm_rpc_generate_parse(body, len, xllm_tokenizer_n_vocab(s->tok), &j->in, &field, err,
+                                sizeof(err)) != XLLM_OK) {
         rpc_job_free(j);
-        return xllm_api_send_error(s, c, 400, NULL, NULL, "%s", err);
+        return xllm_api_send_error(s, c, 400, field, NULL, "%s", err);
     }
+    xllm_request_params rp = j->in.rp;
     const union MHD_ConnectionInfo *ci =
         MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
     if (ci) j->fd = ci->connect_fd;
@@ -270,7 +150,8 @@ enum MHD_Result xllm_api_handle_instance_generate(xllm_api_server *s, struct MHD
         return xllm_api_send_error(s, c, st == XLLM_ERR_INVALID_ARG ? 400 : 500, NULL, NULL, "%s",
                                    err);
     }
-    line(j, json_pack("{s:s,s:i}", "magic", RPC_MAGIC, "version", RPC_VERSION));
+    const xllm_rpc_line header = {.kind = XLLM_RPC_LINE_HEADER};
+    line(j, &header);
     struct MHD_Response *r =
         MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, rpc_read, j, rpc_free_cb);
     if (!r) {
@@ -329,7 +210,7 @@ enum MHD_Result xllm_api_handle_instance_load(xllm_api_server *s, struct MHD_Con
     if (since_s && !parse_cursor(since_s, &since))
         return xllm_api_send_error(s, c, 400, "kv_since", NULL,
                                    "kv_since: a decimal cursor is expected (0 for the whole set)");
-    json_t *o = json_pack("{s:s,s:i}", "magic", RPC_MAGIC, "version", RPC_VERSION);
+    json_t *o = json_pack("{s:s,s:i}", "magic", XLLM_RPC_MAGIC, "version", XLLM_RPC_VERSION);
     pthread_rwlock_rdlock(&s->eng_lock);
     if (s->engine && atomic_load(&s->state) != XLLM_API_STOPPING) {
         xllm_engine_stats st;

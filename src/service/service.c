@@ -12,6 +12,7 @@
 #include <jansson.h>
 
 #include "api/api-impl.h"
+#include "api/rpc.h"
 #include "service/service.h"
 #include "util/common.h"
 
@@ -22,6 +23,7 @@ struct xllm_service {
     xllm_router *router;
     xllm_registry *reg;
     xllm_pdctl *pdctl;  /* NULL unless dynamic PD */
+    int32_t n_vocab;    /* the model's: token ids in instance answers must be below it */
     pthread_mutex_t mu; /* live relay threads */
     pthread_cond_t cv;
     int32_t live;
@@ -95,51 +97,25 @@ static void end_req(rreq *q, xllm_finish_reason why, const char *error) {
     if (q->notify) q->notify(q->notify_user);
 }
 
-/* One HTTP exchange of the instance RPC: the body, a line parser, what came back. */
+/* One HTTP exchange of the instance RPC: the body, the reader of the answer, what came back. */
 typedef struct leg {
     rreq *q;
     CURL *c;
     struct curl_slist *hdr;
     char *body;
-    xllm_api_buf line;
-    bool header_ok, relay; /* relay: its token events go to the client */
-    bool finished;         /* a finish line arrived */
-    char finish[16];
-    int32_t n_tokens;
+    bool relay;           /* its token events go to the client */
+    xllm_rpc_reader rd;   /* the answer's lines (header, tokens, finish) */
+    char bad[256];        /* why the answer broke the RPC (the transfer was stopped there) */
     xllm_api_buf errbody; /* a non-200 answer */
     bool done;
     CURLcode cc;
     long code;
 } leg;
 
-static void leg_line(leg *l, const char *p, size_t n) {
-    json_t *o = json_loadb(p, n, 0, NULL);
-    if (!o) return;
-    if (!l->header_ok) {
-        const char *m = json_string_value(json_object_get(o, "magic"));
-        l->header_ok =
-            m && !strcmp(m, "xllm-rpc") && json_integer_value(json_object_get(o, "version")) == 1;
-    } else if (json_object_get(o, "t")) {
-        l->n_tokens++;
-        if (l->relay) {
-            xllm_token_event ev = {0};
-            ev.token = (int32_t)json_integer_value(json_object_get(o, "t"));
-            ev.logprob = (float)json_number_value(json_object_get(o, "lp"));
-            json_t *top = json_object_get(o, "top");
-            for (size_t k = 0; k < json_array_size(top) && k < XLLM_MAX_TOP_LOGPROBS; k++) {
-                json_t *e = json_array_get(top, k);
-                ev.top_ids[k] = (int32_t)json_integer_value(json_array_get(e, 0));
-                ev.top_logprobs[k] = (float)json_number_value(json_array_get(e, 1));
-                ev.n_top = (int32_t)k + 1;
-            }
-            push_event(l->q, &ev);
-        }
-    } else if (json_object_get(o, "finish")) {
-        l->finished = true;
-        const char *f = json_string_value(json_object_get(o, "finish"));
-        snprintf(l->finish, sizeof(l->finish), "%s", f ? f : "abort");
-    }
-    json_decref(o);
+static xllm_status leg_token(void *user, const xllm_token_event *ev, char *err, size_t err_size) {
+    leg *l = user;
+    if (l->relay) push_event(l->q, ev);
+    return XLLM_OK;
 }
 
 static size_t leg_write(char *p, size_t sz, size_t n, void *u) {
@@ -151,43 +127,20 @@ static size_t leg_write(char *p, size_t sz, size_t n, void *u) {
         if (l->errbody.len < 4096) xllm_api_buf_add(&l->errbody, p, len);
         return len;
     }
-    for (size_t i = 0; i < len; i++) {
-        if (p[i] == '\n') {
-            leg_line(l, l->line.p ? l->line.p : "", l->line.len);
-            l->line.len = 0;
-        } else {
-            xllm_api_buf_add(&l->line, p + i, 1);
-        }
-    }
+    /* a line that is not the RPC fails the exchange: returning less stops the transfer */
+    if (xllm_rpc_reader_feed(&l->rd, p, len, l->bad, sizeof(l->bad)) != XLLM_OK) return 0;
     return len;
 }
 
-static json_t *rpc_body(const rreq *q) {
-    const xllm_request_params *rp = &q->rp;
-    json_t *pr = json_array();
-    for (int32_t i = 0; i < rp->n_prompt; i++)
-        json_array_append_new(pr, json_integer(rp->prompt[i]));
-    char seed[24];
-    snprintf(seed, sizeof(seed), "%llu", (unsigned long long)rp->sampling.seed);
-    const xllm_sampler_params *sp = &rp->sampling;
-    return json_pack(
-        "{s:s,s:i,s:o,s:i,s:f,s:i,s:f,s:f,s:f,s:i,s:f,s:f,s:s,s:b,s:i,s:b,s:i,s:I,"
-        "s:I}",
-        "magic", "xllm-rpc", "version", 1, "prompt", pr, "max_tokens", rp->max_tokens,
-        "temperature", (double)sp->temperature, "top_k", sp->top_k, "top_p", (double)sp->top_p,
-        "min_p", (double)sp->min_p, "repeat_penalty", (double)sp->repeat_penalty, "penalty_last_n",
-        sp->penalty_last_n, "frequency_penalty", (double)sp->frequency_penalty, "presence_penalty",
-        (double)sp->presence_penalty, "seed", seed, "ignore_eos", rp->ignore_eos, "priority",
-        rp->priority, "offline", rp->offline, "top_logprobs", rp->top_logprobs, "ttft_slo_ms",
-        (json_int_t)rp->ttft_slo_ms, "tpot_slo_ms", (json_int_t)rp->tpot_slo_ms);
-}
-
-static void leg_init(leg *l, rreq *q, const char *addr, json_t *body, bool relay) {
+/* Takes body (malloc'd). */
+static void leg_init(leg *l, rreq *q, const char *addr, char *body, bool relay) {
     memset(l, 0, sizeof(*l));
     l->q = q;
     l->relay = relay;
-    l->body = json_dumps(body, JSON_COMPACT);
-    json_decref(body);
+    l->body = body;
+    l->rd.n_vocab = q->svc->n_vocab;
+    l->rd.on_token = leg_token;
+    l->rd.user = l;
     char url[200];
     snprintf(url, sizeof(url), "http://%s/v1/instance/generate", addr);
     l->c = curl_easy_init();
@@ -207,13 +160,17 @@ static void leg_clear(leg *l) {
     curl_easy_cleanup(l->c);
     curl_slist_free_all(l->hdr);
     free(l->body);
-    xllm_api_buf_free(&l->line);
+    xllm_rpc_reader_free(&l->rd);
     xllm_api_buf_free(&l->errbody);
 }
 
 /* Why a leg did not finish, in words (into msg). Returns true when the instance itself broke
  * (connection refused or cut), false when it answered with an error. */
 static bool leg_failure(const leg *l, char *msg, size_t n) {
+    if (l->bad[0]) {
+        snprintf(msg, n, "a bad instance RPC answer: %s", l->bad);
+        return true;
+    }
     if (l->cc != CURLE_OK) {
         snprintf(msg, n, "%s", curl_easy_strerror(l->cc));
         return true;
@@ -225,8 +182,28 @@ static bool leg_failure(const leg *l, char *msg, size_t n) {
         json_decref(o);
         return false;
     }
-    snprintf(msg, n, "the stream ended without a finish (%s)", l->finish[0] ? l->finish : "cut");
-    return !l->finished;
+    if (xllm_rpc_reader_end(&l->rd, msg, n) != XLLM_OK) return true;
+    snprintf(msg, n, "the request ended with '%s'", xllm_rpc_finish_name(l->rd.last.finish));
+    return false;
+}
+
+/* The request as leg bodies: one, or for a PD route the prefill leg's (into *pre) and the
+ * decode leg's. False with a message when the request cannot be encoded. */
+static bool leg_bodies(const rreq *q, const xllm_route *rt, char **run, char **pre, char *why,
+                       size_t n) {
+    xllm_request_params rp = q->rp, pp = q->rp;
+    if (rt->pd) {
+        pp.max_tokens = 1;
+        pp.pd_export_id = q->xfer_id;
+        pp.pd_export_to = rt->run.kv_addr;
+        rp.pd_import_id = q->xfer_id;
+    }
+    *pre = NULL;
+    *run = xllm_rpc_generate_encode(&rp, NULL, why, n);
+    if (*run && rt->pd) *pre = xllm_rpc_generate_encode(&pp, NULL, why, n);
+    if (*run && (!rt->pd || *pre)) return true;
+    free(*run);
+    return false;
 }
 
 typedef enum { ATT_DONE, ATT_CANCELLED, ATT_FAILED } attempt_result;
@@ -235,24 +212,16 @@ typedef enum { ATT_DONE, ATT_CANCELLED, ATT_FAILED } attempt_result;
  * it answered an error such as 429) and says why. */
 static attempt_result attempt(rreq *q, const xllm_route *rt, char *blame, char *why, size_t n) {
     leg run, pre;
-    json_t *b = rpc_body(q);
-    char xid[24];
-    snprintf(xid, sizeof(xid), "%llu", (unsigned long long)q->xfer_id);
-    if (rt->pd) {
-        json_t *bp = json_deep_copy(b);
-        json_object_set_new(bp, "max_tokens", json_integer(1));
-        json_object_set_new(bp, "pd_export",
-                            json_pack("{s:s,s:s}", "id", xid, "to", rt->run.kv_addr));
-        json_object_set_new(b, "pd_import", json_pack("{s:s}", "id", xid));
-        leg_init(&pre, q, rt->prefill.addr, bp, false);
-    }
+    char *b, *bp;
+    blame[0] = why[0] = 0;
+    if (!leg_bodies(q, rt, &b, &bp, why, n)) return ATT_FAILED;
+    if (rt->pd) leg_init(&pre, q, rt->prefill.addr, bp, false);
     leg_init(&run, q, rt->run.addr, b, true);
     CURLM *m = curl_multi_init();
     curl_multi_add_handle(m, run.c);
     if (rt->pd) curl_multi_add_handle(m, pre.c);
     int n_legs = rt->pd ? 2 : 1, n_done = 0;
     attempt_result res = ATT_FAILED;
-    blame[0] = why[0] = 0;
     bool first_seen = false;
     for (;;) {
         int running = 0;
@@ -268,12 +237,12 @@ static attempt_result attempt(rreq *q, const xllm_route *rt, char *blame, char *
             curl_easy_getinfo(l->c, CURLINFO_RESPONSE_CODE, &l->code);
             n_done++;
         }
-        if (!first_seen && run.n_tokens > 0) {
+        if (!first_seen && run.rd.n_tokens > 0) {
             first_seen = true;
             xllm_router_first_token(q->svc->router, rt, (mono_s() - q->t_submit) * 1e3);
         }
         if (run.done) {
-            if (run.finished && run.code == 200) {
+            if (run.rd.finished && run.code == 200 && !run.bad[0]) {
                 res = ATT_DONE;
                 break;
             }
@@ -281,12 +250,12 @@ static attempt_result attempt(rreq *q, const xllm_route *rt, char *blame, char *
             snprintf(blame, 64, "%s", broke ? rt->run.name : "");
             break;
         }
-        if (rt->pd && pre.done && run.n_tokens == 0 &&
-            !(pre.finished && pre.code == 200 && strcmp(pre.finish, "abort") != 0)) {
+        if (rt->pd && pre.done && run.rd.n_tokens == 0 &&
+            !(pre.rd.finished && pre.code == 200 && !pre.bad[0] &&
+              pre.rd.last.finish != XLLM_FINISH_ABORT)) {
             /* the prefill side failed before the decode side produced anything */
             char w[160];
             bool broke = leg_failure(&pre, w, sizeof(w));
-            if (pre.finished) snprintf(w, sizeof(w), "prefill ended with '%s'", pre.finish);
             snprintf(why, n, "prefill instance %s: %s", rt->prefill.name, w);
             snprintf(blame, 64, "%s", broke ? rt->prefill.name : "");
             break;
@@ -304,10 +273,7 @@ static attempt_result attempt(rreq *q, const xllm_route *rt, char *blame, char *
     if (rt->pd) curl_multi_remove_handle(m, pre.c);
     curl_multi_cleanup(m);
     if (res == ATT_DONE) {
-        xllm_finish_reason f = !strcmp(run.finish, "stop")     ? XLLM_FINISH_STOP
-                               : !strcmp(run.finish, "length") ? XLLM_FINISH_LENGTH
-                               : !strcmp(run.finish, "cancel") ? XLLM_FINISH_CANCEL
-                                                               : XLLM_FINISH_ABORT;
+        xllm_finish_reason f = run.rd.last.finish;
         if (f == XLLM_FINISH_ABORT) {
             snprintf(why, n, "instance %s aborted the request", rt->run.name);
             res = ATT_FAILED;
@@ -413,6 +379,10 @@ static xllm_status rb_submit(void *ctx, const xllm_request_params *p, void **out
         xllm_set_err(err, err_size, "no engine instance is available");
         return XLLM_ERR_IO;
     }
+    /* what the instance RPC cannot carry fails here, once, rather than on every instance */
+    char *body = xllm_rpc_generate_encode(p, NULL, err, err_size);
+    if (!body) return XLLM_ERR_INVALID_ARG;
+    free(body);
     rreq *q = xllm_xcalloc(1, sizeof(*q));
     q->svc = svc;
     pthread_mutex_init(&q->mu, NULL);
@@ -591,6 +561,7 @@ xllm_status xllm_service_start(const xllm_service_params *p, xllm_service **out,
         xllm_service_free(s);
         return st;
     }
+    s->n_vocab = xllm_model_n_vocab(s->api->model);
     xllm_registry_params rp = xllm_registry_default_params();
     if (p->etcd) {
         st = xllm_registry_etcd_store(p->etcd, 0, &rp.store, err, err_size);

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -83,6 +84,61 @@ def _spawn(cmd, model, *args):
     if cmd == "engine":
         srv.wait_ready()
     return srv
+
+
+class FakeInstance:
+    """A mixed instance registered in etcd by hand whose generate answers break the instance RPC:
+    `lines` (bytes) is the whole body of every 200 answer; /v1/instance/load answers normally."""
+
+    def __init__(self, etcd, name, lines, cluster="default"):
+        import base64
+        import http.server
+        import json
+        fake = self
+        self.calls = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def reply(self, body, ctype):
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self.reply(json.dumps({"magic": "xllm-rpc", "version": 1, "running": 0,
+                                       "waiting": 0, "kv_usage": 0.0, "in_flight": 0}).encode(),
+                           "application/json")
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                fake.calls += 1
+                self.reply(lines, "application/x-ndjson")
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.etcd = etcd
+
+        def post(path, o):
+            req = urllib.request.Request(etcd.url + path, json.dumps(o).encode(),
+                                         {"Content-Type": "application/json"})
+            return json.loads(urllib.request.urlopen(req, timeout=5).read())
+
+        def b64(t):
+            return base64.b64encode(t.encode()).decode()
+        self._post = post
+        self.lease = post("/v3/lease/grant", {"TTL": 300})["ID"]
+        value = json.dumps({"name": name, "incarnation": "00000000000fa4e1", "role": "mixed",
+                            "addr": "127.0.0.1:%d" % self.httpd.server_address[1], "attrs": {}})
+        post("/v3/kv/put", {"key": b64("/xllm/%s/instances/mixed/%s" % (cluster, name)),
+                            "value": b64(value), "lease": self.lease})
+
+    def stop(self):
+        self._post("/v3/lease/revoke", {"ID": self.lease})
+        self.httpd.shutdown()
 
 
 def wait_for(cond, timeout, step=0.05):

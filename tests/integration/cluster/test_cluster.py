@@ -5,7 +5,8 @@
 3. the master service is killed: the standby takes over within the lease time;
 4. a role switch of a live instance (POST /v1/instance/role) shows in the service's routing;
 5. the instances' prefix-cache events (GET /v1/instance/load?kv_since=N) feed the prefix
-   policy's index: a prompt cached on an instance behind the service's back goes there."""
+   policy's index: a prompt cached on an instance behind the service's back goes there;
+6. an instance whose answer breaks the RPC (a bad header) fails the leg; the request is retried."""
 import json
 import os
 import signal
@@ -147,6 +148,9 @@ def main():
         [t.start() for t in th]
         cl.wait_for(lambda: (cl.cluster_json(rr) or {"instances": [{"in_flight": 0}]})
                     ["instances"][0]["in_flight"] >= 3, 5, 0.01)
+        # a sanitizer report ends a process at once (halt_on_error): the ones killed here must
+        # still be running when the test kills them
+        ok(m1.proc.poll() is None, "m1 runs until killed (no sanitizer report)", m1.log[-20:])
         t_kill = time.time()
         m1.proc.send_signal(signal.SIGKILL)
         [t.join(90) for t in th]
@@ -171,6 +175,8 @@ def main():
         # 3. the master service is killed; a standby takes over within the lease time
         master = [s for s in svcs.values() if cl.cluster_json(s)["master"]][0]
         others = [s for s in svcs.values() if s is not master]
+        ok(master.proc.poll() is None, "the master runs until killed (no sanitizer report)",
+           master.log[-20:])
         master.proc.send_signal(signal.SIGKILL)
         t0 = time.time()
         took = cl.wait_for(lambda: any(cl.cluster_json(s)["master"] for s in others), 5)
@@ -215,6 +221,29 @@ def main():
            dm.get("xllm_prompt_tokens_cached_total", 0) == 0,
            "the decode instance received its prompts' KV", dm.get("xllm_kv_import_tokens_total"))
         ok(p1.stop() == 0 and d1.stop() == 0, "prefill and decode engines stop cleanly")
+
+        # 5. an instance whose answer breaks the RPC: a header of another version, then a
+        # well-formed stream of one wrong token. The service must fail the leg at the header
+        # (not skip lines until a good header) and retry the request on m2.
+        bad = cl.FakeInstance(etcd, "fake1", b'{"magic":"xllm-rpc","version":2}\n'
+                              b'{"magic":"xllm-rpc","version":1}\n{"t":5,"lp":-1.0}\n'
+                              b'{"finish":"stop"}\n')
+        s = cl.service(etcd, STORIES, "--policy", "round-robin", "--id", "svc-fake")
+        ok(cl.wait_for(lambda: names(s) == ["fake1", "m2"], 10), "sees fake1 and m2",
+           cl.cluster_json(s))
+        res = [s.post("/v1/completions", {"prompt": PROMPTS[i % 3], "max_tokens": N,
+                                          "temperature": 0}) for i in range(4)]
+        ok(all(st == 200 and o["choices"][0]["text"] == refs[PROMPTS[i % 3]]
+               for i, (st, o) in enumerate(res)),
+           "a bad RPC header fails the leg: every request is served by m2", res)
+        retries = s.metrics().get("xllm_service_retries_total", 0)
+        ok(bad.calls > 0 and retries == bad.calls,
+           "each request tried on fake1 was retried (%d tries, %d retries)" % (bad.calls, retries))
+        fails = {i["name"]: i["failures"] for i in cl.cluster_json(s)["instances"]}
+        ok(fails.get("fake1", 0) == bad.calls, "each bad answer counts as a failure of fake1",
+           fails)
+        ok(s.stop() == 0, "service stops cleanly")
+        bad.stop()
         ok(m2.stop() == 0, "engine stops cleanly")
     finally:
         etcd.stop()

@@ -170,6 +170,20 @@ def check_errors(srv, key):
         ok(err(st, d, 400, field), "400 names the bad field %s" % field, d)
     st, d = srv.post("/v1/completions", {"max_tokens": 3})
     ok(err(st, d, 400, "prompt"), "400 missing prompt", d)
+    # the instance RPC refuses a bad body naming the field (error.param), and answers a good one
+    # with a header line, one line per token and a finish line
+    rpc = {"magic": "xllm-rpc", "version": 1, "prompt": [1, 403], "max_tokens": 3,
+           "temperature": 0}
+    for field, val, param in [("version", 2, "version"), ("seed", 7, "seed"),
+                              ("prompt", [1, -5], "prompt"), ("top_logprobs", 21, "top_logprobs"),
+                              ("pd_export", {"id": "1", "to": "x" * 200}, "pd_export.to")]:
+        st, d = srv.post("/v1/instance/generate", dict(rpc, **{field: val}))
+        ok(err(st, d, 400, param), "instance RPC: 400 names %s" % param, d)
+    st, _, out = srv.request("POST", "/v1/instance/generate", rpc)
+    lines = [json.loads(x) for x in out.decode().splitlines()] if st == 200 else []
+    ok(len(lines) == 5 and lines[0] == {"magic": "xllm-rpc", "version": 1} and
+       all("t" in x for x in lines[1:4]) and lines[4].get("finish") == "length",
+       "instance RPC: a header, 3 token lines, a finish line", out)
     st, d = srv.post("/v1/completions", {"prompt": "hi", "max_tokens": 100000})
     ok(err(st, d, 400) and d["error"]["code"] == "context_length_exceeded",
        "400 context overflow", d)
