@@ -5,13 +5,13 @@ BUILD      ?= build
 ASAN_BUILD ?= build-asan
 TSAN_BUILD ?= build-tsan
 TSAN_TESTS ?= test_kv test_engine test_registry_mem test_registry_etcd test_kv_transfer test_router \
-              test_cluster test_cluster_sched test_serve_api test_serve_load
+              test_cluster test_serve_api test_serve_load
 # Shell tests (tests/integration/*.sh) have no build target of their own: they run the xllm binary.
 SH_TESTS   := $(basename $(notdir $(wildcard tests/integration/*.sh)))
 FUZZ_BUILD ?= build-fuzz
 JOBS       ?= $(shell nproc)
 SHARED     ?= $(abspath ../shared)
-FUZZ_SECONDS ?= 60
+FUZZ_SECONDS ?= 30
 export XLLM_SHARED ?= $(SHARED)
 
 .PHONY: all deps node-deps build run test test-unit test-asan test-tsan test-fuzz format \

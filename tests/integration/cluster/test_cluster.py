@@ -189,7 +189,10 @@ def main():
         p1 = cl.engine(etcd, STORIES, "p1", "prefill")
         d1 = cl.engine(etcd, STORIES, "d1", "decode")
         for pol in ["round-robin", "least-load", "prefix", "slo"]:
-            s = cl.service(etcd, STORIES, "--policy", pol, "--id", "pd-" + pol)
+            # the slo service also runs the dynamic PD controller (under TSan too); with one
+            # prefill and one decode instance it can never switch one (a side keeps one)
+            dyn = ["--dynamic-pd", "--pd-interval-ms", "100"] if pol == "slo" else []
+            s = cl.service(etcd, STORIES, "--policy", pol, "--id", "pd-" + pol, *dyn)
             ok(cl.wait_for(lambda: names(s) == ["d1", "m2", "p1"], 10), pol + ": sees p1 d1 m2")
             res = []
             for i in range(6):
@@ -203,6 +206,10 @@ def main():
                         "prompt": PROMPTS[0], "max_tokens": 100, "ignore_eos": True})).start()
             m = s.metrics()
             ok(all(res), pol + ": PD cluster outputs equal xllm run", res)
+            if dyn:
+                ok('xllm_pd_pressure{side="prefill"}' in m and
+                   m.get('xllm_pd_role_switches_total{to="prefill"}') == 0,
+                   pol + ": the controller runs and switches nothing with one instance per side")
             kinds = (m.get('xllm_cluster_routes_total{kind="pd"}', 0),
                      m.get('xllm_cluster_routes_total{kind="mixed"}', 0))
             if pol == "round-robin":
