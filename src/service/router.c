@@ -13,6 +13,7 @@
 #include <jansson.h>
 
 #include "api/api-impl.h"
+#include "api/rpc.h"
 #include "service/router.h"
 #include "util/common.h"
 #include "util/u64map.h"
@@ -806,6 +807,14 @@ static bool poll_one(xllm_router *r, CURL *c, const char *name, uint64_t inc, co
     curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
     json_t *o = cc == CURLE_OK && code == 200 ? json_loadb(b.p ? b.p : "", b.len, 0, NULL) : NULL;
     xllm_api_buf_free(&b);
+    /* an answer of another protocol or version is no answer (the instance stays as it was) */
+    const char *magic = json_string_value(json_object_get(o, "magic"));
+    json_t *ver = json_object_get(o, "version");
+    if (o && !(magic && !strcmp(magic, XLLM_RPC_MAGIC) && json_is_integer(ver) &&
+               json_integer_value(ver) == XLLM_RPC_VERSION)) {
+        json_decref(o);
+        o = NULL;
+    }
     /* decoded outside the lock: a reset may carry many hashes */
     kv_answer ka = {0};
     bool has_kv = o && r->p.policy == XLLM_POLICY_PREFIX && json_object_get(o, "kv");

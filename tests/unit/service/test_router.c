@@ -36,6 +36,7 @@ typedef struct fake {
     uint64_t base;
     int max_per_answer; /* events per answer; "more" beyond */
     bool bad;           /* answer a malformed kv object */
+    bool other_proto;   /* answer with another magic */
     int served;         /* load requests answered */
 } fake;
 
@@ -78,8 +79,9 @@ static enum MHD_Result fake_answer(void *cls, struct MHD_Connection *c, const ch
         xllm_kv_events_free(&ev);
     }
     if (f->bad) json_array_append_new(stored, json_string("00000000000000zz"));
-    json_t *o = json_pack("{s:s,s:i,s:i,s:i,s:f,s:i}", "magic", "xllm-rpc", "version", 1, "running",
-                          0, "waiting", 0, "kv_usage", 0.0, "in_flight", 0);
+    json_t *o =
+        json_pack("{s:s,s:i,s:i,s:i,s:f,s:i}", "magic", f->other_proto ? "other-rpc" : "xllm-rpc",
+                  "version", 1, "running", 0, "waiting", 0, "kv_usage", 0.0, "in_flight", 0);
     if (since_s)
         json_object_set_new(o, "kv",
                             json_pack("{s:i,s:s,s:I,s:b,s:b,s:o,s:o}", "block_tokens", 16, "hash",
@@ -448,6 +450,30 @@ static void test_bound(void **state) {
     cluster_stop(&c);
 }
 
+/* A load answer of another protocol is no answer: its events are not applied until the instance
+ * speaks the RPC again. */
+static void test_other_protocol(void **state) {
+    (void)state;
+    cluster c;
+    xllm_router_params rp = params();
+    cluster_start(&c, &rp);
+    prompt p5;
+    make_prompt(&p5, 5);
+    pthread_mutex_lock(&c.a.mu);
+    c.a.other_proto = true;
+    pthread_mutex_unlock(&c.a.mu);
+    int64_t before = blocks(&c, "A");
+    fake_store(&c.a, p5.h[0]);
+    int served = fake_served(&c.a);
+    WAIT_FOR(fake_served(&c.a) >= served + 3);
+    assert_int_equal(blocks(&c, "A"), before);
+    pthread_mutex_lock(&c.a.mu);
+    c.a.other_proto = false;
+    pthread_mutex_unlock(&c.a.mu);
+    WAIT_FOR(blocks(&c, "A") == before + 1);
+    cluster_stop(&c);
+}
+
 /* The parser of the kv object: what it accepts, and that anything malformed is refused whole. */
 static void test_parse(void **state) {
     (void)state;
@@ -494,7 +520,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parse),   cmocka_unit_test(test_follows_events),
         cmocka_unit_test(test_pending), cmocka_unit_test(test_pending_expiry),
-        cmocka_unit_test(test_bound),
+        cmocka_unit_test(test_bound),   cmocka_unit_test(test_other_protocol),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
