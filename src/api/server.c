@@ -617,7 +617,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         case R_INST_ROLE:
             return xllm_api_handle_instance_role(s, c, body, len);
         case R_CLUSTER: {
+            pthread_rwlock_rdlock(&s->eng_lock); /* the backend is published under it */
             char *t = s->be && s->be->describe ? s->be->describe(s->be_ctx) : NULL;
+            pthread_rwlock_unlock(&s->eng_lock);
             if (!t) return xllm_api_send_error(s, c, 404, NULL, NULL, "not a cluster service");
             return send_bytes(s, c, 200, "application/json", t, strlen(t));
         }

@@ -23,7 +23,6 @@ struct xllm_service {
     xllm_router *router;
     xllm_registry *reg;
     xllm_pdctl *pdctl;  /* NULL unless dynamic PD */
-    int32_t n_vocab;    /* the model's: token ids in instance answers must be below it */
     pthread_mutex_t mu; /* live relay threads */
     pthread_cond_t cv;
     int32_t live;
@@ -41,6 +40,7 @@ struct xllm_service {
 
 typedef struct rreq {
     xllm_service *svc;
+    int32_t n_vocab; /* the model's: token ids in instance answers must be below it */
     pthread_mutex_t mu;
     xllm_token_event *ev; /* received, not yet read */
     int32_t n_ev, cap_ev, rd;
@@ -138,7 +138,7 @@ static void leg_init(leg *l, rreq *q, const char *addr, char *body, bool relay) 
     l->q = q;
     l->relay = relay;
     l->body = body;
-    l->rd.n_vocab = q->svc->n_vocab;
+    l->rd.n_vocab = q->n_vocab;
     l->rd.on_token = leg_token;
     l->rd.user = l;
     char url[200];
@@ -385,6 +385,7 @@ static xllm_status rb_submit(void *ctx, const xllm_request_params *p, void **out
     free(body);
     rreq *q = xllm_xcalloc(1, sizeof(*q));
     q->svc = svc;
+    q->n_vocab = xllm_model_n_vocab(svc->api->model); /* submit runs under the server's lock */
     pthread_mutex_init(&q->mu, NULL);
     q->refs = 2;
     q->rp = *p;
@@ -555,13 +556,6 @@ xllm_status xllm_service_start(const xllm_service_params *p, xllm_service **out,
         return st;
     }
     s->router = xllm_router_new(&p->router);
-    st = xllm_api_server_load_remote(s->api, &k_remote_backend, s, p->api.engine.n_ctx, err,
-                                     err_size);
-    if (st != XLLM_OK) {
-        xllm_service_free(s);
-        return st;
-    }
-    s->n_vocab = xllm_model_n_vocab(s->api->model);
     xllm_registry_params rp = xllm_registry_default_params();
     if (p->etcd) {
         st = xllm_registry_etcd_store(p->etcd, 0, &rp.store, err, err_size);
@@ -595,6 +589,14 @@ xllm_status xllm_service_start(const xllm_service_params *p, xllm_service **out,
         return st;
     }
     if (p->dynamic_pd) s->pdctl = xllm_pdctl_new(&p->pdctl, s->router, leader_cb, s);
+    /* last: publishing the backend lets HTTP threads call it, and everything above (registry,
+     * id, controller) is visible to them through the server's lock */
+    st = xllm_api_server_load_remote(s->api, &k_remote_backend, s, p->api.engine.n_ctx, err,
+                                     err_size);
+    if (st != XLLM_OK) {
+        xllm_service_free(s);
+        return st;
+    }
     *out = s;
     return XLLM_OK;
 }
