@@ -241,14 +241,8 @@ static inline __attribute__((always_inline)) void gemv_q4_k_t(const xllm_mat *w,
         for (int64_t sb = 0; sb < nsb; sb++) {
             const uint8_t *b = row + 144 * sb;
             const float d = h2f(b), dmin = h2f(b + 2);
-            const uint32_t u0 = (uint32_t)ld32(b + 4), u1 = (uint32_t)ld32(b + 8),
-                           u2 = (uint32_t)ld32(b + 12);
-            const uint64_t sc =
-                (uint64_t)(u0 & 0x3f3f3f3fu) |
-                ((uint64_t)((u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4)) << 32);
-            const uint64_t mn =
-                (uint64_t)(u1 & 0x3f3f3f3fu) |
-                ((uint64_t)(((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)) << 32);
+            uint64_t sc, mn;
+            xllm_k4_scales(b + 4, &sc, &mn);
             const __m512i sc16 =
                 _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
             const __m128i m8 = _mm_cvtsi64_si128((long long)mn);

@@ -290,10 +290,22 @@ static void run_worker(void *arg, int ith, int nth) {
         const int64_t K = w->n_cols;
         if (t->p == PATH_SCALAR || t->p == PATH_GEMV) {
             const int64_t lo = c * t->chunk, hi = XLLM_MIN(lo + t->chunk, w->n_rows);
-            if (t->p == PATH_GEMV) {
-                k->gemv(w, lo, hi, mm->x, mm->x_stride, t->a, T, t->y, t->y_stride, acc);
-                continue;
+            /* (more tokens than the direct kernels take: groups of them, see plan) */
+            for (int64_t t0 = 0; t->p == PATH_GEMV && t0 < T; t0 += XLLM_GEMV_MAX_T) {
+                xllm_q8act a;
+                if (t->a) {
+                    const int64_t n = mm->n;
+                    a = *t->a;
+                    a.q += t0 * n;
+                    a.d += t0 * (n / a.B);
+                    a.s16 += t0 * (n / 16);
+                    if (a.G) a.g += t0 * (n / a.G) * 2;
+                }
+                k->gemv(w, lo, hi, mm->x + t0 * mm->x_stride, mm->x_stride, t->a ? &a : NULL,
+                        XLLM_MIN(T - t0, (int64_t)XLLM_GEMV_MAX_T), t->y + t0 * t->y_stride,
+                        t->y_stride, acc);
             }
+            if (t->p == PATH_GEMV) continue;
             for (int64_t r = lo; r < hi; r++) {
                 const uint8_t *src = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
                 const float *wr = (const float *)src;
@@ -372,8 +384,12 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
         /* the direct kernels for 1 token; prepacked panels read faster from 2 tokens on (Q8_0,
          * 3072 x 1024, one thread: 1.2x at 2 tokens, 1.75x at 4) and about 10% slower at 1,
          * where they are used only when the dense rows are gone */
-    } else if (mm->T <= XLLM_GEMV_MAX_T && (!t.pre || (mm->T == 1 && t.dense)) && k->gemv &&
+    } else if ((mm->T <= XLLM_GEMV_MAX_T || (B && !k->pack_q)) && t.dense &&
+               (mm->T == 1 || !t.pre || !k->pack_q) && k->gemv &&
                k->gemv(w, 0, 0, NULL, 0, NULL, 0, NULL, 0, false)) {
+        /* a level with direct kernels over 8-bit activations but no packed GEMM (AVX2) runs
+         * them for every token count: the same arithmetic alone and in a batch (a sequence's
+         * results must not depend on what it is batched with) */
         t.p = PATH_GEMV;
         if (B) t.a = q_form(mm, w->type, false);
     } else if (B && k->pack_q) {
