@@ -324,47 +324,49 @@ static void run_worker(void *arg, int ith, int nth) {
             }
             continue;
         }
-        /* a unit is two panels (32 rows) on the GEMM paths */
-        const int64_t r0 = c * 2 * XLLM_PANEL;
-        const int nr = (int)XLLM_MIN((int64_t)2 * XLLM_PANEL, w->n_rows - r0);
-        const int np = nr > XLLM_PANEL ? 2 : 1;
-        const size_t Kp = (size_t)(mm->max_cols + 63) / 64 * 64;
-        float *y = t->y + r0;
-        if (t->p == PATH_GEMM_Q) {
-            xllm_qpanel p[2];
-            const prepacked *pp = t->pre;
-            for (int i = 0; i < np && pp; i++) {
-                const int64_t pi = r0 / XLLM_PANEL + i;
-                p[i] = (xllm_qpanel){.q = pp->q + pi * pp->qstride,
-                                     .s = pp->s + pi * pp->sstride,
-                                     .m = pp->m + pi * pp->sstride,
-                                     .G = pp->G,
-                                     .sym = pp->sym};
-            }
-            for (int i = 0; i < np && !pp; i++) {
-                p[i] = (xllm_qpanel){.q = th->pq + i * 16 * Kp,
-                                     .s = th->ps + i * (Kp / 16 + 1) * 16,
-                                     .m = th->pm + i * (Kp / 16 + 1) * 16};
-                k->pack_q(w, r0 + i * XLLM_PANEL, XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
-                          th->stage, &p[i]);
-            }
-            k->gemm_q(p, np, K, t->a, T, nr, y, t->y_stride, acc);
-        } else if (t->p == PATH_GEMM_BF16) {
-            uint16_t *pb = (uint16_t *)th->pf;
-            for (int i = 0; i < np; i++)
-                k->pack_bf16(w, r0 + i * XLLM_PANEL, XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
-                             pb + (size_t)i * (size_t)K * 16);
-            k->gemm_bf16(pb, np, K, mm->xb, T, nr, y, t->y_stride, acc);
-        } else {
-            for (int i = 0; i < np; i++) {
-                const int nri = XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL);
-                if (w->type == XLLM_DTYPE_F32 || w->type == XLLM_DTYPE_F16 ||
-                    w->type == XLLM_DTYPE_BF16)
-                    k->pack_f(w, r0 + i * XLLM_PANEL, nri, th->pf);
-                else
-                    pack_f_ref(w, r0 + i * XLLM_PANEL, nri, th->row, th->pf);
-                k->gemm_f(th->pf, K, mm->x, mm->x_stride, T, nri, y + i * XLLM_PANEL, t->y_stride,
-                          acc);
+        /* a unit is chunk rows, a whole number of panel pairs (32 rows), on the GEMM paths */
+        const int64_t r_end = XLLM_MIN((c + 1) * t->chunk, w->n_rows);
+        for (int64_t r0 = c * t->chunk; r0 < r_end; r0 += 2 * XLLM_PANEL) {
+            const int nr = (int)XLLM_MIN((int64_t)2 * XLLM_PANEL, w->n_rows - r0);
+            const int np = nr > XLLM_PANEL ? 2 : 1;
+            const size_t Kp = (size_t)(mm->max_cols + 63) / 64 * 64;
+            float *y = t->y + r0;
+            if (t->p == PATH_GEMM_Q) {
+                xllm_qpanel p[2];
+                const prepacked *pp = t->pre;
+                for (int i = 0; i < np && pp; i++) {
+                    const int64_t pi = r0 / XLLM_PANEL + i;
+                    p[i] = (xllm_qpanel){.q = pp->q + pi * pp->qstride,
+                                         .s = pp->s + pi * pp->sstride,
+                                         .m = pp->m ? pp->m + pi * pp->sstride : NULL,
+                                         .G = pp->G,
+                                         .sym = pp->sym};
+                }
+                for (int i = 0; i < np && !pp; i++) {
+                    p[i] = (xllm_qpanel){.q = th->pq + i * 16 * Kp,
+                                         .s = th->ps + i * (Kp / 16 + 1) * 16,
+                                         .m = th->pm + i * (Kp / 16 + 1) * 16};
+                    k->pack_q(w, r0 + i * XLLM_PANEL, XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
+                              th->stage, &p[i]);
+                }
+                k->gemm_q(p, np, K, t->a, T, nr, y, t->y_stride, acc);
+            } else if (t->p == PATH_GEMM_BF16) {
+                uint16_t *pb = (uint16_t *)th->pf;
+                for (int i = 0; i < np; i++)
+                    k->pack_bf16(w, r0 + i * XLLM_PANEL, XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
+                                 pb + (size_t)i * (size_t)K * 16);
+                k->gemm_bf16(pb, np, K, mm->xb, T, nr, y, t->y_stride, acc);
+            } else {
+                for (int i = 0; i < np; i++) {
+                    const int nri = XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL);
+                    if (w->type == XLLM_DTYPE_F32 || w->type == XLLM_DTYPE_F16 ||
+                        w->type == XLLM_DTYPE_BF16)
+                        k->pack_f(w, r0 + i * XLLM_PANEL, nri, th->pf);
+                    else
+                        pack_f_ref(w, r0 + i * XLLM_PANEL, nri, th->row, th->pf);
+                    k->gemm_f(th->pf, K, mm->x, mm->x_stride, T, nri, y + i * XLLM_PANEL,
+                              t->y_stride, acc);
+                }
             }
         }
     }
@@ -407,8 +409,11 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
         if (t.chunk < 16) t.chunk = 16;
         t.n_chunks = (w->n_rows + t.chunk - 1) / t.chunk;
     } else {
-        t.chunk = 2 * XLLM_PANEL;
-        t.n_chunks = (w->n_rows + 2 * XLLM_PANEL - 1) / (2 * XLLM_PANEL);
+        /* ~16 units per thread, whole panel pairs: fewer trips to the shared counter for the
+         * output matrix (4748 pairs), single pairs for small matrices */
+        const int64_t pairs = (w->n_rows + 2 * XLLM_PANEL - 1) / (2 * XLLM_PANEL);
+        t.chunk = 2 * XLLM_PANEL * XLLM_MAX((int64_t)1, pairs / (16 * mm->n_threads));
+        t.n_chunks = (w->n_rows + t.chunk - 1) / t.chunk;
     }
     return t;
 }
