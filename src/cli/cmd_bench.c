@@ -55,6 +55,20 @@ static void bw_worker(void *arg, int ith, int nth) {
         xllm_cpu_dot_f32(b->k, b->buf + lo * 4096, b->buf + lo * 4096, (hi - lo) * 4096);
 }
 
+/* The process's resident memory in GB: anonymous and file-backed (/proc/self/status). */
+static void resident_gb(double *anon, double *file) {
+    *anon = *file = 0.0;
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return;
+    char line[256];
+    long kb;
+    while (fgets(line, sizeof(line), f)) {
+        if (sscanf(line, "RssAnon: %ld", &kb) == 1) *anon = (double)kb * 1024 / 1e9;
+        if (sscanf(line, "RssFile: %ld", &kb) == 1) *file = (double)kb * 1024 / 1e9;
+    }
+    fclose(f);
+}
+
 /* GB/s of reading a 1 GiB buffer with the pool's threads (best of 3 passes). */
 static double read_bandwidth(xllm_threadpool *tp) {
     const int64_t n = (int64_t)1 << 28; /* floats */
@@ -305,6 +319,8 @@ int xllm_cmd_bench(int argc, char **argv) {
     }
     const int32_t V = xllm_model_n_vocab(m);
     const double wbytes = weight_bytes(m);
+    double rss_anon, rss_file; /* the loaded model's, before any context or buffer */
+    resident_gb(&rss_anon, &rss_file);
     uint64_t rs = 0x2545F4914F6CDD1Dull;
     xllm_threadpool *tp = xllm_threadpool_new((int)o.t);
     const double rgbs = tp ? read_bandwidth(tp) : 0.0;
@@ -313,6 +329,7 @@ int xllm_cmd_bench(int argc, char **argv) {
         printf("model: %s (%s), %.2f GB of weights per token, cpu %s, weights %s\n",
                xllm_model_name(m), o.model, wbytes / 1e9,
                xllm_cpu_level_name(xllm_cpu_level_default()), o.mmap ? "mmap" : "in memory");
+        printf("resident after load: %.2f GB anonymous, %.2f GB file-backed\n", rss_anon, rss_file);
         printf("read bandwidth (%" PRId64 " threads): %.1f GB/s\n", o.t, rgbs);
         printf("| test         | thr |        tokens/s        | decode weight bandwidth |\n");
     }

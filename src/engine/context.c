@@ -89,25 +89,7 @@ xllm_status xllm_context_new(const xllm_model *model, const xllm_context_params 
     ws->exp_out = falloc(B * hp->n_embd);
     ctx->mm = xllm_mm_new(ctx->tp, xllm_cpu_level_default(), B, ctx->max_cols);
     ctx->kern = xllm_mm_kernels(ctx->mm);
-    /* Dense quantized matrices packed once into the batched path's panel form (another copy of
-     * those weights in memory; XLLM_PREPACK=0 turns it off). */
-    const char *pre = getenv("XLLM_PREPACK");
-    if (!pre || strcmp(pre, "0") != 0) {
-        for (int il = 0; il < hp->n_layer; il++) {
-            const xllm_layer *ly = &model->layers[il];
-            const xllm_weight *ws_[] = {&ly->wq,       &ly->wk,     &ly->wv,      &ly->wo,
-                                        &ly->ffn_gate, &ly->ffn_up, &ly->ffn_down};
-            for (size_t i = 0; i < sizeof(ws_) / sizeof(ws_[0]); i++) {
-                if (!ws_[i]->data) continue;
-                xllm_mat m = {ws_[i]->data, ws_[i]->type, ws_[i]->ne[1], ws_[i]->ne[0],
-                              ws_[i]->row_bytes};
-                xllm_mm_prepack(ctx->mm, &m);
-            }
-        }
-        const xllm_weight *o = &model->output;
-        xllm_mat m = {o->data, o->type, o->ne[1], o->ne[0], o->row_bytes};
-        if (o->data) xllm_mm_prepack(ctx->mm, &m);
-    }
+    xllm_mm_use_packs(ctx->mm, model->packs); /* panels packed once at model load */
     ws->att_scratch = falloc((size_t)p.n_threads * (p.n_ctx + hp->head_dim));
     ws->seq_next = xllm_xcalloc((size_t)p.n_seq_max, sizeof(int32_t));
     ws->seq_last = xllm_xcalloc((size_t)p.n_seq_max, sizeof(int32_t));

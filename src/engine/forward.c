@@ -290,11 +290,9 @@ xllm_status xllm_forward(xllm_context *ctx, const xllm_batch *b, int32_t n_out) 
     xllm_workspace *ws = &ctx->ws;
     const int64_t T = b->n_tokens, E = hp->n_embd;
 
-    for (int64_t t = 0; t < T; t++) {
-        const uint8_t *row =
-            (const uint8_t *)m->tok_embd.data + (size_t)b->token[t] * m->tok_embd.row_bytes;
-        xllm_dequant_row_ref(m->tok_embd.type, row, ws->x + t * E, E);
-    }
+    /* (from the output's panels when the embeddings are tied and their dense rows released) */
+    const xllm_mat embd = mat_of(&m->tok_embd, 0);
+    for (int64_t t = 0; t < T; t++) xllm_mm_row(ctx->mm, &embd, b->token[t], ws->x + t * E);
     rope_tables(ctx, b);
 
     for (int il = 0; il < hp->n_layer; il++) {

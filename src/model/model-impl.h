@@ -79,6 +79,10 @@ struct xllm_model {
     xllm_tokenizer *tokenizer;
     uint64_t n_params;
     uint64_t n_bytes;
+    /* the dense quantized matrices in the GEMM panel form (NULL: XLLM_PREPACK=0, or the CPU
+     * level has none); the panels replace the dense rows of the 8-bit types when the weights
+     * are an anonymous copy (xllm_mm_row reads a row wherever it lives) */
+    struct xllm_mm_packs *packs;
 };
 
 #endif

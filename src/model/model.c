@@ -1,10 +1,12 @@
 /* Model loading: reads hyperparameters from GGUF metadata (with the defaults the format implies),
  * binds weight views for the llama / qwen2 / qwen3 / qwen3moe families, checks every shape. */
 #include <inttypes.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "compute/cpu/ops.h"
 #include "compute/dtype.h"
 #include "model/model-impl.h"
 #include "tokenizer/tokenizer.h"
@@ -231,6 +233,14 @@ static void bind_layer(loader *L, int il, xllm_layer *ly) {
     }
 }
 
+/* Releases the whole pages inside [p, p + n) of a mapping (anonymous: their bytes read as zeros
+ * afterwards; of a file: they are read again from it). Pages shared with bytes outside stay. */
+static void release_pages(const void *p, size_t n) {
+    const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t a = ((uintptr_t)p + pg - 1) & ~(pg - 1), b = ((uintptr_t)p + n) & ~(pg - 1);
+    if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
 /* Touches every page of the weights so that the first forward pass does not fault them in,
  * reporting progress. With no_mmap, copies the data into anonymous memory instead. */
 static xllm_status fault_in(loader *L, const xllm_model_params *p) {
@@ -260,8 +270,51 @@ static xllm_status fault_in(loader *L, const xllm_model_params *p) {
         if (p->progress) p->progress((float)(off + len) / (float)n, p->progress_user);
     }
     (void)sink;
-    if (L->m->data_copy) mprotect(L->m->data_copy, n, PROT_READ);
+    if (L->m->data_copy) {
+        mprotect(L->m->data_copy, n, PROT_READ);
+        /* the file's pages of the tensor data are not read again: drop them from the process
+         * (they stay in the page cache, which the kernel may reclaim) */
+        release_pages(src, n);
+    }
     return XLLM_OK;
+}
+
+/* Packs the dense quantized matrices (and the output) once into the GEMM panel form, for every
+ * context of the model (XLLM_PREPACK=0: not). When the weights are an anonymous copy and the
+ * panels are about the size of the dense rows (8-bit types: Q8_0 is 34 bytes per 32 weights
+ * dense, 36 packed), the panels replace them: their pages are released, so the model takes
+ * its weight size in memory rather than twice. Sub-8-bit types keep both (their panels hold
+ * 8 bits a weight: reading them would double the bytes of a decode step). */
+static void make_packs(xllm_model *m) {
+    const char *env = getenv("XLLM_PREPACK");
+    if (env && strcmp(env, "0") == 0) return;
+    const xllm_hparams *hp = &m->hp;
+    int64_t mc = XLLM_MAX((int64_t)hp->n_embd, (int64_t)hp->n_head * hp->head_dim);
+    mc = XLLM_MAX(mc, (int64_t)hp->n_ff);
+    xllm_threadpool *tp = xllm_threadpool_new(1);
+    if (!tp) return;
+    xllm_mm *mm = xllm_mm_new(tp, xllm_cpu_level_default(), 1, mc);
+    m->packs = xllm_mm_packs_new();
+    for (int il = 0; il <= hp->n_layer; il++) {
+        const xllm_layer *ly = il < hp->n_layer ? &m->layers[il] : NULL;
+        const xllm_weight *ws[] = {ly ? &ly->wq : &m->output, ly ? &ly->wk : NULL,
+                                   ly ? &ly->wv : NULL,       ly ? &ly->wo : NULL,
+                                   ly ? &ly->ffn_gate : NULL, ly ? &ly->ffn_up : NULL,
+                                   ly ? &ly->ffn_down : NULL};
+        for (size_t i = 0; i < sizeof(ws) / sizeof(ws[0]); i++) {
+            if (!ws[i] || !ws[i]->data) continue;
+            const xllm_mat w = {ws[i]->data, ws[i]->type, ws[i]->ne[1], ws[i]->ne[0],
+                                ws[i]->row_bytes};
+            const size_t packed = xllm_mm_pack(mm, m->packs, &w);
+            const size_t dense = (size_t)w.n_rows * w.row_bytes;
+            if (packed && m->data_copy && packed <= dense + dense / 8) {
+                xllm_mm_packs_drop_dense(m->packs, &w);
+                release_pages(w.data, dense);
+            }
+        }
+    }
+    xllm_mm_free(mm);
+    xllm_threadpool_free(tp);
 }
 
 xllm_status xllm_model_load(const char *path, const xllm_model_params *params, xllm_model **out,
@@ -334,6 +387,7 @@ xllm_status xllm_model_load(const char *path, const xllm_model_params *params, x
         m->n_params += (uint64_t)(t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3]);
         m->n_bytes += t->n_bytes;
     }
+    make_packs(m);
     *out = m;
     return XLLM_OK;
 
@@ -345,6 +399,7 @@ fail:
 
 void xllm_model_free(xllm_model *m) {
     if (!m) return;
+    xllm_mm_packs_free(m->packs);
     if (m->data_copy) munmap(m->data_copy, m->gguf->size - m->gguf->data_offset);
     xllm_tokenizer_free(m->tokenizer);
     free(m->layers);

@@ -1,5 +1,6 @@
-/* AVX2 + FMA + F16C kernels: float GEMV over F32/F16/BF16 rows, fp32 packed GEMM (quantized
- * weights reach it through the driver's dequantizing pack), dot products and norms. Compiled
+/* AVX2 + FMA + F16C kernels: GEMV over F32/F16/BF16 rows and over Q8_0 / Q4_K rows with 8-bit
+ * activations (vpmaddubsw), fp32 packed GEMM (other quantized weights, and batches, reach it
+ * through the driver's dequantizing pack), dot products and norms. Compiled
  * with AVX2 flags; only called after run-time dispatch has checked the CPU. */
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -29,8 +30,128 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(h);
 }
 
+static inline float half_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+static inline void store_dot(float *y, float v, bool acc) {
+    *y = acc ? *y + v : v;
+}
+
+/* Q8_0 rows (blocks of 32: f16 d, 32 int8) x 8-bit activations (B = 32), T tokens: per block,
+ * |w| (u8) times a with w's sign (s8) by vpmaddubsw (|w| <= 128, |a| <= 127: pair sums fit
+ * int16), pairs to int32 by vpmaddwd, then one FMA by d_w * d_a. */
+static inline __attribute__((always_inline)) void gemv_q8_0_t(const xllm_mat *w, int64_t r0,
+                                                              int64_t r1, const xllm_q8act *a,
+                                                              const int T, float *y,
+                                                              int64_t y_stride, bool acc) {
+    const int64_t K = w->n_cols, nb = K / 32;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+        __m256 s[XLLM_GEMV_MAX_T];
+        for (int t = 0; t < T; t++) s[t] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = row + 34 * b;
+            const float dw = half_at(blk);
+            const __m256i wq = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            const __m256i aw = _mm256_sign_epi8(wq, wq);
+            for (int t = 0; t < T; t++) {
+                const __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + t * K + 32 * b));
+                const __m256i p =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xq, wq)), ones);
+                s[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a->d[t * nb + b]),
+                                       s[t]);
+            }
+        }
+        for (int t = 0; t < T; t++) store_dot(y + t * y_stride + r, hsum8(s[t]), acc);
+    }
+}
+
+/* Q4_K rows (super-blocks of 256: f16 d, dmin, 12 bytes of 6-bit scales / mins, 128 bytes of
+ * nibbles) x 8-bit activations (B = 256, sums per 16): the nibbles of a sub-block of 32 times
+ * a by vpmaddubsw, times its scale by vpmaddwd, summed in int32 over the super-block; the mins
+ * take the activation sums. */
+static inline __attribute__((always_inline)) void gemv_q4_k_t(const xllm_mat *w, int64_t r0,
+                                                              int64_t r1, const xllm_q8act *a,
+                                                              const int T, float *y,
+                                                              int64_t y_stride, bool acc) {
+    const int64_t K = w->n_cols, nsb = K / 256;
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+        __m256 s[XLLM_GEMV_MAX_T];
+        float sm[XLLM_GEMV_MAX_T];
+        for (int t = 0; t < T; t++) {
+            s[t] = _mm256_setzero_ps();
+            sm[t] = 0.0f;
+        }
+        for (int64_t sb = 0; sb < nsb; sb++) {
+            const uint8_t *b = row + 144 * sb;
+            const float d = half_at(b), dmin = half_at(b + 2);
+            uint64_t sc, mn;
+            xllm_k4_scales(b + 4, &sc, &mn);
+            __m256i is[XLLM_GEMV_MAX_T];
+            for (int t = 0; t < T; t++) is[t] = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                const __m256i qb = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * c));
+                const __m256i lo = _mm256_and_si256(qb, m4);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
+                const __m256i s0 = _mm256_set1_epi16((int16_t)((sc >> (16 * c)) & 0xff));
+                const __m256i s1 = _mm256_set1_epi16((int16_t)((sc >> (16 * c + 8)) & 0xff));
+                for (int t = 0; t < T; t++) {
+                    const int8_t *aq = a->q + t * K + 256 * sb + 64 * c;
+                    const __m256i p0 =
+                        _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)aq));
+                    const __m256i p1 =
+                        _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(aq + 32)));
+                    is[t] = _mm256_add_epi32(is[t], _mm256_madd_epi16(p0, s0));
+                    is[t] = _mm256_add_epi32(is[t], _mm256_madd_epi16(p1, s1));
+                }
+            }
+            for (int t = 0; t < T; t++) {
+                const float da = a->d[t * nsb + sb];
+                const int16_t *s16 = a->s16 + t * (K / 16) + 16 * sb;
+                int msum = 0;
+                for (int j = 0; j < 8; j++)
+                    msum += (int)((mn >> (8 * j)) & 0xff) * (s16[2 * j] + s16[2 * j + 1]);
+                s[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t]), _mm256_set1_ps(d * da), s[t]);
+                sm[t] += dmin * da * (float)msum;
+            }
+        }
+        for (int t = 0; t < T; t++) store_dot(y + t * y_stride + r, hsum8(s[t]) - sm[t], acc);
+    }
+}
+
+/* The quantized GEMV of one type for T (1..4, inlined per count: accumulators stay in
+ * registers). */
+#define GEMV_Q_T(fn, w, r0, r1, a, T, y, y_stride, acc)                                            \
+    switch (T) {                                                                                   \
+        case 1:                                                                                    \
+            fn(w, r0, r1, a, 1, y, y_stride, acc);                                                 \
+            break;                                                                                 \
+        case 2:                                                                                    \
+            fn(w, r0, r1, a, 2, y, y_stride, acc);                                                 \
+            break;                                                                                 \
+        case 3:                                                                                    \
+            fn(w, r0, r1, a, 3, y, y_stride, acc);                                                 \
+            break;                                                                                 \
+        default:                                                                                   \
+            fn(w, r0, r1, a, 4, y, y_stride, acc);                                                 \
+    }
+
 static bool gemv(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
                  const xllm_q8act *a, int64_t T, float *y, int64_t y_stride, bool acc) {
+    if (w->type == XLLM_DTYPE_Q8_0) {
+        if (r1 > r0) GEMV_Q_T(gemv_q8_0_t, w, r0, r1, a, (int)T, y, y_stride, acc);
+        return true;
+    }
+    if (w->type == XLLM_DTYPE_Q4_K) {
+        if (r1 > r0) GEMV_Q_T(gemv_q4_k_t, w, r0, r1, a, (int)T, y, y_stride, acc);
+        return true;
+    }
     if (w->type != XLLM_DTYPE_F32 && w->type != XLLM_DTYPE_F16 && w->type != XLLM_DTYPE_BF16)
         return false;
     const int64_t K = w->n_cols;

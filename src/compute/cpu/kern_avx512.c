@@ -241,14 +241,8 @@ static inline __attribute__((always_inline)) void gemv_q4_k_t(const xllm_mat *w,
         for (int64_t sb = 0; sb < nsb; sb++) {
             const uint8_t *b = row + 144 * sb;
             const float d = h2f(b), dmin = h2f(b + 2);
-            const uint32_t u0 = (uint32_t)ld32(b + 4), u1 = (uint32_t)ld32(b + 8),
-                           u2 = (uint32_t)ld32(b + 12);
-            const uint64_t sc =
-                (uint64_t)(u0 & 0x3f3f3f3fu) |
-                ((uint64_t)((u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4)) << 32);
-            const uint64_t mn =
-                (uint64_t)(u1 & 0x3f3f3f3fu) |
-                ((uint64_t)(((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)) << 32);
+            uint64_t sc, mn;
+            xllm_k4_scales(b + 4, &sc, &mn);
             const __m512i sc16 =
                 _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
             const __m128i m8 = _mm_cvtsi64_si128((long long)mn);
@@ -1074,6 +1068,20 @@ static inline __m512 kv16(const uint8_t *row, xllm_dtype t, int d) {
                : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + d)));
 }
 
+/* Online-softmax step of one query over a block: s (16 scores, -inf where invalid), running
+ * max m and sum l; writes the block's weights to pv and returns the factor the query's output
+ * so far is scaled by. */
+static inline float att_softmax(__m512 s, __mmask16 valid, float *m, float *l, float *pv) {
+    const float bm = _mm512_reduce_max_ps(s);
+    const float mnew = bm > *m ? bm : *m;
+    const float alpha = expf(*m - mnew); /* 0 on the first block (m = -inf) */
+    const __m512 p = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(s, _mm512_set1_ps(mnew))));
+    *l = *l * alpha + _mm512_reduce_add_ps(p);
+    *m = mnew;
+    _mm512_store_ps(pv, p);
+    return alpha;
+}
+
 /* One query against one block: scores, online-softmax update, o += p V. DV = D / 16 when the
  * caller knows it (registers hold o), 0 for the general loop. */
 static inline __attribute__((always_inline)) void
@@ -1120,15 +1128,8 @@ att_query(const int DV, int D, const float *q, const float (*kt)[16], const floa
         const __m512 s23 = _mm512_add_ps(_mm512_add_ps(sc[4], sc[5]), _mm512_add_ps(sc[6], sc[7]));
         s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_add_ps(s01, s23));
     }
-    const float bm = _mm512_reduce_max_ps(s);
-    const float mnew = bm > *m ? bm : *m;
-    const float alpha = expf(*m - mnew); /* 0 on the first block (m = -inf) */
-    const __m512 p = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(s, _mm512_set1_ps(mnew))));
-    *l = *l * alpha + _mm512_reduce_add_ps(p);
-    *m = mnew;
     float pv[16] __attribute__((aligned(64)));
-    _mm512_store_ps(pv, p);
-    const __m512 av = _mm512_set1_ps(alpha);
+    const __m512 av = _mm512_set1_ps(att_softmax(s, valid, m, l, pv));
     if (DV > 0) {
         __m512 ov[16];
 #pragma GCC unroll 16
@@ -1149,6 +1150,63 @@ att_query(const int DV, int D, const float *q, const float (*kt)[16], const floa
             _mm512_store_ps(o + j, ov);
         }
     }
+}
+
+/* Decode (one token): NQ (1 or 2) query heads sharing one KV head against a block of cnt
+ * positions, K / V read straight from the cache rows (F16 converted in registers, no staged
+ * copy), each converted vector used by the NQ queries. D = 16 * DV. q: scaled queries; o:
+ * their outputs so far. */
+static inline __attribute__((always_inline)) void
+att_decode_block(const int NQ, const int DV, const float (*q)[256], const uint8_t *kh,
+                 const uint8_t *vh, size_t rb, xllm_dtype t, int cnt, float *m, float *l,
+                 float (*o)[256]) {
+    const __mmask16 valid = (__mmask16)(cnt >= 16 ? 0xffffu : (1u << cnt) - 1u);
+    __m512i acc[2][16];
+    for (int pp = 0; pp < 16; pp++) {
+        __m512 a[2][2] = {{_mm512_setzero_ps(), _mm512_setzero_ps()},
+                          {_mm512_setzero_ps(), _mm512_setzero_ps()}};
+        if (pp < cnt) {
+            const uint8_t *kr = kh + (size_t)pp * rb;
+#pragma GCC unroll 16
+            for (int j = 0; j < DV; j++) {
+                const __m512 kv = kv16(kr, t, 16 * j);
+                for (int i = 0; i < NQ; i++)
+                    a[i][j & 1] = _mm512_fmadd_ps(_mm512_load_ps(q[i] + 16 * j), kv, a[i][j & 1]);
+            }
+        }
+        for (int i = 0; i < NQ; i++)
+            acc[i][pp] = _mm512_castps_si512(_mm512_add_ps(a[i][0], a[i][1]));
+    }
+    float pv[2][16] __attribute__((aligned(64)));
+    __m512 av[2];
+    for (int i = 0; i < NQ; i++) {
+        transpose16(acc[i]);
+        __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+        for (int j = 0; j < 16; j += 2) {
+            t0 = _mm512_add_ps(t0, _mm512_castsi512_ps(acc[i][j]));
+            t1 = _mm512_add_ps(t1, _mm512_castsi512_ps(acc[i][j + 1]));
+        }
+        const __m512 sc =
+            _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_add_ps(t0, t1));
+        av[i] = _mm512_set1_ps(att_softmax(sc, valid, &m[i], &l[i], pv[i]));
+    }
+    __m512 ov[2][16];
+    for (int i = 0; i < NQ; i++)
+#pragma GCC unroll 16
+        for (int j = 0; j < DV; j++) ov[i][j] = _mm512_mul_ps(_mm512_load_ps(o[i] + 16 * j), av[i]);
+    for (int pp = 0; pp < cnt; pp++) {
+        const uint8_t *vr = vh + (size_t)pp * rb;
+        __m512 w[2];
+        for (int i = 0; i < NQ; i++) w[i] = _mm512_set1_ps(pv[i][pp]);
+#pragma GCC unroll 16
+        for (int j = 0; j < DV; j++) {
+            const __m512 vv = kv16(vr, t, 16 * j);
+            for (int i = 0; i < NQ; i++) ov[i][j] = _mm512_fmadd_ps(w[i], vv, ov[i][j]);
+        }
+    }
+    for (int i = 0; i < NQ; i++)
+#pragma GCC unroll 16
+        for (int j = 0; j < DV; j++) _mm512_store_ps(o[i] + 16 * j, ov[i][j]);
 }
 
 static void attention(const xllm_attn_args *a) {
@@ -1197,6 +1255,24 @@ static void attention(const xllm_attn_args *a) {
             }
         for (int hh = 0; hh < H; hh++) {
             const uint8_t *kbh = kb + (size_t)hh * D * es, *vbh = vbase + (size_t)hh * D * es;
+            if (a->n_tok == 1 && nqh <= 2 && (D == 128 || D == 64)) {
+                const uint8_t *kr = kbh + (size_t)p0 * a->row_bytes;
+                const uint8_t *vr = vbh + (size_t)p0 * a->row_bytes;
+                float(*qh)[256] = qf + hh * nqh, (*oh)[256] = o + hh * nqh;
+                if (nqh == 2 && D == 128)
+                    att_decode_block(2, 8, (const float(*)[256])qh, kr, vr, a->row_bytes,
+                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh);
+                else if (nqh == 2)
+                    att_decode_block(2, 4, (const float(*)[256])qh, kr, vr, a->row_bytes,
+                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh);
+                else if (D == 128)
+                    att_decode_block(1, 8, (const float(*)[256])qh, kr, vr, a->row_bytes,
+                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh);
+                else
+                    att_decode_block(1, 4, (const float(*)[256])qh, kr, vr, a->row_bytes,
+                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh);
+                continue;
+            }
             const bool rows = nqh <= 8; /* few queries: no K transpose, reduce the scores instead */
             for (int p = 0; p < pb && rows; p++)
                 for (int d = 0; d < D; d += 16)

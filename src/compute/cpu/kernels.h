@@ -6,6 +6,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "compute/cpu/cpu.h"
 #include "compute/cpu/ops.h"
@@ -59,6 +60,19 @@ static inline int xllm_act_block(xllm_dtype t) {
 /* Group size of a quantized type's scales in the panel form. */
 static inline int xllm_panel_group(xllm_dtype t) {
     return (t == XLLM_DTYPE_Q2_K || t == XLLM_DTYPE_Q3_K || t == XLLM_DTYPE_Q6_K) ? 16 : 32;
+}
+
+/* The 8 six-bit scales and mins of a Q4_K / Q5_K super-block (its 12 scale bytes at s), one
+ * per byte of *sc / *mn, sub-block j in byte j. */
+static inline void xllm_k4_scales(const uint8_t *s, uint64_t *sc, uint64_t *mn) {
+    uint32_t u0, u1, u2;
+    memcpy(&u0, s, 4);
+    memcpy(&u1, s + 4, 4);
+    memcpy(&u2, s + 8, 4);
+    *sc = (uint64_t)(u0 & 0x3f3f3f3fu) |
+          ((uint64_t)((u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4)) << 32);
+    *mn = (uint64_t)(u1 & 0x3f3f3f3fu) |
+          ((uint64_t)(((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)) << 32);
 }
 
 typedef struct xllm_cpu_kernels {

@@ -36,12 +36,11 @@ struct xllm_mm {
     unsigned forms;
     xllm_q8act q32, q256, q256_16; /* q256_16 shares q/d/s16 with q256, its own g */
     uint16_t *xb;                  /* (max_T, max_cols) bf16 form */
-    /* weights packed once (xllm_mm_prepack): open-addressing table keyed by the data pointer */
-    struct prepacked *pre;
-    int64_t pre_cap, pre_n;
+    const xllm_mm_packs *packs;    /* weights packed ahead of time (xllm_mm_use_packs), or NULL */
 };
 
-/* One matrix in panel form: panel i (16 rows) at q + i * qstride, s / m + i * sstride. */
+/* One matrix in panel form: panel i (16 rows) at q + i * qstride, s / m + i * sstride (m is
+ * NULL for symmetric types: m = -sym * s). */
 typedef struct prepacked {
     const void *data; /* the matrix's data pointer (key); NULL = free slot */
     int64_t n_rows, n_cols;
@@ -49,16 +48,37 @@ typedef struct prepacked {
     float *s, *m;
     size_t qstride, sstride;
     int G, sym;
+    bool dense_gone; /* the dense rows were released: every reader uses the panels */
 } prepacked;
 
-static const prepacked *find_prepacked(const xllm_mm *mm, const xllm_mat *w) {
-    if (!mm->pre_cap) return NULL;
-    size_t h = ((uintptr_t)w->data >> 6) % (size_t)mm->pre_cap;
+/* Open-addressing table of packed matrices keyed by the data pointer. */
+struct xllm_mm_packs {
+    prepacked *pre;
+    int64_t cap, n;
+};
+
+static prepacked *find_prepacked(const xllm_mm_packs *pk, const xllm_mat *w) {
+    if (!pk || !pk->cap) return NULL;
+    size_t h = ((uintptr_t)w->data >> 6) % (size_t)pk->cap;
     for (;;) {
-        const prepacked *e = &mm->pre[h];
+        prepacked *e = &pk->pre[h];
         if (!e->data) return NULL;
         if (e->data == w->data && e->n_rows == w->n_rows && e->n_cols == w->n_cols) return e;
-        h = (h + 1) % (size_t)mm->pre_cap;
+        h = (h + 1) % (size_t)pk->cap;
+    }
+}
+
+/* Row r of a packed matrix as floats (n_cols): s * (q - sym) for symmetric types, exactly the
+ * reference dequantization; s * q + m otherwise. */
+static void panel_row(const prepacked *e, int64_t r, float *out) {
+    const int rr = (int)(r % XLLM_PANEL);
+    const uint8_t *q = e->q + (size_t)(r / XLLM_PANEL) * e->qstride;
+    const float *s = e->s + (size_t)(r / XLLM_PANEL) * e->sstride;
+    const float *m = e->m ? e->m + (size_t)(r / XLLM_PANEL) * e->sstride : NULL;
+    for (int64_t k = 0; k < e->n_cols; k++) {
+        const int64_t g = (k / e->G) * XLLM_PANEL + rr;
+        const int v = q[(k / 4) * 4 * XLLM_PANEL + rr * 4 + k % 4];
+        out[k] = m ? s[g] * (float)v + m[g] : s[g] * (float)(v - e->sym);
     }
 }
 
@@ -104,12 +124,6 @@ xllm_mm *xllm_mm_new(xllm_threadpool *tp, xllm_cpu_level level, int64_t max_T, i
 
 void xllm_mm_free(xllm_mm *mm) {
     if (!mm) return;
-    for (int64_t i = 0; i < mm->pre_cap; i++) {
-        free(mm->pre[i].q);
-        free(mm->pre[i].s);
-        free(mm->pre[i].m);
-    }
-    free(mm->pre);
     for (int i = 0; i < mm->n_threads; i++) {
         mm_thread *t = &mm->th[i];
         free(t->stage);
@@ -196,8 +210,12 @@ static void ensure_forms(xllm_mm *mm, unsigned want) {
     want &= ~mm->forms;
     if (!want) return;
     form_task f = {mm, want};
-    if (mm->T <= 4)
-        form_worker(&f, 0, 1); /* a few rows: not worth waking the pool (one barrier less) */
+    /* Up to 64K elements (16 tokens of 4096: batched decode) the main thread quantizes alone
+     * (~5 us per 16 x 1024): cheaper than a barrier, which on a loaded host costs a wake-up
+     * of the worker (measured: 4 of the 9 parallel regions of a layer at batch 16, each 1 ms
+     * on average, mostly the worker's wake-up). */
+    if (mm->T * mm->n <= 16 * 4096)
+        form_worker(&f, 0, 1);
     else
         xllm_threadpool_run(mm->tp, form_worker, &f);
     mm->forms |= want;
@@ -229,6 +247,7 @@ typedef struct mm_job {
     int64_t y_stride;
     path p;
     const prepacked *pre;    /* panels packed ahead of time, or NULL */
+    bool dense;              /* w's dense rows are there (else rows come from the panels) */
     int64_t n_chunks, chunk; /* work units: chunk rows (row paths) or 32-row panel pairs */
 } mm_job;
 
@@ -271,14 +290,29 @@ static void run_worker(void *arg, int ith, int nth) {
         const int64_t K = w->n_cols;
         if (t->p == PATH_SCALAR || t->p == PATH_GEMV) {
             const int64_t lo = c * t->chunk, hi = XLLM_MIN(lo + t->chunk, w->n_rows);
-            if (t->p == PATH_GEMV) {
-                k->gemv(w, lo, hi, mm->x, mm->x_stride, t->a, T, t->y, t->y_stride, acc);
-                continue;
+            /* (more tokens than the direct kernels take: groups of them, see plan) */
+            for (int64_t t0 = 0; t->p == PATH_GEMV && t0 < T; t0 += XLLM_GEMV_MAX_T) {
+                xllm_q8act a;
+                if (t->a) {
+                    const int64_t n = mm->n;
+                    a = *t->a;
+                    a.q += t0 * n;
+                    a.d += t0 * (n / a.B);
+                    a.s16 += t0 * (n / 16);
+                    if (a.G) a.g += t0 * (n / a.G) * 2;
+                }
+                k->gemv(w, lo, hi, mm->x + t0 * mm->x_stride, mm->x_stride, t->a ? &a : NULL,
+                        XLLM_MIN(T - t0, (int64_t)XLLM_GEMV_MAX_T), t->y + t0 * t->y_stride,
+                        t->y_stride, acc);
             }
+            if (t->p == PATH_GEMV) continue;
             for (int64_t r = lo; r < hi; r++) {
                 const uint8_t *src = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
                 const float *wr = (const float *)src;
-                if (w->type != XLLM_DTYPE_F32) {
+                if (!t->dense) {
+                    panel_row(t->pre, r, th->row);
+                    wr = th->row;
+                } else if (w->type != XLLM_DTYPE_F32) {
                     xllm_dequant_row_ref(w->type, src, th->row, K);
                     wr = th->row;
                 }
@@ -290,47 +324,49 @@ static void run_worker(void *arg, int ith, int nth) {
             }
             continue;
         }
-        /* a unit is two panels (32 rows) on the GEMM paths */
-        const int64_t r0 = c * 2 * XLLM_PANEL;
-        const int nr = (int)XLLM_MIN((int64_t)2 * XLLM_PANEL, w->n_rows - r0);
-        const int np = nr > XLLM_PANEL ? 2 : 1;
-        const size_t Kp = (size_t)(mm->max_cols + 63) / 64 * 64;
-        float *y = t->y + r0;
-        if (t->p == PATH_GEMM_Q) {
-            xllm_qpanel p[2];
-            const prepacked *pp = t->pre;
-            for (int i = 0; i < np && pp; i++) {
-                const int64_t pi = r0 / XLLM_PANEL + i;
-                p[i] = (xllm_qpanel){.q = pp->q + pi * pp->qstride,
-                                     .s = pp->s + pi * pp->sstride,
-                                     .m = pp->m + pi * pp->sstride,
-                                     .G = pp->G,
-                                     .sym = pp->sym};
-            }
-            for (int i = 0; i < np && !pp; i++) {
-                p[i] = (xllm_qpanel){.q = th->pq + i * 16 * Kp,
-                                     .s = th->ps + i * (Kp / 16 + 1) * 16,
-                                     .m = th->pm + i * (Kp / 16 + 1) * 16};
-                k->pack_q(w, r0 + i * XLLM_PANEL, XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
-                          th->stage, &p[i]);
-            }
-            k->gemm_q(p, np, K, t->a, T, nr, y, t->y_stride, acc);
-        } else if (t->p == PATH_GEMM_BF16) {
-            uint16_t *pb = (uint16_t *)th->pf;
-            for (int i = 0; i < np; i++)
-                k->pack_bf16(w, r0 + i * XLLM_PANEL, XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
-                             pb + (size_t)i * (size_t)K * 16);
-            k->gemm_bf16(pb, np, K, mm->xb, T, nr, y, t->y_stride, acc);
-        } else {
-            for (int i = 0; i < np; i++) {
-                const int nri = XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL);
-                if (w->type == XLLM_DTYPE_F32 || w->type == XLLM_DTYPE_F16 ||
-                    w->type == XLLM_DTYPE_BF16)
-                    k->pack_f(w, r0 + i * XLLM_PANEL, nri, th->pf);
-                else
-                    pack_f_ref(w, r0 + i * XLLM_PANEL, nri, th->row, th->pf);
-                k->gemm_f(th->pf, K, mm->x, mm->x_stride, T, nri, y + i * XLLM_PANEL, t->y_stride,
-                          acc);
+        /* a unit is chunk rows, a whole number of panel pairs (32 rows), on the GEMM paths */
+        const int64_t r_end = XLLM_MIN((c + 1) * t->chunk, w->n_rows);
+        for (int64_t r0 = c * t->chunk; r0 < r_end; r0 += 2 * XLLM_PANEL) {
+            const int nr = (int)XLLM_MIN((int64_t)2 * XLLM_PANEL, w->n_rows - r0);
+            const int np = nr > XLLM_PANEL ? 2 : 1;
+            const size_t Kp = (size_t)(mm->max_cols + 63) / 64 * 64;
+            float *y = t->y + r0;
+            if (t->p == PATH_GEMM_Q) {
+                xllm_qpanel p[2];
+                const prepacked *pp = t->pre;
+                for (int i = 0; i < np && pp; i++) {
+                    const int64_t pi = r0 / XLLM_PANEL + i;
+                    p[i] = (xllm_qpanel){.q = pp->q + pi * pp->qstride,
+                                         .s = pp->s + pi * pp->sstride,
+                                         .m = pp->m ? pp->m + pi * pp->sstride : NULL,
+                                         .G = pp->G,
+                                         .sym = pp->sym};
+                }
+                for (int i = 0; i < np && !pp; i++) {
+                    p[i] = (xllm_qpanel){.q = th->pq + i * 16 * Kp,
+                                         .s = th->ps + i * (Kp / 16 + 1) * 16,
+                                         .m = th->pm + i * (Kp / 16 + 1) * 16};
+                    k->pack_q(w, r0 + i * XLLM_PANEL, XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
+                              th->stage, &p[i]);
+                }
+                k->gemm_q(p, np, K, t->a, T, nr, y, t->y_stride, acc);
+            } else if (t->p == PATH_GEMM_BF16) {
+                uint16_t *pb = (uint16_t *)th->pf;
+                for (int i = 0; i < np; i++)
+                    k->pack_bf16(w, r0 + i * XLLM_PANEL, XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
+                                 pb + (size_t)i * (size_t)K * 16);
+                k->gemm_bf16(pb, np, K, mm->xb, T, nr, y, t->y_stride, acc);
+            } else {
+                for (int i = 0; i < np; i++) {
+                    const int nri = XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL);
+                    if (w->type == XLLM_DTYPE_F32 || w->type == XLLM_DTYPE_F16 ||
+                        w->type == XLLM_DTYPE_BF16)
+                        k->pack_f(w, r0 + i * XLLM_PANEL, nri, th->pf);
+                    else
+                        pack_f_ref(w, r0 + i * XLLM_PANEL, nri, th->row, th->pf);
+                    k->gemm_f(th->pf, K, mm->x, mm->x_stride, T, nri, y + i * XLLM_PANEL,
+                              t->y_stride, acc);
+                }
             }
         }
     }
@@ -343,16 +379,24 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
     const int B = xllm_act_block(w->type);
     const int64_t K = w->n_cols;
     mm_job t = {.w = w, .y = y, .y_stride = y_stride, .p = PATH_SCALAR};
-    if (k->level == XLLM_CPU_SCALAR) {
-        t.p = PATH_SCALAR;
-    } else if (mm->T <= XLLM_GEMV_MAX_T && k->gemv &&
+    t.pre = find_prepacked(mm->packs, w);
+    t.dense = !t.pre || !t.pre->dense_gone;
+    if (k->level == XLLM_CPU_SCALAR || (!t.dense && !(B && k->pack_q))) {
+        t.p = PATH_SCALAR; /* (rows from the panels when the dense ones are gone) */
+        /* the direct kernels for 1 token; prepacked panels read faster from 2 tokens on (Q8_0,
+         * 3072 x 1024, one thread: 1.2x at 2 tokens, 1.75x at 4) and about 10% slower at 1,
+         * where they are used only when the dense rows are gone */
+    } else if ((mm->T <= XLLM_GEMV_MAX_T || (B && !k->pack_q)) && t.dense &&
+               (mm->T == 1 || !t.pre || !k->pack_q) && k->gemv &&
                k->gemv(w, 0, 0, NULL, 0, NULL, 0, NULL, 0, false)) {
+        /* a level with direct kernels over 8-bit activations but no packed GEMM (AVX2) runs
+         * them for every token count: the same arithmetic alone and in a batch (a sequence's
+         * results must not depend on what it is batched with) */
         t.p = PATH_GEMV;
         if (B) t.a = q_form(mm, w->type, false);
     } else if (B && k->pack_q) {
         t.p = PATH_GEMM_Q;
         t.a = q_form(mm, w->type, xllm_panel_group(w->type) == 16);
-        t.pre = find_prepacked(mm, w);
     } else if (w->type == XLLM_DTYPE_BF16 && k->gemm_bf16 && K % 32 == 0) {
         t.p = PATH_GEMM_BF16;
         ensure_forms(mm, FORM_BF16);
@@ -365,55 +409,103 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
         if (t.chunk < 16) t.chunk = 16;
         t.n_chunks = (w->n_rows + t.chunk - 1) / t.chunk;
     } else {
-        t.chunk = 2 * XLLM_PANEL;
-        t.n_chunks = (w->n_rows + 2 * XLLM_PANEL - 1) / (2 * XLLM_PANEL);
+        /* ~16 units per thread, whole panel pairs: fewer trips to the shared counter for the
+         * output matrix (4748 pairs), single pairs for small matrices */
+        const int64_t pairs = (w->n_rows + 2 * XLLM_PANEL - 1) / (2 * XLLM_PANEL);
+        t.chunk = 2 * XLLM_PANEL * XLLM_MAX((int64_t)1, pairs / (16 * mm->n_threads));
+        t.n_chunks = (w->n_rows + t.chunk - 1) / t.chunk;
     }
     return t;
 }
 
-bool xllm_mm_prepack(xllm_mm *mm, const xllm_mat *w) {
+/* ---- weights packed ahead of time ------------------------------------------------------- */
+
+xllm_mm_packs *xllm_mm_packs_new(void) {
+    return xllm_xcalloc(1, sizeof(xllm_mm_packs));
+}
+
+void xllm_mm_packs_free(xllm_mm_packs *pk) {
+    if (!pk) return;
+    for (int64_t i = 0; i < pk->cap; i++) {
+        free(pk->pre[i].q);
+        free(pk->pre[i].s);
+        free(pk->pre[i].m);
+    }
+    free(pk->pre);
+    free(pk);
+}
+
+size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w) {
     const xllm_cpu_kernels *k = mm->k;
     if (!k->pack_q || !xllm_act_block(w->type) || w->n_rows <= 0 || w->n_cols > mm->max_cols ||
-        find_prepacked(mm, w))
-        return false;
-    if (mm->pre_n * 2 + 2 > mm->pre_cap) { /* grow and rehash */
-        const int64_t old_cap = mm->pre_cap;
-        prepacked *old = mm->pre;
-        mm->pre_cap = old_cap ? old_cap * 2 : 64;
-        mm->pre = xllm_xcalloc((size_t)mm->pre_cap, sizeof(prepacked));
+        find_prepacked(pk, w))
+        return 0;
+    if (pk->n * 2 + 2 > pk->cap) { /* grow and rehash */
+        const int64_t old_cap = pk->cap;
+        prepacked *old = pk->pre;
+        pk->cap = old_cap ? old_cap * 2 : 64;
+        pk->pre = xllm_xcalloc((size_t)pk->cap, sizeof(prepacked));
         for (int64_t i = 0; i < old_cap; i++) {
             if (!old[i].data) continue;
-            size_t h = ((uintptr_t)old[i].data >> 6) % (size_t)mm->pre_cap;
-            while (mm->pre[h].data) h = (h + 1) % (size_t)mm->pre_cap;
-            mm->pre[h] = old[i];
+            size_t h = ((uintptr_t)old[i].data >> 6) % (size_t)pk->cap;
+            while (pk->pre[h].data) h = (h + 1) % (size_t)pk->cap;
+            pk->pre[h] = old[i];
         }
         free(old);
     }
     const int64_t K = w->n_cols, Kp = (K + 63) / 64 * 64, np = (w->n_rows + 15) / 16;
-    prepacked e = {.data = w->data, .n_rows = w->n_rows, .n_cols = K};
+    const int G = xllm_panel_group(w->type);
+    prepacked e = {.data = w->data, .n_rows = w->n_rows, .n_cols = K, .G = G};
     e.qstride = (size_t)(16 * Kp);
-    e.sstride = (size_t)((Kp / 16 + 1) * 16);
+    e.sstride = (size_t)((Kp / G + 1) * 16);
     e.q = malloc(e.qstride * (size_t)np);
     e.s = malloc(e.sstride * (size_t)np * sizeof(float));
-    e.m = malloc(e.sstride * (size_t)np * sizeof(float));
-    if (!e.q || !e.s || !e.m) {
+    /* offsets: the thread scratch until the first panel tells whether the type is symmetric
+     * (then they are not kept: m = -sym * s) */
+    float *scratch_m = mm->th[0].pm;
+    for (int64_t pi = 0; pi < np && e.q && e.s; pi++) {
+        xllm_qpanel p = {.q = e.q + pi * e.qstride,
+                         .s = e.s + pi * e.sstride,
+                         .m = e.m ? e.m + pi * e.sstride : scratch_m};
+        k->pack_q(w, pi * 16, (int)XLLM_MIN((int64_t)16, w->n_rows - pi * 16), mm->th[0].stage, &p);
+        XLLM_ASSERT(p.G == G);
+        e.sym = p.sym;
+        if (pi == 0 && !e.sym) { /* asymmetric: keep the offsets */
+            e.m = malloc(e.sstride * (size_t)np * sizeof(float));
+            if (!e.m) break;
+            memcpy(e.m, scratch_m, e.sstride * sizeof(float));
+        }
+    }
+    if (!e.q || !e.s || (!e.sym && !e.m)) {
         free(e.q);
         free(e.s);
         free(e.m);
-        return false;
+        return 0;
     }
-    for (int64_t pi = 0; pi < np; pi++) {
-        xllm_qpanel p = {
-            .q = e.q + pi * e.qstride, .s = e.s + pi * e.sstride, .m = e.m + pi * e.sstride};
-        k->pack_q(w, pi * 16, (int)XLLM_MIN((int64_t)16, w->n_rows - pi * 16), mm->th[0].stage, &p);
-        e.G = p.G;
-        e.sym = p.sym;
-    }
-    size_t h = ((uintptr_t)w->data >> 6) % (size_t)mm->pre_cap;
-    while (mm->pre[h].data) h = (h + 1) % (size_t)mm->pre_cap;
-    mm->pre[h] = e;
-    mm->pre_n++;
-    return true;
+    size_t h = ((uintptr_t)w->data >> 6) % (size_t)pk->cap;
+    while (pk->pre[h].data) h = (h + 1) % (size_t)pk->cap;
+    pk->pre[h] = e;
+    pk->n++;
+    return (size_t)np * (e.qstride + e.sstride * sizeof(float) * (e.m ? 2 : 1));
+}
+
+void xllm_mm_packs_drop_dense(xllm_mm_packs *pk, const xllm_mat *w) {
+    prepacked *e = find_prepacked(pk, w);
+    XLLM_ASSERT(e);
+    e->dense_gone = true;
+}
+
+void xllm_mm_use_packs(xllm_mm *mm, const xllm_mm_packs *pk) {
+    mm->packs = pk;
+}
+
+void xllm_mm_row(const xllm_mm *mm, const xllm_mat *w, int64_t r, float *out) {
+    const prepacked *e = find_prepacked(mm->packs, w);
+    if (e && e->dense_gone)
+        panel_row(e, r, out);
+    else
+        xllm_dequant_row_ref(w->type, (const uint8_t *)w->data + (size_t)r * w->row_bytes, out,
+                             w->n_cols);
 }
 
 void xllm_mm_run_multi(xllm_mm *mm, int n, const xllm_mat *const *w, float *const *y,

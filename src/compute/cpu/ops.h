@@ -110,10 +110,23 @@ xllm_cpu_level xllm_mm_level(const xllm_mm *mm);
 void xllm_mm_input(xllm_mm *mm, const float *x, int64_t x_stride, int64_t T, int64_t n);
 /* y (T, n_rows) = input @ W^T (acc: y +=, which fuses a residual add). */
 void xllm_mm_run(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride, bool acc);
-/* Packs w into the GEMM panel form once, kept by mm (the batched path then skips packing it on
- * every call; the memory is that of the weights once more). Quantized types at levels with a
- * packed GEMM; false otherwise or when memory runs out. w's data must outlive mm. */
-bool xllm_mm_prepack(xllm_mm *mm, const xllm_mat *w);
+
+/* Weights packed ahead of time into the GEMM panel form (the batched path then skips packing
+ * them on every call), made once per model and shared read-only by the contexts' engines. */
+typedef struct xllm_mm_packs xllm_mm_packs;
+
+xllm_mm_packs *xllm_mm_packs_new(void);
+void xllm_mm_packs_free(xllm_mm_packs *pk); /* accepts NULL */
+/* Packs w with mm's kernels into pk. Returns the bytes of the panels, 0 when the level or the
+ * type has no panel form, or memory ran out. w's data pointer is the key of later look-ups. */
+size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w);
+/* Marks that w's dense rows are gone (w must be packed): from then on every path, at every
+ * level, reads w from its panels; w's data pointer stays the key. Before any engine uses pk. */
+void xllm_mm_packs_drop_dense(xllm_mm_packs *pk, const xllm_mat *w);
+/* The engine reads packed weights from pk (NULL: none); pk must outlive mm. */
+void xllm_mm_use_packs(xllm_mm *mm, const xllm_mm_packs *pk);
+/* Row r of w as n_cols floats, from the panels when its dense rows are gone. Any thread. */
+void xllm_mm_row(const xllm_mm *mm, const xllm_mat *w, int64_t r, float *out);
 /* n (<= 4) matmuls on the same input in one parallel region (Q, K and V; gate and up): one
  * barrier instead of n. */
 void xllm_mm_run_multi(xllm_mm *mm, int n, const xllm_mat *const *w, float *const *y,
