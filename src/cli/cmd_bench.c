@@ -22,7 +22,7 @@ typedef struct opts {
     int64_t p, n, t, r, ctx, steps;
     int64_t batches[8];
     int n_batches;
-    bool json, mmap;
+    bool json, mmap, low_memory;
 } opts;
 
 typedef struct result {
@@ -237,13 +237,15 @@ fail:
 
 static void usage(FILE *f) {
     fprintf(f, "usage: xllm bench -m MODEL [-p 512] [-n 128] [-t N] [-r REPS] [--json]\n"
-               "                  [-b 1,4,16,64] [--ctx 256] [--steps 16] [--mmap]\n"
+               "                  [-b 1,4,16,64] [--ctx 256] [--steps 16] [--mmap] [--low-memory]\n"
                "  -p       prompt tokens of the ppN test (0 = skip)\n"
                "  -n       generated tokens of the tgN test (0 = skip)\n"
                "  -t       threads (default: physical cores)\n"
                "  -r       repetitions (default 5)\n"
                "  -b       batch sizes of the decode_bB tests (0 = skip), each sequence at --ctx\n"
                "  --mmap   decode from the file mapping (default: weights copied to memory)\n"
+               "  --low-memory  8-bit matrices only as packed panels (half the memory, slower\n"
+               "           batch-1 decode)\n"
                "  env XLLM_CPU=scalar|avx2|avx512 lowers the kernel level\n");
 }
 
@@ -268,6 +270,10 @@ int xllm_cmd_bench(int argc, char **argv) {
         }
         if (!strcmp(a, "--mmap")) {
             o.mmap = true;
+            continue;
+        }
+        if (!strcmp(a, "--low-memory")) {
+            o.low_memory = true;
             continue;
         }
         if (!(v = xllm_cli_value(cmd, argc, argv, &i))) return 1;
@@ -311,6 +317,7 @@ int xllm_cmd_bench(int argc, char **argv) {
     if (o.t <= 0) o.t = xllm_cpu_physical_cores();
     xllm_model_params mp = xllm_model_default_params();
     mp.no_mmap = !o.mmap;
+    mp.low_memory = o.low_memory;
     xllm_model *m = NULL;
     char err[512];
     if (xllm_model_load(o.model, &mp, &m, err, sizeof(err)) != XLLM_OK) {

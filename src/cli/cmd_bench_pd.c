@@ -122,7 +122,7 @@ int xllm_cmd_bench_pd(int argc, char **argv) {
         usage(stderr);
         return 1;
     }
-    xllm_model *m = xllm_cli_load_model(cmd, model_path, false, false);
+    xllm_model *m = xllm_cli_load_model(cmd, model_path, false, false, false);
     if (!m) return 1;
     /* engines: [0] after the last chunk (before), [1] layer by layer (now), [2] decode */
     xllm_engine *e[3] = {NULL, NULL, NULL};

@@ -114,7 +114,7 @@ static char *token_text(const xllm_tokenizer *tok, int32_t id) {
 }
 
 static bool load_gguf(const char *path, char **tmpl, char **bos, char **eos) {
-    xllm_model *m = xllm_cli_load_model("chat-template", path, true, false);
+    xllm_model *m = xllm_cli_load_model("chat-template", path, true, false, false);
     if (!m) return false;
     const char *t = xllm_model_chat_template(m);
     if (!t) {

@@ -36,7 +36,7 @@ int xllm_cmd_info(int argc, char **argv) {
         usage(stderr);
         return 1;
     }
-    xllm_model *m = xllm_cli_load_model(cmd, model_path, false, false);
+    xllm_model *m = xllm_cli_load_model(cmd, model_path, false, false, false);
     if (!m) return 1;
     const xllm_tokenizer *tok = xllm_model_tokenizer(m);
     printf("model:        %s\n", model_path);

@@ -10,16 +10,18 @@
 static void usage(FILE *f) {
     fprintf(f, "usage: xllm logits -m MODEL --tokens \"ID ID ...\" -o FILE [-t THREADS]\n"
                "                   [--kv-type f32|f16] [--kv-layout xtensor|paged] [--no-mmap]\n"
+               "                   [--low-memory]\n"
                "Evaluates the ids (no BOS added) as one sequence in one batch and writes float32\n"
                "logits for every position, row-major (one row per id x n_vocab), no header.\n"
-               "  --no-mmap  copy the weights to memory (the 8-bit matrices are then kept only\n"
-               "             in the packed form of the batched path)\n");
+               "  --no-mmap     copy the weights to memory\n"
+               "  --low-memory  with --no-mmap: keep the 8-bit matrices only in the packed form\n"
+               "                of the batched path (their dense rows are released)\n");
 }
 
 int xllm_cmd_logits(int argc, char **argv) {
     const char *cmd = "logits", *model_path = NULL, *tokens = NULL, *out_path = NULL;
     int64_t threads = 0;
-    bool no_mmap = false;
+    bool no_mmap = false, low_memory = false;
     xllm_context_params cp = xllm_context_default_params();
     cp.kv_type = XLLM_DTYPE_F32;
     for (int i = 1; i < argc; i++) {
@@ -34,6 +36,8 @@ int xllm_cmd_logits(int argc, char **argv) {
             if (!(model_path = xllm_cli_value(cmd, argc, argv, &i))) return 1;
         } else if (!strcmp(a, "--no-mmap")) {
             no_mmap = true;
+        } else if (!strcmp(a, "--low-memory")) {
+            low_memory = true;
         } else if (!strcmp(a, "--tokens")) {
             if (!(tokens = xllm_cli_value(cmd, argc, argv, &i))) return 1;
         } else if (!strcmp(a, "-o") || !strcmp(a, "--output")) {
@@ -78,7 +82,7 @@ int xllm_cmd_logits(int argc, char **argv) {
         return 1;
     }
 
-    xllm_model *model = xllm_cli_load_model(cmd, model_path, true, no_mmap);
+    xllm_model *model = xllm_cli_load_model(cmd, model_path, true, no_mmap, low_memory);
     if (!model) {
         free(ids);
         return 1;

@@ -133,7 +133,7 @@ int xllm_cmd_run(int argc, char **argv) {
     sp.seed = (uint64_t)seed;
 
     double t0 = xllm_cli_now();
-    xllm_model *model = xllm_cli_load_model(cmd, model_path, false, false);
+    xllm_model *model = xllm_cli_load_model(cmd, model_path, false, false, false);
     if (!model) return 1;
     double t_load = xllm_cli_now() - t0;
     const xllm_tokenizer *tok = xllm_model_tokenizer(model);

@@ -123,9 +123,11 @@ static void draw_progress(float frac, void *user) {
     fflush(stderr);
 }
 
-xllm_model *xllm_cli_load_model(const char *cmd, const char *path, bool quiet, bool no_mmap) {
+xllm_model *xllm_cli_load_model(const char *cmd, const char *path, bool quiet, bool no_mmap,
+                                bool low_memory) {
     xllm_model_params mp = xllm_model_default_params();
     mp.no_mmap = no_mmap;
+    mp.low_memory = low_memory;
     progress pr = {.last = -1};
     struct stat st;
     if (!quiet && isatty(STDERR_FILENO) && stat(path, &st) == 0 && st.st_size > (64 << 20)) {

@@ -19,7 +19,8 @@ const char *xllm_cli_value(const char *cmd, int argc, char **argv, int *i);
 /* Loads a model, drawing a progress bar on stderr when it is a terminal and the model large
  * (no_mmap: weights copied to anonymous memory, see xllm_model_params). Prints the error and
  * returns NULL on failure. */
-xllm_model *xllm_cli_load_model(const char *cmd, const char *path, bool quiet, bool no_mmap);
+xllm_model *xllm_cli_load_model(const char *cmd, const char *path, bool quiet, bool no_mmap,
+                                bool low_memory);
 
 /* KV options shared by run / logits / bench: --kv-type, --kv-layout, --kv-memory,
  * --kv-block-tokens. Returns 1 when argv[*i] was one of them (value consumed), 0 when it is not,

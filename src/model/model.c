@@ -285,7 +285,7 @@ static xllm_status fault_in(loader *L, const xllm_model_params *p) {
  * dense, 36 packed), the panels replace them: their pages are released, so the model takes
  * its weight size in memory rather than twice. Sub-8-bit types keep both (their panels hold
  * 8 bits a weight: reading them would double the bytes of a decode step). */
-static void make_packs(xllm_model *m) {
+static void make_packs(xllm_model *m, bool low_memory) {
     const char *env = getenv("XLLM_PREPACK");
     if (env && strcmp(env, "0") == 0) return;
     const xllm_hparams *hp = &m->hp;
@@ -307,7 +307,7 @@ static void make_packs(xllm_model *m) {
                                 ws[i]->row_bytes};
             const size_t packed = xllm_mm_pack(mm, m->packs, &w);
             const size_t dense = (size_t)w.n_rows * w.row_bytes;
-            if (packed && m->data_copy && packed <= dense + dense / 8) {
+            if (low_memory && packed && m->data_copy && packed <= dense + dense / 8) {
                 xllm_mm_packs_drop_dense(m->packs, &w);
                 release_pages(w.data, dense);
             }
@@ -387,7 +387,7 @@ xllm_status xllm_model_load(const char *path, const xllm_model_params *params, x
         m->n_params += (uint64_t)(t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3]);
         m->n_bytes += t->n_bytes;
     }
-    make_packs(m);
+    make_packs(m, params->low_memory);
     *out = m;
     return XLLM_OK;
 
