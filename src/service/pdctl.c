@@ -6,12 +6,12 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
-#include <time.h>
 
 #include <curl/curl.h>
 
 #include "api/api-impl.h"
 #include "service/pdctl.h"
+#include "service/registry-impl.h"
 #include "util/common.h"
 
 #define MAX_INST 256
@@ -74,8 +74,10 @@ void xllm_pdctl_decide(const xllm_pdctl_params *p, const xllm_router_inst_info *
     int64_t nt = 0, ni = 0;
     double ttft = side_mean(w, n, XLLM_ROLE_PREFILL, true, &nt);
     double itl = side_mean(w, n, XLLM_ROLE_DECODE, false, &ni);
-    d->prefill_pressure = nt >= min_ttft ? ttft / ttft_t : 0;
-    d->decode_pressure = ni >= min_itl ? itl / tpot_t : 0;
+    d->prefill_judged = nt >= min_ttft;
+    d->decode_judged = ni >= min_itl;
+    d->prefill_pressure = d->prefill_judged ? ttft / ttft_t : 0;
+    d->decode_pressure = d->decode_judged ? itl / tpot_t : 0;
     int32_t n_pre = 0, n_dec = 0;
     int32_t pre = least_busy(w, n, XLLM_ROLE_PREFILL, &n_pre);
     int32_t dec = least_busy(w, n, XLLM_ROLE_DECODE, &n_dec);
@@ -94,12 +96,6 @@ void xllm_pdctl_decide(const xllm_pdctl_params *p, const xllm_router_inst_info *
                  "%.2f",
                  itl, tpot_t, dp, pp);
     }
-}
-
-static double mono_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 static size_t sink(char *p, size_t sz, size_t n, void *u) {
@@ -179,18 +175,14 @@ static void *ctl_main(void *arg) {
     int32_t n_cr = 0, carried = 0;
     const int32_t max_carry = 8; /* windows a judgement may span */
     const int ms = c->p.interval_ms > 0 ? c->p.interval_ms : 1000;
-    const double cooldown = (c->p.cooldown_ms > 0 ? c->p.cooldown_ms : 3000) * 1e-3;
-    double last_switch = -1e9;
+    const int64_t cooldown_ns = (int64_t)(c->p.cooldown_ms > 0 ? c->p.cooldown_ms : 3000) * 1000000;
+    int64_t last_switch = INT64_MIN / 2;
     bool was_leader = false;
     for (;;) {
         pthread_mutex_lock(&c->mu);
         if (!c->stop) {
-            struct timespec dl;
-            clock_gettime(CLOCK_REALTIME, &dl);
-            dl.tv_nsec += (long)ms * 1000000L;
-            dl.tv_sec += dl.tv_nsec / 1000000000L;
-            dl.tv_nsec %= 1000000000L;
-            pthread_cond_timedwait(&c->cv, &c->mu, &dl);
+            xllm_registry_cond_wait_until(&c->cv, &c->mu,
+                                          xllm_registry_now_ns() + (int64_t)ms * 1000000);
         }
         bool stop = c->stop;
         pthread_mutex_unlock(&c->mu);
@@ -205,19 +197,14 @@ static void *ctl_main(void *arg) {
         n_cr = carry_merge(cr, n_cr, w, n);
         xllm_pdctl_decision d;
         xllm_pdctl_decide(&c->p, w, n, &d);
-        /* judged sides start over; so does everything after max_carry windows or a switch */
-        const int64_t min_ttft = c->p.min_ttft_n > 0 ? c->p.min_ttft_n : 2;
-        const int64_t min_itl = c->p.min_itl_n > 0 ? c->p.min_itl_n : 8;
-        bool judged = false;
-        for (int32_t i = 0; i < n; i++)
-            judged |= (w[i].role == XLLM_ROLE_PREFILL && w[i].ttft_n >= min_ttft) ||
-                      (w[i].role == XLLM_ROLE_DECODE && w[i].itl_n >= min_itl);
-        if (judged || ++carried >= max_carry || d.inst >= 0) n_cr = carried = 0;
+        /* a judgement starts the carried samples over; so do max_carry windows or a switch */
+        if (d.prefill_judged || d.decode_judged || ++carried >= max_carry || d.inst >= 0)
+            n_cr = carried = 0;
         pthread_mutex_lock(&c->mu);
         c->prefill_pressure = d.prefill_pressure;
         c->decode_pressure = d.decode_pressure;
         pthread_mutex_unlock(&c->mu);
-        if (d.inst < 0 || mono_s() - last_switch < cooldown) continue;
+        if (d.inst < 0 || xllm_registry_now_ns() - last_switch < cooldown_ns) continue;
         char err[256];
         bool ok = switch_role(curl, w[d.inst].addr, d.to, err, sizeof(err));
         pthread_mutex_lock(&c->mu);
@@ -227,7 +214,7 @@ static void *ctl_main(void *arg) {
             c->failed_switches++;
         pthread_mutex_unlock(&c->mu);
         if (ok) {
-            last_switch = mono_s();
+            last_switch = xllm_registry_now_ns();
             fprintf(stderr, "xllm service: dynamic PD: %s %s -> %s: %s\n", w[d.inst].name,
                     xllm_role_name(w[d.inst].role), xllm_role_name(d.to), d.why);
         } else {
@@ -249,7 +236,7 @@ xllm_pdctl *xllm_pdctl_new(const xllm_pdctl_params *p, xllm_router *r,
     c->is_leader = is_leader;
     c->user = user;
     pthread_mutex_init(&c->mu, NULL);
-    pthread_cond_init(&c->cv, NULL);
+    xllm_registry_cond_init(&c->cv);
     if (pthread_create(&c->th, NULL, ctl_main, c) != 0) XLLM_ASSERT(!"pthread_create");
     return c;
 }

@@ -23,7 +23,9 @@ typedef struct xllm_pdctl_params {
 typedef struct xllm_pdctl_decision {
     double prefill_pressure; /* mean TTFT of prefill instances / target (0: no samples) */
     double decode_pressure;  /* mean inter-token latency of decode instances / target */
-    int32_t inst;            /* index into the window of the instance to switch; -1: none */
+    bool prefill_judged;     /* the side had min_ttft_n / min_itl_n samples */
+    bool decode_judged;
+    int32_t inst; /* index into the window of the instance to switch; -1: none */
     xllm_role to;
     char why[200];
 } xllm_pdctl_decision;

@@ -14,6 +14,7 @@
 
 #include "api/api-impl.h"
 #include "api/rpc.h"
+#include "service/registry-impl.h"
 #include "service/router.h"
 #include "util/common.h"
 #include "util/u64map.h"
@@ -517,8 +518,6 @@ xllm_status xllm_router_pick(xllm_router *r, const xllm_route_req *q, char (*avo
         out->ttft_slo_ms = ttft_slo_ms;
         out->tpot_slo_ms = tpot_slo_ms;
         out->t_start = mono_s();
-        /* the x of the TTFT fit is read at pick time: prompt + what was queued before it */
-        (void)predict_ttft;
     }
     for (int k = 0; k < XLLM_ROLE_COUNT; k++) {
         free(cand[k]);
@@ -879,12 +878,8 @@ static void *poller_main(void *arg) {
     for (;;) {
         pthread_mutex_lock(&r->stop_mu);
         if (!r->stop) {
-            struct timespec dl;
-            clock_gettime(CLOCK_REALTIME, &dl);
-            dl.tv_nsec += (long)ms * 1000000L;
-            dl.tv_sec += dl.tv_nsec / 1000000000L;
-            dl.tv_nsec %= 1000000000L;
-            pthread_cond_timedwait(&r->stop_cv, &r->stop_mu, &dl);
+            xllm_registry_cond_wait_until(&r->stop_cv, &r->stop_mu,
+                                          xllm_registry_now_ns() + (int64_t)ms * 1000000);
         }
         bool stop = r->stop;
         pthread_mutex_unlock(&r->stop_mu);
@@ -920,7 +915,7 @@ xllm_router *xllm_router_new(const xllm_router_params *p) {
     r->p = *p;
     pthread_mutex_init(&r->mu, NULL);
     pthread_mutex_init(&r->stop_mu, NULL);
-    pthread_cond_init(&r->stop_cv, NULL);
+    xllm_registry_cond_init(&r->stop_cv);
     if (pthread_create(&r->poller, NULL, poller_main, r) != 0) XLLM_ASSERT(!"pthread_create");
     return r;
 }

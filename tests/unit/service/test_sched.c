@@ -166,6 +166,8 @@ static void test_pdctl_rule(void **state) {
     xllm_pdctl_decide(&p, w3, 3, &d);
     assert_int_equal(d.inst, -1);
     assert_true(d.prefill_pressure == 0);
+    assert_false(d.prefill_judged);
+    assert_false(d.decode_judged);
     w3[0].ttft_n = 2;
     xllm_pdctl_decide(&p, w3, 3, &d);
     assert_int_equal(d.inst, 0 + 1); /* d1 and d2 tie: the first */
