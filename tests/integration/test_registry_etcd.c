@@ -20,6 +20,7 @@
 
 #include "service/registry-impl.h"
 #include "service/registry.h"
+#include "registry_collector.h"
 
 #define TTL_MS 1000 /* granted as 1 s with the etcd flags below */
 
@@ -243,60 +244,6 @@ static pid_t spawn_child(const char *mode, const char *name, int *out_fd) {
 /* ============================================================================================ */
 /* Event collection                                                                             */
 /* ============================================================================================ */
-
-typedef struct collector {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    struct {
-        xllm_registry_event_type type;
-        xllm_instance inst;
-    } evs[128];
-    size_t n;
-} collector;
-
-static void col_init(collector *c) {
-    memset(c, 0, sizeof(*c));
-    pthread_mutex_init(&c->mu, NULL);
-    xllm_registry_cond_init(&c->cv);
-}
-
-static void col_destroy(collector *c) {
-    for (size_t i = 0; i < c->n; i++) xllm_instance_clear(&c->evs[i].inst);
-    pthread_cond_destroy(&c->cv);
-    pthread_mutex_destroy(&c->mu);
-}
-
-static void on_event(const xllm_registry_event *ev, void *user) {
-    collector *c = user;
-    pthread_mutex_lock(&c->mu);
-    if (c->n < 128) {
-        c->evs[c->n].type = ev->type;
-        xllm_instance_copy(&c->evs[c->n].inst, ev->inst);
-        c->n++;
-    }
-    pthread_cond_broadcast(&c->cv);
-    pthread_mutex_unlock(&c->mu);
-}
-
-static long col_wait(collector *c, size_t *cursor, xllm_registry_event_type type, const char *name,
-                     uint64_t inc, int timeout_ms) {
-    int64_t deadline = xllm_registry_now_ns() + (int64_t)timeout_ms * 1000000;
-    pthread_mutex_lock(&c->mu);
-    for (;;) {
-        for (size_t i = *cursor; i < c->n; i++) {
-            if (c->evs[i].type == type && strcmp(c->evs[i].inst.name, name) == 0 &&
-                (!inc || c->evs[i].inst.incarnation == inc)) {
-                *cursor = i + 1;
-                pthread_mutex_unlock(&c->mu);
-                return (long)i;
-            }
-        }
-        if (xllm_registry_now_ns() >= deadline) break;
-        xllm_registry_cond_wait_until(&c->cv, &c->mu, deadline);
-    }
-    pthread_mutex_unlock(&c->mu);
-    return -1;
-}
 
 static xllm_registry *open_reg(collector *c, bool abandon) {
     xllm_registry_params p = xllm_registry_default_params();
