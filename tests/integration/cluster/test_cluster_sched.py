@@ -183,16 +183,24 @@ def offline(etcd):
     m = svc.metrics()
     ok(m.get("xllm_service_offline_waits_total", 0) == 6 and
        m.get("xllm_service_offline_waiting", 0) == 0, "/metrics counts the waits", m)
-    # idle cluster: 4 offline requests at once fill both instances, 2 each (the limit), no wait
-    before = {i["name"]: i["routed"] for i in cl.cluster_json(svc)["instances"]}
+    # idle cluster: five long offline requests at once; each instance takes two (the limit)
+    # and the fifth waits for one of them to end (long enough that none ends before all five
+    # were routed)
+    ref_long = run_ref(STORIES, SHORT, 1500).decode()
+    waits = svc.metrics().get("xllm_service_offline_waits_total", 0)
     res.clear()
-    off = [threading.Thread(target=send, args=(True, 48)) for _ in range(4)]
+    off = [threading.Thread(target=send, args=(True, 1500)) for _ in range(5)]
     [t.start() for t in off]
+
+    def in_flight():
+        return sorted(i["in_flight"] for i in cl.cluster_json(svc)["instances"])
+    full = cl.wait_for(lambda: in_flight() == [2, 2], 10, 0.01)
+    ok(full, "offline work fills both idle instances up to the limit (2 each)", in_flight())
     [t.join(120) for t in off]
-    routed = {i["name"]: i["routed"] - before[i["name"]] for i in cl.cluster_json(svc)["instances"]}
-    ok(sorted(routed.values()) == [2, 2], "offline work spreads over both idle instances", routed)
-    ok(len(res) == 4 and all(r[1] == 200 and r[2] == ref for r in res),
-       "those complete too, equal to xllm run", res)
+    ok(svc.metrics().get("xllm_service_offline_waits_total", 0) == waits + 1,
+       "the fifth offline request waited for a free slot", svc.metrics())
+    ok(len(res) == 5 and all(r[1] == 200 and r[2] == ref_long for r in res),
+       "those complete too, equal to xllm run", [r[:2] for r in res])
     ok(svc.stop() == 0 and m1.stop() == 0 and m2.stop() == 0, "offline: processes stop cleanly")
 
 
