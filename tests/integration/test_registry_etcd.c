@@ -46,6 +46,28 @@ static int free_port(void) {
     return ntohs(a.sin_port);
 }
 
+/* A free port below the kernel's ephemeral range (ip_local_port_range starts at 32768 by
+ * default), for etcd: test_etcd_restart stops etcd and starts it again on the same port, and a
+ * port the kernel hands out (free_port) may go to another test's process in between (the
+ * cluster tests start etcd on such ports) - the restarted etcd then fails to bind and the test
+ * would talk to the other one. */
+static int stable_port(void) {
+    static uint64_t seed;
+    if (!seed) seed = (uint64_t)getpid() * 0x9E3779B97F4A7C15ull | 1;
+    for (int tries = 0; tries < 1000; tries++) {
+        seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
+        int port = 20000 + (int)(seed % 12000);
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = {.sin_family = AF_INET,
+                                .sin_port = htons((uint16_t)port),
+                                .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        bool ok = fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
+        if (fd >= 0) close(fd);
+        if (ok) return port;
+    }
+    return free_port();
+}
+
 /* fork + exec with the child killed when this process dies; stdout to *out_fd when asked. */
 static pid_t spawn(char *const argv[], const char *log_path, int *out_fd) {
     int pfd[2] = {-1, -1};
@@ -144,9 +166,9 @@ static bool start_etcd(void) {
         snprintf(g_data_dir, sizeof(g_data_dir), "/tmp/xllm-etcd-XXXXXX");
         if (!mkdtemp(g_data_dir)) return false;
     }
-    g_cport = free_port();
-    g_pport = free_port();
-    while (g_pport == g_cport) g_pport = free_port();
+    g_cport = stable_port();
+    g_pport = stable_port();
+    while (g_pport == g_cport) g_pport = stable_port();
     return launch_etcd(bin);
 }
 
@@ -191,6 +213,11 @@ static bool launch_etcd(const char *bin) {
         }
     }
     st.iface->free(st.ctx);
+    /* an answer from a process that is not ours (ours failed to bind the port) is no start */
+    if (up && g_etcd_pid > 0 && waitpid(g_etcd_pid, NULL, WNOHANG) == g_etcd_pid) {
+        g_etcd_pid = 0;
+        up = false;
+    }
     if (!up) fprintf(stderr, "test_registry_etcd: FAIL: etcd did not start; see %s\n", log);
     return up;
 }
