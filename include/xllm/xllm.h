@@ -70,10 +70,11 @@ typedef struct xllm_model_params {
     /* Copy weights into anonymous memory instead of using the read-only file mapping. Default
      * false (weights stay mmapped; pages are shared with the page cache). */
     bool no_mmap;
-    /* With no_mmap: keep the 8-bit matrices (Q8_0) only in the GEMM panel form and release
-     * their dense rows, so the model takes about its file size in memory instead of twice.
-     * Costs batch-1 decode speed (the dense-row GEMV reads faster: 45 vs 57 tokens/s on the
-     * Qwen3-0.6B-shaped Q8_0 in one pair, docs/performance.md). Default false. */
+    /* Do not keep panels wider than the dense rows: sub-8-bit matrices (Q4_K, Q6_K, ...)
+     * are then packed per prompt chunk instead of once (about twice their dense size in
+     * memory saved, slower prompt processing). 8-bit matrices (Q8_0) always live in the panel
+     * form, which every batch size reads; with no_mmap their dense rows are released, so the
+     * model takes about its file size in memory. Default false. */
     bool low_memory;
 } xllm_model_params;
 

@@ -244,8 +244,8 @@ static void usage(FILE *f) {
                "  -r       repetitions (default 5)\n"
                "  -b       batch sizes of the decode_bB tests (0 = skip), each sequence at --ctx\n"
                "  --mmap   decode from the file mapping (default: weights copied to memory)\n"
-               "  --low-memory  8-bit matrices only as packed panels (half the memory, slower\n"
-               "           batch-1 decode)\n"
+               "  --low-memory  no packed panels of sub-8-bit matrices (less memory, slower\n"
+               "           prompt processing)\n"
                "  env XLLM_CPU=scalar|avx2|avx512 lowers the kernel level\n");
 }
 

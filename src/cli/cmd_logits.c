@@ -13,9 +13,9 @@ static void usage(FILE *f) {
                "                   [--low-memory]\n"
                "Evaluates the ids (no BOS added) as one sequence in one batch and writes float32\n"
                "logits for every position, row-major (one row per id x n_vocab), no header.\n"
-               "  --no-mmap     copy the weights to memory\n"
-               "  --low-memory  with --no-mmap: keep the 8-bit matrices only in the packed form\n"
-               "                of the batched path (their dense rows are released)\n");
+               "  --no-mmap     copy the weights to memory (8-bit matrices then live only in\n"
+               "                the packed panel form: their dense rows are released)\n"
+               "  --low-memory  no packed panels of sub-8-bit matrices (packed per call)\n");
 }
 
 int xllm_cmd_logits(int argc, char **argv) {

@@ -279,12 +279,13 @@ static xllm_status fault_in(loader *L, const xllm_model_params *p) {
     return XLLM_OK;
 }
 
-/* Packs the dense quantized matrices (and the output) once into the GEMM panel form, for every
- * context of the model (XLLM_PREPACK=0: not). When the weights are an anonymous copy and the
- * panels are about the size of the dense rows (8-bit types: Q8_0 is 34 bytes per 32 weights
- * dense, 36 packed), the panels replace them: their pages are released, so the model takes
- * its weight size in memory rather than twice. Sub-8-bit types keep both (their panels hold
- * 8 bits a weight: reading them would double the bytes of a decode step). */
+/* Packs the dense quantized matrices (and the output) once into the panel form, for every
+ * context of the model (XLLM_PREPACK=0: not). Panels about the size of the dense rows (8-bit
+ * types: Q8_0 is 34 bytes per 32 weights dense, 36 packed) serve every batch size, decode
+ * included; when the weights are an anonymous copy they replace the dense rows, whose pages
+ * are released, so the model takes its weight size in memory rather than twice. Sub-8-bit
+ * types keep both (their panels hold 8 bits a weight: one-token decode reads the dense rows,
+ * half the bytes); low_memory does not make their panels (prompts then pack per call). */
 static void make_packs(xllm_model *m, bool low_memory) {
     const char *env = getenv("XLLM_PREPACK");
     if (env && strcmp(env, "0") == 0) return;
@@ -305,9 +306,10 @@ static void make_packs(xllm_model *m, bool low_memory) {
             if (!ws[i] || !ws[i]->data) continue;
             const xllm_mat w = {ws[i]->data, ws[i]->type, ws[i]->ne[1], ws[i]->ne[0],
                                 ws[i]->row_bytes};
-            const size_t packed = xllm_mm_pack(mm, m->packs, &w);
             const size_t dense = (size_t)w.n_rows * w.row_bytes;
-            if (low_memory && packed && m->data_copy && packed <= dense + dense / 8) {
+            const size_t packed =
+                xllm_mm_pack(mm, m->packs, &w, low_memory ? dense + dense / 8 : SIZE_MAX);
+            if (packed && m->data_copy && packed <= dense + dense / 8) {
                 xllm_mm_packs_drop_dense(m->packs, &w);
                 release_pages(w.data, dense);
             }

@@ -744,6 +744,7 @@ static inline __attribute__((always_inline)) void gemm_q_tile(const xllm_qpanel 
         for (int i = 0; i < NP; i++) s[i][c] = _mm512_setzero_ps();
     }
     const uint8_t *wq0 = p[0].q, *wq1 = NP > 1 ? p[1].q : p[0].q;
+    const int64_t qgs = xllm_qpanel_qgs(&p[0]), sgs = xllm_qpanel_sgs(&p[0]);
     for (int64_t g = 0; g < ng; g++) {
         __m512i is[2][8];
 #pragma GCC unroll 8
@@ -760,8 +761,8 @@ static inline __attribute__((always_inline)) void gemm_q_tile(const xllm_qpanel 
         }
 #pragma GCC unroll 8
         for (int kk = 0; kk < G / 4; kk++) {
-            const __m512i w0 = _mm512_loadu_si512(wq0 + (g * (G / 4) + kk) * 64);
-            const __m512i w1 = NP > 1 ? _mm512_loadu_si512(wq1 + (g * (G / 4) + kk) * 64) : w0;
+            const __m512i w0 = _mm512_loadu_si512(wq0 + g * qgs + kk * 64);
+            const __m512i w1 = NP > 1 ? _mm512_loadu_si512(wq1 + g * qgs + kk * 64) : w0;
             const int64_t off = g * G + 4 * kk;
 #pragma GCC unroll 8
             for (int c = 0; c < NT; c++) {
@@ -772,13 +773,13 @@ static inline __attribute__((always_inline)) void gemm_q_tile(const xllm_qpanel 
         }
 #pragma GCC unroll 2
         for (int i = 0; i < NP; i++) {
-            const __m512 sv = _mm512_loadu_ps(p[i].s + g * 16);
+            const __m512 sv = _mm512_loadu_ps(p[i].s + g * sgs);
 #pragma GCC unroll 8
             for (int c = 0; c < NT; c++) {
                 s[i][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[i][c]),
                                           _mm512_mul_ps(sv, _mm512_set1_ps(ag[c][2 * g])), s[i][c]);
                 if (!SYM)
-                    s[i][c] = _mm512_fmadd_ps(_mm512_loadu_ps(p[i].m + g * 16),
+                    s[i][c] = _mm512_fmadd_ps(_mm512_loadu_ps(p[i].m + g * sgs),
                                               _mm512_set1_ps(ag[c][2 * g + 1]), s[i][c]);
             }
         }
@@ -792,11 +793,83 @@ static inline __attribute__((always_inline)) void gemm_q_tile(const xllm_qpanel 
                            nr - 16 * i > 16 ? 16 : nr - 16 * i, acc);
 }
 
+/* One panel x NT <= XLLM_GEMV_MAX_T tokens (decode): the panel read once, front to back
+ * (with the interleaved form, one stream), two int32 chains per token. */
+static inline __attribute__((always_inline)) void
+gemv_qp_tile(const xllm_qpanel *p, const int G, const int SYM, int64_t K, const xllm_q8act *a,
+             const int NT, int nr, float *y, int64_t y_stride, bool acc) {
+    const int64_t ng = K / G, qgs = xllm_qpanel_qgs(p), sgs = xllm_qpanel_sgs(p);
+    __m512 f[XLLM_GEMV_MAX_T];
+    const int8_t *aq[XLLM_GEMV_MAX_T];
+    const float *ag[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 4
+    for (int c = 0; c < NT; c++) {
+        aq[c] = a->q + c * K;
+        ag[c] = a->g + c * ng * 2;
+        f[c] = _mm512_setzero_ps();
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *wq = p->q + g * qgs;
+        __m512i i0[XLLM_GEMV_MAX_T], i1[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 4
+        for (int c = 0; c < NT; c++) {
+            i0[c] = i1[c] = _mm512_setzero_si512();
+            if (SYM) {
+                const int16_t *s16 = a->s16 + c * (K / 16) + g * (G / 16);
+                i0[c] = _mm512_set1_epi32(-SYM * (G == 32 ? s16[0] + s16[1] : s16[0]));
+            }
+        }
+#pragma GCC unroll 8
+        for (int kk = 0; kk < G / 4; kk += 2) {
+            const __m512i w0 = _mm512_loadu_si512(wq + kk * 64);
+            const __m512i w1 = _mm512_loadu_si512(wq + kk * 64 + 64);
+#pragma GCC unroll 4
+            for (int c = 0; c < NT; c++) {
+                const int8_t *ap = aq[c] + g * G + 4 * kk;
+                i0[c] = _mm512_dpbusd_epi32(i0[c], w0, _mm512_set1_epi32(ld32(ap)));
+                i1[c] = _mm512_dpbusd_epi32(i1[c], w1, _mm512_set1_epi32(ld32(ap + 4)));
+            }
+        }
+        const __m512 sv = _mm512_loadu_ps(p->s + g * sgs);
+#pragma GCC unroll 4
+        for (int c = 0; c < NT; c++) {
+            f[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0[c], i1[c])),
+                                   _mm512_mul_ps(sv, _mm512_set1_ps(ag[c][2 * g])), f[c]);
+            if (!SYM)
+                f[c] = _mm512_fmadd_ps(_mm512_loadu_ps(p->m + g * sgs),
+                                       _mm512_set1_ps(ag[c][2 * g + 1]), f[c]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < NT; c++) store_rows(y + c * y_stride, f[c], nr, acc);
+}
+
 /* All T tokens against np (1 or 2) panels, in tiles of NT tokens. */
 static inline __attribute__((always_inline)) void gemm_q_g(const xllm_qpanel *p, int np,
                                                            const int G, const int SYM, int64_t K,
                                                            const xllm_q8act *a, int64_t T, int nr,
                                                            float *y, int64_t y_stride, bool acc) {
+    if (T <= XLLM_GEMV_MAX_T) {
+        for (int i = 0; i < np; i++) {
+            const int nri = nr - 16 * i > 16 ? 16 : nr - 16 * i;
+            float *yi = y + 16 * i;
+            switch (T) {
+                case 1:
+                    gemv_qp_tile(&p[i], G, SYM, K, a, 1, nri, yi, y_stride, acc);
+                    break;
+                case 2:
+                    gemv_qp_tile(&p[i], G, SYM, K, a, 2, nri, yi, y_stride, acc);
+                    break;
+                case 3:
+                    gemv_qp_tile(&p[i], G, SYM, K, a, 3, nri, yi, y_stride, acc);
+                    break;
+                default:
+                    gemv_qp_tile(&p[i], G, SYM, K, a, 4, nri, yi, y_stride, acc);
+                    break;
+            }
+        }
+        return;
+    }
     int64_t t = 0;
     if (np == 2) {
         for (; t + 4 <= T; t += 4) gemm_q_tile(p, 2, G, SYM, K, a, t, 4, nr, y, y_stride, acc);

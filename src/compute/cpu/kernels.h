@@ -28,14 +28,27 @@ typedef struct xllm_q8act {
 } xllm_q8act;
 
 /* A panel of XLLM_PANEL weight rows of K elements in the common 8-bit form: row r, element e
- * is s[e / G][r] * q + m[e / G][r], with q (u8) at q[(e / 4) * 64 + r * 4 + e % 4]. */
+ * of group g = e / G is s[g * sgs + r] * q + m[g * sgs + r], with q (u8) at
+ * q[g * qgs + ((e % G) / 4) * 64 + r * 4 + e % 4]. Packers write the contiguous form (qgs = 0:
+ * 16 * G, sgs = 0: 16); panels packed ahead of time interleave each group's q with its scales
+ * (and offsets) in one stream, which one-token decode reads at the speed of a plain read. */
 typedef struct xllm_qpanel {
-    uint8_t *q; /* (K / 4, 16, 4) */
-    float *s;   /* (K / G, 16) */
-    float *m;   /* (K / G, 16) */
-    int G;      /* 16 or 32 */
-    int sym;    /* > 0: a symmetric type, m = -sym * s (the offset is taken in int32) */
+    uint8_t *q;
+    float *s;
+    float *m;
+    int G;       /* 16 or 32 */
+    int sym;     /* > 0: a symmetric type, m = -sym * s (the offset is taken in int32) */
+    int64_t qgs; /* bytes from one group's q to the next (0: 16 * G) */
+    int64_t sgs; /* floats from one group's s (and m) to the next (0: 16) */
 } xllm_qpanel;
+
+static inline int64_t xllm_qpanel_qgs(const xllm_qpanel *p) {
+    return p->qgs ? p->qgs : 16 * (int64_t)p->G;
+}
+
+static inline int64_t xllm_qpanel_sgs(const xllm_qpanel *p) {
+    return p->sgs ? p->sgs : 16;
+}
 
 /* Activation form a weight type wants: block size of its 8-bit activations, 0 for float. */
 static inline int xllm_act_block(xllm_dtype t) {

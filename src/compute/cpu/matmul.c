@@ -3,6 +3,7 @@
  * per input, and splits rows (or 16-row panels) across the thread pool. */
 #include <stdatomic.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "compute/cpu/kernels.h"
 #include "compute/dtype.h"
@@ -39,17 +40,33 @@ struct xllm_mm {
     const xllm_mm_packs *packs;    /* weights packed ahead of time (xllm_mm_use_packs), or NULL */
 };
 
-/* One matrix in panel form: panel i (16 rows) at q + i * qstride, s / m + i * sstride (m is
- * NULL for symmetric types: m = -sym * s). */
+/* One matrix in panel form, groups interleaved (xllm_qpanel): panel i (16 rows) at
+ * q + i * qstride; within it group g at g * gb: 16 * G q bytes, 16 scales, and for asymmetric
+ * types (sym == 0) 16 offsets. */
 typedef struct prepacked {
     const void *data; /* the matrix's data pointer (key); NULL = free slot */
     int64_t n_rows, n_cols;
     uint8_t *q;
-    float *s, *m;
-    size_t qstride, sstride;
+    size_t qstride, alloc;
+    int64_t gb; /* bytes per group */
     int G, sym;
     bool dense_gone; /* the dense rows were released: every reader uses the panels */
+    bool decode;     /* one-token decode reads the panels (they are no bigger than 9/8 of the
+                        dense rows: 8-bit types) */
 } prepacked;
+
+/* Panel pi of a packed matrix as the kernels see it. */
+static xllm_qpanel prepacked_panel(const prepacked *e, int64_t pi) {
+    uint8_t *q = e->q + (size_t)pi * e->qstride;
+    float *s = (float *)(q + 16 * e->G);
+    return (xllm_qpanel){.q = q,
+                         .s = s,
+                         .m = e->sym ? NULL : s + 16,
+                         .G = e->G,
+                         .sym = e->sym,
+                         .qgs = e->gb,
+                         .sgs = e->gb / (int64_t)sizeof(float)};
+}
 
 /* Open-addressing table of packed matrices keyed by the data pointer. */
 struct xllm_mm_packs {
@@ -72,14 +89,30 @@ static prepacked *find_prepacked(const xllm_mm_packs *pk, const xllm_mat *w) {
  * reference dequantization; s * q + m otherwise. */
 static void panel_row(const prepacked *e, int64_t r, float *out) {
     const int rr = (int)(r % XLLM_PANEL);
-    const uint8_t *q = e->q + (size_t)(r / XLLM_PANEL) * e->qstride;
-    const float *s = e->s + (size_t)(r / XLLM_PANEL) * e->sstride;
-    const float *m = e->m ? e->m + (size_t)(r / XLLM_PANEL) * e->sstride : NULL;
+    const xllm_qpanel p = prepacked_panel(e, r / XLLM_PANEL);
     for (int64_t k = 0; k < e->n_cols; k++) {
-        const int64_t g = (k / e->G) * XLLM_PANEL + rr;
-        const int v = q[(k / 4) * 4 * XLLM_PANEL + rr * 4 + k % 4];
-        out[k] = m ? s[g] * (float)v + m[g] : s[g] * (float)(v - e->sym);
+        const int64_t g = k / e->G, e4 = (k % e->G) / 4;
+        const int v = p.q[g * p.qgs + e4 * 4 * XLLM_PANEL + rr * 4 + k % 4];
+        const float sc = p.s[g * p.sgs + rr];
+        out[k] = p.m ? sc * (float)v + p.m[g * p.sgs + rr] : sc * (float)(v - e->sym);
     }
+}
+
+/* Memory for packed weights: anonymous pages, asking for huge ones (a decode step streams
+ * every matrix: fewer TLB misses). */
+static void *map_weights(size_t n) {
+    const size_t H = (size_t)2 << 20;
+    uint8_t *p = mmap(NULL, n + H, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    /* aligned to 2 MiB, the rest given back */
+    const size_t head = (H - (uintptr_t)p % H) % H;
+    if (head) munmap(p, head);
+    if (H - head) munmap(p + head + n, H - head);
+    p += head;
+#ifdef MADV_HUGEPAGE
+    (void)madvise(p, n, MADV_HUGEPAGE);
+#endif
+    return p;
 }
 
 static void *zalloc(size_t n) {
@@ -334,14 +367,7 @@ static void run_worker(void *arg, int ith, int nth) {
             if (t->p == PATH_GEMM_Q) {
                 xllm_qpanel p[2];
                 const prepacked *pp = t->pre;
-                for (int i = 0; i < np && pp; i++) {
-                    const int64_t pi = r0 / XLLM_PANEL + i;
-                    p[i] = (xllm_qpanel){.q = pp->q + pi * pp->qstride,
-                                         .s = pp->s + pi * pp->sstride,
-                                         .m = pp->m ? pp->m + pi * pp->sstride : NULL,
-                                         .G = pp->G,
-                                         .sym = pp->sym};
-                }
+                for (int i = 0; i < np && pp; i++) p[i] = prepacked_panel(pp, r0 / XLLM_PANEL + i);
                 for (int i = 0; i < np && !pp; i++) {
                     p[i] = (xllm_qpanel){.q = th->pq + i * 16 * Kp,
                                          .s = th->ps + i * (Kp / 16 + 1) * 16,
@@ -383,11 +409,12 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
     t.dense = !t.pre || !t.pre->dense_gone;
     if (k->level == XLLM_CPU_SCALAR || (!t.dense && !(B && k->pack_q))) {
         t.p = PATH_SCALAR; /* (rows from the panels when the dense ones are gone) */
-        /* the direct kernels for 1 token; prepacked panels read faster from 2 tokens on (Q8_0,
-         * 3072 x 1024, one thread: 1.2x at 2 tokens, 1.75x at 4) and about 10% slower at 1,
-         * where they are used only when the dense rows are gone */
+        /* prepacked panels whenever they are there, but for one token on panels wider than
+         * 9/8 of the dense rows (sub-8-bit types: 8 bits a weight in the panel), where the
+         * direct kernels read fewer bytes; in cache the panel decode kernel runs 2.6x the
+         * direct Q8_0 one (one thread, 3072 x 1024) */
     } else if ((mm->T <= XLLM_GEMV_MAX_T || (B && !k->pack_q)) && t.dense &&
-               (mm->T == 1 || !t.pre || !k->pack_q) && k->gemv &&
+               (!t.pre || !k->pack_q || (mm->T == 1 && !t.pre->decode)) && k->gemv &&
                k->gemv(w, 0, 0, NULL, 0, NULL, 0, NULL, 0, false)) {
         /* a level with direct kernels over 8-bit activations but no packed GEMM (AVX2) runs
          * them for every token count: the same arithmetic alone and in a batch (a sequence's
@@ -426,16 +453,13 @@ xllm_mm_packs *xllm_mm_packs_new(void) {
 
 void xllm_mm_packs_free(xllm_mm_packs *pk) {
     if (!pk) return;
-    for (int64_t i = 0; i < pk->cap; i++) {
-        free(pk->pre[i].q);
-        free(pk->pre[i].s);
-        free(pk->pre[i].m);
-    }
+    for (int64_t i = 0; i < pk->cap; i++)
+        if (pk->pre[i].q) munmap(pk->pre[i].q, pk->pre[i].alloc);
     free(pk->pre);
     free(pk);
 }
 
-size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w) {
+size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t max_bytes) {
     const xllm_cpu_kernels *k = mm->k;
     if (!k->pack_q || !xllm_act_block(w->type) || w->n_rows <= 0 || w->n_cols > mm->max_cols ||
         find_prepacked(pk, w))
@@ -453,40 +477,39 @@ size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w) {
         }
         free(old);
     }
-    const int64_t K = w->n_cols, Kp = (K + 63) / 64 * 64, np = (w->n_rows + 15) / 16;
+    const int64_t K = w->n_cols, np = (w->n_rows + 15) / 16;
     const int G = xllm_panel_group(w->type);
+    const int64_t ng = K / G;
+    if (K % G) return 0;
+    /* the first panel, packed to the thread scratch, tells whether the type is symmetric */
+    mm_thread *th = &mm->th[0];
+    xllm_qpanel sp = {.q = th->pq, .s = th->ps, .m = th->pm};
     prepacked e = {.data = w->data, .n_rows = w->n_rows, .n_cols = K, .G = G};
-    e.qstride = (size_t)(16 * Kp);
-    e.sstride = (size_t)((Kp / G + 1) * 16);
-    e.q = malloc(e.qstride * (size_t)np);
-    e.s = malloc(e.sstride * (size_t)np * sizeof(float));
-    /* offsets: the thread scratch until the first panel tells whether the type is symmetric
-     * (then they are not kept: m = -sym * s) */
-    float *scratch_m = mm->th[0].pm;
-    for (int64_t pi = 0; pi < np && e.q && e.s; pi++) {
-        xllm_qpanel p = {.q = e.q + pi * e.qstride,
-                         .s = e.s + pi * e.sstride,
-                         .m = e.m ? e.m + pi * e.sstride : scratch_m};
-        k->pack_q(w, pi * 16, (int)XLLM_MIN((int64_t)16, w->n_rows - pi * 16), mm->th[0].stage, &p);
-        XLLM_ASSERT(p.G == G);
-        e.sym = p.sym;
-        if (pi == 0 && !e.sym) { /* asymmetric: keep the offsets */
-            e.m = malloc(e.sstride * (size_t)np * sizeof(float));
-            if (!e.m) break;
-            memcpy(e.m, scratch_m, e.sstride * sizeof(float));
+    for (int64_t pi = 0; pi < np; pi++) {
+        k->pack_q(w, pi * 16, (int)XLLM_MIN((int64_t)16, w->n_rows - pi * 16), th->stage, &sp);
+        XLLM_ASSERT(sp.G == G);
+        if (pi == 0) {
+            e.sym = sp.sym;
+            e.gb = 16 * G + (e.sym ? 1 : 2) * 16 * (int64_t)sizeof(float);
+            e.qstride = (size_t)(ng * e.gb);
+            e.alloc = e.qstride * (size_t)np;
+            if (e.alloc > max_bytes) return 0;
+            e.q = map_weights(e.alloc);
+            if (!e.q) return 0;
+        }
+        const xllm_qpanel dp = prepacked_panel(&e, pi);
+        for (int64_t g = 0; g < ng; g++) {
+            memcpy(dp.q + g * dp.qgs, sp.q + g * 16 * G, (size_t)(16 * G));
+            memcpy(dp.s + g * dp.sgs, sp.s + g * 16, 16 * sizeof(float));
+            if (dp.m) memcpy(dp.m + g * dp.sgs, sp.m + g * 16, 16 * sizeof(float));
         }
     }
-    if (!e.q || !e.s || (!e.sym && !e.m)) {
-        free(e.q);
-        free(e.s);
-        free(e.m);
-        return 0;
-    }
+    e.decode = e.alloc <= (size_t)w->n_rows * w->row_bytes * 9 / 8;
     size_t h = ((uintptr_t)w->data >> 6) % (size_t)pk->cap;
     while (pk->pre[h].data) h = (h + 1) % (size_t)pk->cap;
     pk->pre[h] = e;
     pk->n++;
-    return (size_t)np * (e.qstride + e.sstride * sizeof(float) * (e.m ? 2 : 1));
+    return e.alloc;
 }
 
 void xllm_mm_packs_drop_dense(xllm_mm_packs *pk, const xllm_mat *w) {

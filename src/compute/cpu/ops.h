@@ -118,8 +118,9 @@ typedef struct xllm_mm_packs xllm_mm_packs;
 xllm_mm_packs *xllm_mm_packs_new(void);
 void xllm_mm_packs_free(xllm_mm_packs *pk); /* accepts NULL */
 /* Packs w with mm's kernels into pk. Returns the bytes of the panels, 0 when the level or the
- * type has no panel form, or memory ran out. w's data pointer is the key of later look-ups. */
-size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w);
+ * type has no panel form, the panels would take more than max_bytes, or memory ran out. w's
+ * data pointer is the key of later look-ups. */
+size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t max_bytes);
 /* Marks that w's dense rows are gone (w must be packed): from then on every path, at every
  * level, reads w from its panels; w's data pointer stays the key. Before any engine uses pk. */
 void xllm_mm_packs_drop_dense(xllm_mm_packs *pk, const xllm_mat *w);
