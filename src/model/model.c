@@ -248,9 +248,8 @@ static xllm_status fault_in(loader *L, const xllm_model_params *p) {
     const uint8_t *src = g->base + g->data_offset;
     size_t n = g->size > g->data_offset ? g->size - g->data_offset : 0;
     if (p->no_mmap && n > 0) {
-        L->m->data_copy = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (L->m->data_copy == MAP_FAILED) {
-            L->m->data_copy = NULL;
+        L->m->data_copy = xllm_map_huge(n);
+        if (!L->m->data_copy) {
             xllm_set_err(L->err, L->err_size, "cannot allocate %zu bytes for the weights", n);
             return XLLM_ERR_NOMEM;
         }

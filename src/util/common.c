@@ -2,6 +2,7 @@
 #include "util/common.h"
 
 #include <string.h>
+#include <sys/mman.h>
 
 #include "xllm/xllm.h"
 
@@ -35,6 +36,21 @@ void *xllm_xrealloc(void *p, size_t n) {
     void *q = realloc(p, n ? n : 1);
     if (!q) xllm_assert_fail(__FILE__, __LINE__, "out of memory");
     return q;
+}
+
+void *xllm_map_huge(size_t n) {
+    const size_t H = (size_t)2 << 20;
+    if (n == 0 || n > SIZE_MAX - H) return NULL;
+    uint8_t *p = mmap(NULL, n + H, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    const size_t head = (H - (uintptr_t)p % H) % H; /* the rest is given back */
+    if (head) munmap(p, head);
+    if (H - head) munmap(p + head + n, H - head);
+    p += head;
+#ifdef MADV_HUGEPAGE
+    (void)madvise(p, n, MADV_HUGEPAGE);
+#endif
+    return p;
 }
 
 char *xllm_xstrdup(const char *s) {

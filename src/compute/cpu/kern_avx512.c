@@ -1015,6 +1015,61 @@ gemm_bf16_tile(const uint16_t *panel, const int NP, int64_t K, const uint16_t *x
                            nr - 16 * i > 16 ? 16 : nr - 16 * i, acc);
 }
 
+/* BF16 rows [r0, r1) x NT <= XLLM_GEMV_MAX_T tokens in bf16 (decode): one row at a time,
+ * front to back, two bf16-pair dot chains per token. K % 32 == 0. */
+__attribute__((target("avx512bf16"))) static inline __attribute__((always_inline)) void
+gemv_bf16_t(const xllm_mat *w, int64_t r0, int64_t r1, const uint16_t *xb, const int NT, float *y,
+            int64_t y_stride, bool acc) {
+    const int64_t K = w->n_cols;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *row =
+            (const uint16_t *)((const uint8_t *)w->data + (size_t)r * w->row_bytes);
+        __m512 s0[XLLM_GEMV_MAX_T], s1[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 4
+        for (int c = 0; c < NT; c++) s0[c] = s1[c] = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+            const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row + k);
+            const __m512bh w1 = (__m512bh)_mm512_loadu_si512(row + k + 32);
+#pragma GCC unroll 4
+            for (int c = 0; c < NT; c++) {
+                s0[c] = _mm512_dpbf16_ps(s0[c], w0, (__m512bh)_mm512_loadu_si512(xb + c * K + k));
+                s1[c] =
+                    _mm512_dpbf16_ps(s1[c], w1, (__m512bh)_mm512_loadu_si512(xb + c * K + k + 32));
+            }
+        }
+        if (k < K) {
+            const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row + k);
+#pragma GCC unroll 4
+            for (int c = 0; c < NT; c++)
+                s0[c] = _mm512_dpbf16_ps(s0[c], w0, (__m512bh)_mm512_loadu_si512(xb + c * K + k));
+        }
+#pragma GCC unroll 4
+        for (int c = 0; c < NT; c++)
+            put(y, c * y_stride + r, hsum(_mm512_add_ps(s0[c], s1[c])), acc);
+    }
+}
+
+__attribute__((target("avx512bf16"))) static void gemv_bf16(const xllm_mat *w, int64_t r0,
+                                                            int64_t r1, const uint16_t *xb,
+                                                            int64_t T, float *y, int64_t y_stride,
+                                                            bool acc) {
+    switch (T) {
+        case 1:
+            gemv_bf16_t(w, r0, r1, xb, 1, y, y_stride, acc);
+            break;
+        case 2:
+            gemv_bf16_t(w, r0, r1, xb, 2, y, y_stride, acc);
+            break;
+        case 3:
+            gemv_bf16_t(w, r0, r1, xb, 3, y, y_stride, acc);
+            break;
+        default:
+            gemv_bf16_t(w, r0, r1, xb, 4, y, y_stride, acc);
+            break;
+    }
+}
+
 #define BF16_TILES(NP_)                                                                            \
     do {                                                                                           \
         for (; t + 8 <= T; t += 8) gemm_bf16_tile(panel, NP_, K, xb, t, 8, nr, y, y_stride, acc);  \
@@ -1418,6 +1473,7 @@ static const xllm_cpu_kernels k_avx512_bf16 = {
     .gemm_f = gemm_f,
     .pack_bf16 = pack_bf16,
     .gemm_bf16 = gemm_bf16,
+    .gemv_bf16 = gemv_bf16,
     .to_bf16 = to_bf16,
     .dot_f32 = dot_f32,
     .rmsnorm = rmsnorm,

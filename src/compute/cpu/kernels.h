@@ -114,6 +114,10 @@ typedef struct xllm_cpu_kernels {
     /* np (1 or 2) consecutive panels, K * 16 values apart */
     void (*gemm_bf16)(const uint16_t *panel, int np, int64_t K, const uint16_t *xb, int64_t T,
                       int nr, float *y, int64_t y_stride, bool acc);
+    /* Direct decode kernel for BF16 rows [r0, r1) against T <= XLLM_GEMV_MAX_T tokens in bf16
+     * (xb (T, K), K = w->n_cols, a multiple of 32), as gemv (optional: NULL). */
+    void (*gemv_bf16)(const xllm_mat *w, int64_t r0, int64_t r1, const uint16_t *xb, int64_t T,
+                      float *y, int64_t y_stride, bool acc);
     void (*to_bf16)(const float *x, uint16_t *y, int64_t n);
     /* fp32 -> IEEE half, round to nearest even (KV stores) */
     void (*to_f16)(const float *x, uint16_t *y, int64_t n);

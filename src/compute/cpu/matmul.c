@@ -98,23 +98,6 @@ static void panel_row(const prepacked *e, int64_t r, float *out) {
     }
 }
 
-/* Memory for packed weights: anonymous pages, asking for huge ones (a decode step streams
- * every matrix: fewer TLB misses). */
-static void *map_weights(size_t n) {
-    const size_t H = (size_t)2 << 20;
-    uint8_t *p = mmap(NULL, n + H, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return NULL;
-    /* aligned to 2 MiB, the rest given back */
-    const size_t head = (H - (uintptr_t)p % H) % H;
-    if (head) munmap(p, head);
-    if (H - head) munmap(p + head + n, H - head);
-    p += head;
-#ifdef MADV_HUGEPAGE
-    (void)madvise(p, n, MADV_HUGEPAGE);
-#endif
-    return p;
-}
-
 static void *zalloc(size_t n) {
     return xllm_xcalloc(n ? n : 1, 1);
 }
@@ -270,7 +253,14 @@ static const xllm_q8act *q_form(xllm_mm *mm, xllm_dtype t, bool need_g16) {
 
 /* ---- paths ------------------------------------------------------------------------------ */
 
-typedef enum path { PATH_SCALAR, PATH_GEMV, PATH_GEMM_Q, PATH_GEMM_BF16, PATH_GEMM_F } path;
+typedef enum path {
+    PATH_SCALAR,
+    PATH_GEMV,
+    PATH_GEMV_BF16,
+    PATH_GEMM_Q,
+    PATH_GEMM_BF16,
+    PATH_GEMM_F
+} path;
 
 /* One matrix of a run: its path and how its rows are cut into work units. */
 typedef struct mm_job {
@@ -321,6 +311,11 @@ static void run_worker(void *arg, int ith, int nth) {
         while (c >= t->n_chunks) c -= (t++)->n_chunks;
         const xllm_mat *w = t->w;
         const int64_t K = w->n_cols;
+        if (t->p == PATH_GEMV_BF16) {
+            const int64_t lo = c * t->chunk, hi = XLLM_MIN(lo + t->chunk, w->n_rows);
+            k->gemv_bf16(w, lo, hi, mm->xb, T, t->y, t->y_stride, acc);
+            continue;
+        }
         if (t->p == PATH_SCALAR || t->p == PATH_GEMV) {
             const int64_t lo = c * t->chunk, hi = XLLM_MIN(lo + t->chunk, w->n_rows);
             /* (more tokens than the direct kernels take: groups of them, see plan) */
@@ -413,6 +408,11 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
          * 9/8 of the dense rows (sub-8-bit types: 8 bits a weight in the panel), where the
          * direct kernels read fewer bytes; in cache the panel decode kernel runs 2.6x the
          * direct Q8_0 one (one thread, 3072 x 1024) */
+    } else if (w->type == XLLM_DTYPE_BF16 && mm->T <= XLLM_GEMV_MAX_T && k->gemv_bf16 &&
+               K % 32 == 0) {
+        /* bf16 activations, as the BF16 GEMM reads them: bf16 pair dot products */
+        t.p = PATH_GEMV_BF16;
+        ensure_forms(mm, FORM_BF16);
     } else if ((mm->T <= XLLM_GEMV_MAX_T || (B && !k->pack_q)) && t.dense &&
                (!t.pre || !k->pack_q || (mm->T == 1 && !t.pre->decode)) && k->gemv &&
                k->gemv(w, 0, 0, NULL, 0, NULL, 0, NULL, 0, false)) {
@@ -430,7 +430,7 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
     } else if (k->gemm_f) {
         t.p = PATH_GEMM_F;
     }
-    if (t.p == PATH_SCALAR || t.p == PATH_GEMV) {
+    if (t.p == PATH_SCALAR || t.p == PATH_GEMV || t.p == PATH_GEMV_BF16) {
         /* ~8 units per thread, whole multiples of 16 rows */
         t.chunk = (w->n_rows / (8 * mm->n_threads) + 15) / 16 * 16;
         if (t.chunk < 16) t.chunk = 16;
@@ -494,7 +494,7 @@ size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t ma
             e.qstride = (size_t)(ng * e.gb);
             e.alloc = e.qstride * (size_t)np;
             if (e.alloc > max_bytes) return 0;
-            e.q = map_weights(e.alloc);
+            e.q = xllm_map_huge(e.alloc);
             if (!e.q) return 0;
         }
         const xllm_qpanel dp = prepacked_panel(&e, pi);
