@@ -308,7 +308,7 @@ static void make_packs(xllm_model *m, bool low_memory) {
             const size_t dense = (size_t)w.n_rows * w.row_bytes;
             const size_t packed =
                 xllm_mm_pack(mm, m->packs, &w, low_memory ? dense + dense / 8 : SIZE_MAX);
-            if (packed && m->data_copy && packed <= dense + dense / 8) {
+            if (packed && m->data_copy && xllm_mm_packs_replace_dense(m->packs, &w)) {
                 xllm_mm_packs_drop_dense(m->packs, &w);
                 release_pages(w.data, dense);
             }

@@ -844,6 +844,141 @@ gemv_qp_tile(const xllm_qpanel *p, const int G, const int SYM, int64_t K, const 
     for (int c = 0; c < NT; c++) store_rows(y + c * y_stride, f[c], nr, acc);
 }
 
+/* Q4_K decode panel x NT tokens: per sub-block of 32, int32 dot products of the low and the
+ * high nibbles (the high ones unshifted: 16x, taken back exactly by a shift), times the 6-bit
+ * scales and mins in int32; per super-block, times d and dmin in fp32. */
+static inline __attribute__((always_inline)) void gemv_dp_q4k_t(const uint8_t *panel, int64_t K,
+                                                                const xllm_q8act *a, const int NT,
+                                                                int nr, float *y, int64_t y_stride,
+                                                                bool acc) {
+    const int64_t nsb = K / XLLM_QK_K;
+    const __m512i m0f = _mm512_set1_epi8(0x0f), mf0 = _mm512_set1_epi8((char)0xf0);
+    __m512 f[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 4
+    for (int c = 0; c < NT; c++) f[c] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *o = panel + sb * XLLM_DP_Q4K_SB;
+        __m512i isc[XLLM_GEMV_MAX_T], imn[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 4
+        for (int c = 0; c < NT; c++) isc[c] = imn[c] = _mm512_setzero_si512();
+        for (int g = 0; g < 8; g++) {
+            __m512i lo[XLLM_GEMV_MAX_T], hi[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 4
+            for (int c = 0; c < NT; c++) lo[c] = hi[c] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+            for (int st = 0; st < 4; st++) {
+                const __m512i v = _mm512_loadu_si512(o + 320 + 64 * (4 * g + st));
+                const __m512i vl = _mm512_and_si512(v, m0f), vh = _mm512_and_si512(v, mf0);
+#pragma GCC unroll 4
+                for (int c = 0; c < NT; c++) {
+                    const int8_t *ap = a->q + c * K + sb * XLLM_QK_K + 32 * g + 8 * st;
+                    lo[c] = _mm512_dpbusd_epi32(lo[c], vl, _mm512_set1_epi32(ld32(ap)));
+                    hi[c] = _mm512_dpbusd_epi32(hi[c], vh, _mm512_set1_epi32(ld32(ap + 4)));
+                }
+            }
+            const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(o + 16 * g)));
+            const __m512i mn =
+                _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(o + 128 + 16 * g)));
+#pragma GCC unroll 4
+            for (int c = 0; c < NT; c++) {
+                const __m512i is = _mm512_add_epi32(lo[c], _mm512_srai_epi32(hi[c], 4));
+                isc[c] = _mm512_add_epi32(isc[c], _mm512_mullo_epi32(is, sc));
+                const int16_t *s16 = a->s16 + c * (K / 16) + sb * 16 + 2 * g;
+                imn[c] = _mm512_add_epi32(
+                    imn[c], _mm512_mullo_epi32(mn, _mm512_set1_epi32(s16[0] + s16[1])));
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(o + 256)));
+        const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(o + 288)));
+#pragma GCC unroll 4
+        for (int c = 0; c < NT; c++) {
+            const __m512 da = _mm512_set1_ps(a->d[c * nsb + sb]);
+            f[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isc[c]), _mm512_mul_ps(d, da), f[c]);
+            f[c] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(imn[c]), _mm512_mul_ps(dm, da), f[c]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < NT; c++) store_rows(y + c * y_stride, f[c], nr, acc);
+}
+
+/* Q6_K decode panel x NT tokens: per sub-block of 16, the 6-bit values rebuilt from the low
+ * nibbles and the high bit pairs, int32 dot products from -32 * sum(a), times the int8 scale;
+ * per super-block, times d in fp32. */
+static inline __attribute__((always_inline)) void gemv_dp_q6k_t(const uint8_t *panel, int64_t K,
+                                                                const xllm_q8act *a, const int NT,
+                                                                int nr, float *y, int64_t y_stride,
+                                                                bool acc) {
+    const int64_t nsb = K / XLLM_QK_K;
+    const __m512i m0f = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+    __m512 f[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 4
+    for (int c = 0; c < NT; c++) f[c] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *o = panel + sb * XLLM_DP_Q6K_SB;
+        __m512i isc[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 4
+        for (int c = 0; c < NT; c++) isc[c] = _mm512_setzero_si512();
+        for (int u = 0; u < 16; u++) {
+            const uint8_t *ou = o + 320 + 192 * u;
+            const __m512i n0 = _mm512_loadu_si512(ou);
+            const __m512i n1 = _mm512_loadu_si512(ou + 64);
+            const __m512i h = _mm512_loadu_si512(ou + 128);
+            const __m512i v0 = _mm512_or_si512(_mm512_and_si512(n0, m0f),
+                                               _mm512_and_si512(_mm512_slli_epi16(h, 4), m30));
+            const __m512i v1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(n0, 4), m0f),
+                                               _mm512_and_si512(_mm512_slli_epi16(h, 2), m30));
+            const __m512i v2 = _mm512_or_si512(_mm512_and_si512(n1, m0f), _mm512_and_si512(h, m30));
+            const __m512i v3 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(n1, 4), m0f),
+                                               _mm512_and_si512(_mm512_srli_epi16(h, 2), m30));
+            const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(o + 16 * u)));
+#pragma GCC unroll 4
+            for (int c = 0; c < NT; c++) {
+                const int8_t *ap = a->q + c * K + sb * XLLM_QK_K + 16 * u;
+                __m512i i0 = _mm512_set1_epi32(-32 * a->s16[c * (K / 16) + sb * 16 + u]);
+                __m512i i1 = _mm512_setzero_si512();
+                i0 = _mm512_dpbusd_epi32(i0, v0, _mm512_set1_epi32(ld32(ap)));
+                i1 = _mm512_dpbusd_epi32(i1, v1, _mm512_set1_epi32(ld32(ap + 4)));
+                i0 = _mm512_dpbusd_epi32(i0, v2, _mm512_set1_epi32(ld32(ap + 8)));
+                i1 = _mm512_dpbusd_epi32(i1, v3, _mm512_set1_epi32(ld32(ap + 12)));
+                isc[c] = _mm512_add_epi32(isc[c], _mm512_mullo_epi32(_mm512_add_epi32(i0, i1), sc));
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(o + 256)));
+#pragma GCC unroll 4
+        for (int c = 0; c < NT; c++)
+            f[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isc[c]),
+                                   _mm512_mul_ps(d, _mm512_set1_ps(a->d[c * nsb + sb])), f[c]);
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < NT; c++) store_rows(y + c * y_stride, f[c], nr, acc);
+}
+
+#define DP_T(fn)                                                                                   \
+    do {                                                                                           \
+        switch (T) {                                                                               \
+            case 1:                                                                                \
+                fn(panel, K, a, 1, nr, y, y_stride, acc);                                          \
+                break;                                                                             \
+            case 2:                                                                                \
+                fn(panel, K, a, 2, nr, y, y_stride, acc);                                          \
+                break;                                                                             \
+            case 3:                                                                                \
+                fn(panel, K, a, 3, nr, y, y_stride, acc);                                          \
+                break;                                                                             \
+            default:                                                                               \
+                fn(panel, K, a, 4, nr, y, y_stride, acc);                                          \
+                break;                                                                             \
+        }                                                                                          \
+    } while (0)
+
+static void gemv_dp(xllm_dtype t, const uint8_t *panel, int64_t K, const xllm_q8act *a, int64_t T,
+                    int nr, float *y, int64_t y_stride, bool acc) {
+    if (t == XLLM_DTYPE_Q4_K)
+        DP_T(gemv_dp_q4k_t);
+    else
+        DP_T(gemv_dp_q6k_t);
+}
+
 /* All T tokens against np (1 or 2) panels, in tiles of NT tokens. */
 static inline __attribute__((always_inline)) void gemm_q_g(const xllm_qpanel *p, int np,
                                                            const int G, const int SYM, int64_t K,
@@ -1453,6 +1588,7 @@ static const xllm_cpu_kernels k_avx512 = {
     .gemv = gemv,
     .pack_q = pack_q,
     .gemm_q = gemm_q,
+    .gemv_dp = gemv_dp,
     .pack_f = pack_f,
     .gemm_f = gemm_f,
     .dot_f32 = dot_f32,
@@ -1469,6 +1605,7 @@ static const xllm_cpu_kernels k_avx512_bf16 = {
     .gemv = gemv,
     .pack_q = pack_q,
     .gemm_q = gemm_q,
+    .gemv_dp = gemv_dp,
     .pack_f = pack_f,
     .gemm_f = gemm_f,
     .pack_bf16 = pack_bf16,

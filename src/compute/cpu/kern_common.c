@@ -138,6 +138,67 @@ bool xllm_unpack_row_q(xllm_dtype t, const void *row, int64_t n, uint8_t *q, flo
     return true;
 }
 
+size_t xllm_dpanel_bytes(xllm_dtype t, int64_t K) {
+    if (K % XLLM_QK_K) return 0;
+    if (t == XLLM_DTYPE_Q4_K) return (size_t)(K / XLLM_QK_K) * XLLM_DP_Q4K_SB;
+    if (t == XLLM_DTYPE_Q6_K) return (size_t)(K / XLLM_QK_K) * XLLM_DP_Q6K_SB;
+    return 0;
+}
+
+void xllm_pack_dpanel(const xllm_mat *w, int64_t r0, int nr, uint8_t *out) {
+    const int64_t K = w->n_cols, nsb = K / XLLM_QK_K;
+    const bool q6 = w->type == XLLM_DTYPE_Q6_K;
+    const size_t sbb = q6 ? XLLM_DP_Q6K_SB : XLLM_DP_Q4K_SB;
+    const xllm_dtype_traits *tr = xllm_dtype_get_traits(w->type);
+    uint8_t *q = xllm_xmalloc((size_t)K);
+    float *fs = xllm_xmalloc((size_t)(K / 16) * sizeof(float));
+    float *fm = xllm_xmalloc((size_t)(K / 16) * sizeof(float));
+    memset(out, 0, sbb * (size_t)nsb);
+    for (int r = 0; r < nr; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)(r0 + r) * w->row_bytes;
+        xllm_unpack_row_q(w->type, row, K, q, fs, fm);
+        for (int64_t sb = 0; sb < nsb; sb++) {
+            uint8_t *o = out + (size_t)sb * sbb;
+            const uint8_t *b = row + (size_t)sb * tr->block_bytes;
+            const uint8_t *qq = q + sb * XLLM_QK_K;
+            if (q6) {
+                /* sub-block u of 16 at 320 + 192 u: low nibbles of steps 2u, 2u + 1 (8 elements
+                 * each: byte j of row r = e 8s+j | e 8s+4+j << 4), then the high bit pairs
+                 * (bits 2i of byte j = e 16u+4i+j) */
+                for (int u = 0; u < 16; u++) {
+                    uint8_t *ob = o + 320 + 192 * u;
+                    const uint8_t *qu = qq + 16 * u;
+                    for (int j = 0; j < 4; j++) {
+                        ob[4 * r + j] = (uint8_t)((qu[j] & 15) | ((qu[4 + j] & 15) << 4));
+                        ob[64 + 4 * r + j] = (uint8_t)((qu[8 + j] & 15) | ((qu[12 + j] & 15) << 4));
+                        int v = 0;
+                        for (int i = 0; i < 4; i++) v |= (qu[4 * i + j] >> 4) << (2 * i);
+                        ob[128 + 4 * r + j] = (uint8_t)v;
+                    }
+                }
+                for (int g = 0; g < 16; g++) o[16 * g + r] = b[192 + g];
+                memcpy(o + 256 + 2 * r, b + 208, 2);
+            } else {
+                for (int g = 0; g < 8; g++) {
+                    int sc, mn;
+                    k4_sm(g, b + 4, &sc, &mn);
+                    o[16 * g + r] = (uint8_t)sc;
+                    o[128 + 16 * g + r] = (uint8_t)mn;
+                }
+                memcpy(o + 256 + 2 * r, b, 2);
+                memcpy(o + 288 + 2 * r, b + 2, 2);
+                for (int st = 0; st < 32; st++)
+                    for (int j = 0; j < 4; j++)
+                        o[320 + 64 * st + 4 * r + j] =
+                            (uint8_t)((qq[8 * st + j] & 15) | ((qq[8 * st + 4 + j] & 15) << 4));
+            }
+        }
+    }
+    free(q);
+    free(fs);
+    free(fm);
+}
+
 void xllm_quant_row_q8_scalar(const float *x, int64_t n, int B, int8_t *q, float *d, int16_t *s16) {
     for (int64_t j = 0; j < n / B; j++) {
         const float *xb = x + j * B;

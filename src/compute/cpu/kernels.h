@@ -88,6 +88,25 @@ static inline void xllm_k4_scales(const uint8_t *s, uint64_t *sc, uint64_t *mn) 
           ((uint64_t)(((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)) << 32);
 }
 
+/* Decode panels of the K-quant types: 16 rows in the type's own bits, interleaved so that one
+ * 64-byte vector holds 4 consecutive elements of each row, each super-block's scales ahead of
+ * its values; one-token decode reads them front to back, one stream, at about the dense size.
+ * Per panel and super-block of 256 elements (row r, element e); a "step" of 8 elements is 64
+ * bytes where byte 4 r + j holds e = 8 s + j (low nibble) and e = 8 s + 4 + j (high nibble):
+ *   Q4_K (2368 bytes): [0, 128) 6-bit scales u8 (sub-block g of 32 at 16 g + r), [128, 256)
+ *         6-bit mins, [256, 288) d f16 (at 2 r), [288, 320) dmin f16, [320, 2368) the low 4
+ *         bits in 32 steps: w = d sc q - dmin mn;
+ *   Q6_K (3392 bytes): [0, 256) scales int8 (sub-block g of 16 at 16 g + r), [256, 288) d f16,
+ *         then sub-block u at 320 + 192 u: steps 2u and 2u + 1 of the low 4 bits, and 64 bytes
+ *         of high bit pairs (bits 2 i of byte 4 r + j: e = 16 u + 4 i + j): w = d sc (q - 32). */
+#define XLLM_DP_Q4K_SB 2368
+#define XLLM_DP_Q6K_SB 3392
+
+/* Bytes of one 16-row decode panel of K elements; 0 for a type without the form. */
+size_t xllm_dpanel_bytes(xllm_dtype t, int64_t K);
+/* Packs rows [r0, r0 + nr) (nr <= 16; the others are zero) of w into a decode panel. */
+void xllm_pack_dpanel(const xllm_mat *w, int64_t r0, int nr, uint8_t *out);
+
 typedef struct xllm_cpu_kernels {
     xllm_cpu_level level;
     bool bf16_dot; /* gemm_bf16 available (AVX512_BF16) */
@@ -119,6 +138,11 @@ typedef struct xllm_cpu_kernels {
     void (*gemv_bf16)(const xllm_mat *w, int64_t r0, int64_t r1, const uint16_t *xb, int64_t T,
                       float *y, int64_t y_stride, bool acc);
     void (*to_bf16)(const float *x, uint16_t *y, int64_t n);
+    /* One decode panel (xllm_dpanel_bytes) of type t, K elements, against T <= XLLM_GEMV_MAX_T
+     * tokens in the 256-element 8-bit form: y[t * y_stride + r] (+)= row r . x_t for r < nr
+     * (optional: NULL). */
+    void (*gemv_dp)(xllm_dtype t, const uint8_t *panel, int64_t K, const xllm_q8act *a, int64_t T,
+                    int nr, float *y, int64_t y_stride, bool acc);
     /* fp32 -> IEEE half, round to nearest even (KV stores) */
     void (*to_f16)(const float *x, uint16_t *y, int64_t n);
     /* Elementwise and small ops. */

@@ -53,6 +53,8 @@ typedef struct prepacked {
     bool dense_gone; /* the dense rows were released: every reader uses the panels */
     bool decode;     /* one-token decode reads the panels (they are no bigger than 9/8 of the
                         dense rows: 8-bit types) */
+    uint8_t *dq;     /* decode panels of the K-quant types (xllm_pack_dpanel), or NULL */
+    size_t dq_stride, dq_alloc;
 } prepacked;
 
 /* Panel pi of a packed matrix as the kernels see it. */
@@ -257,6 +259,7 @@ typedef enum path {
     PATH_SCALAR,
     PATH_GEMV,
     PATH_GEMV_BF16,
+    PATH_GEMV_DP,
     PATH_GEMM_Q,
     PATH_GEMM_BF16,
     PATH_GEMM_F
@@ -311,6 +314,13 @@ static void run_worker(void *arg, int ith, int nth) {
         while (c >= t->n_chunks) c -= (t++)->n_chunks;
         const xllm_mat *w = t->w;
         const int64_t K = w->n_cols;
+        if (t->p == PATH_GEMV_DP) {
+            const prepacked *e = t->pre;
+            for (int64_t r0 = c * t->chunk; r0 < XLLM_MIN((c + 1) * t->chunk, w->n_rows); r0 += 16)
+                k->gemv_dp(w->type, e->dq + (size_t)(r0 / 16) * e->dq_stride, K, t->a, T,
+                           (int)XLLM_MIN((int64_t)16, w->n_rows - r0), t->y + r0, t->y_stride, acc);
+            continue;
+        }
         if (t->p == PATH_GEMV_BF16) {
             const int64_t lo = c * t->chunk, hi = XLLM_MIN(lo + t->chunk, w->n_rows);
             k->gemv_bf16(w, lo, hi, mm->xb, T, t->y, t->y_stride, acc);
@@ -361,7 +371,7 @@ static void run_worker(void *arg, int ith, int nth) {
             float *y = t->y + r0;
             if (t->p == PATH_GEMM_Q) {
                 xllm_qpanel p[2];
-                const prepacked *pp = t->pre;
+                const prepacked *pp = t->pre && t->pre->q ? t->pre : NULL;
                 for (int i = 0; i < np && pp; i++) p[i] = prepacked_panel(pp, r0 / XLLM_PANEL + i);
                 for (int i = 0; i < np && !pp; i++) {
                     p[i] = (xllm_qpanel){.q = th->pq + i * 16 * Kp,
@@ -408,6 +418,9 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
          * 9/8 of the dense rows (sub-8-bit types: 8 bits a weight in the panel), where the
          * direct kernels read fewer bytes; in cache the panel decode kernel runs 2.6x the
          * direct Q8_0 one (one thread, 3072 x 1024) */
+    } else if (t.pre && t.pre->dq && mm->T <= XLLM_GEMV_MAX_T && k->gemv_dp) {
+        t.p = PATH_GEMV_DP; /* K-quant decode panels: the type's own bits, one stream */
+        t.a = q_form(mm, w->type, false);
     } else if (w->type == XLLM_DTYPE_BF16 && mm->T <= XLLM_GEMV_MAX_T && k->gemv_bf16 &&
                K % 32 == 0) {
         /* bf16 activations, as the BF16 GEMM reads them: bf16 pair dot products */
@@ -430,7 +443,7 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
     } else if (k->gemm_f) {
         t.p = PATH_GEMM_F;
     }
-    if (t.p == PATH_SCALAR || t.p == PATH_GEMV || t.p == PATH_GEMV_BF16) {
+    if (t.p == PATH_SCALAR || t.p == PATH_GEMV || t.p == PATH_GEMV_BF16 || t.p == PATH_GEMV_DP) {
         /* ~8 units per thread, whole multiples of 16 rows */
         t.chunk = (w->n_rows / (8 * mm->n_threads) + 15) / 16 * 16;
         if (t.chunk < 16) t.chunk = 16;
@@ -453,8 +466,10 @@ xllm_mm_packs *xllm_mm_packs_new(void) {
 
 void xllm_mm_packs_free(xllm_mm_packs *pk) {
     if (!pk) return;
-    for (int64_t i = 0; i < pk->cap; i++)
+    for (int64_t i = 0; i < pk->cap; i++) {
         if (pk->pre[i].q) munmap(pk->pre[i].q, pk->pre[i].alloc);
+        if (pk->pre[i].dq) munmap(pk->pre[i].dq, pk->pre[i].dq_alloc);
+    }
     free(pk->pre);
     free(pk);
 }
@@ -493,9 +508,10 @@ size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t ma
             e.gb = 16 * G + (e.sym ? 1 : 2) * 16 * (int64_t)sizeof(float);
             e.qstride = (size_t)(ng * e.gb);
             e.alloc = e.qstride * (size_t)np;
-            if (e.alloc > max_bytes) return 0;
-            e.q = xllm_map_huge(e.alloc);
-            if (!e.q) return 0;
+            if (e.alloc > max_bytes || !(e.q = xllm_map_huge(e.alloc))) {
+                e.alloc = 0;
+                break;
+            }
         }
         const xllm_qpanel dp = prepacked_panel(&e, pi);
         for (int64_t g = 0; g < ng; g++) {
@@ -504,17 +520,31 @@ size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t ma
             if (dp.m) memcpy(dp.m + g * dp.sgs, sp.m + g * 16, 16 * sizeof(float));
         }
     }
-    e.decode = e.alloc <= (size_t)w->n_rows * w->row_bytes * 9 / 8;
+    e.decode = e.q && e.alloc <= (size_t)w->n_rows * w->row_bytes * 9 / 8;
+    /* K-quant types: decode panels in their own bits as well */
+    e.dq_stride = k->gemv_dp ? xllm_dpanel_bytes(w->type, K) : 0;
+    if (e.dq_stride && (e.dq = xllm_map_huge(e.dq_stride * (size_t)np))) {
+        e.dq_alloc = e.dq_stride * (size_t)np;
+        for (int64_t pi = 0; pi < np; pi++)
+            xllm_pack_dpanel(w, pi * 16, (int)XLLM_MIN((int64_t)16, w->n_rows - pi * 16),
+                             e.dq + (size_t)pi * e.dq_stride);
+    }
+    if (!e.q && !e.dq) return 0;
     size_t h = ((uintptr_t)w->data >> 6) % (size_t)pk->cap;
     while (pk->pre[h].data) h = (h + 1) % (size_t)pk->cap;
     pk->pre[h] = e;
     pk->n++;
-    return e.alloc;
+    return e.alloc + e.dq_alloc;
+}
+
+bool xllm_mm_packs_replace_dense(const xllm_mm_packs *pk, const xllm_mat *w) {
+    const prepacked *e = find_prepacked(pk, w);
+    return e && e->decode;
 }
 
 void xllm_mm_packs_drop_dense(xllm_mm_packs *pk, const xllm_mat *w) {
     prepacked *e = find_prepacked(pk, w);
-    XLLM_ASSERT(e);
+    XLLM_ASSERT(e && e->q);
     e->dense_gone = true;
 }
 
