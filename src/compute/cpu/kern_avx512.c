@@ -725,6 +725,13 @@ static inline void store_rows(float *y, __m512 v, int nr, bool acc) {
     _mm512_mask_storeu_ps(y, mk, v);
 }
 
+/* The 16 scales of group g of a panel. */
+static inline __m512 qp_scales(const xllm_qpanel *p, int64_t g, int64_t qgs, int64_t sgs) {
+    if (p->h16)
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)xllm_qpanel_sh(p, g, qgs)));
+    return _mm512_loadu_ps(p->s + g * sgs);
+}
+
 /* NP panels (16 rows each) x NT tokens, groups of G elements: per group, int32 dot products
  * by VNNI, then y += s * d_a * dot + m * d_a * sum_a in fp32. */
 static inline __attribute__((always_inline)) void gemm_q_tile(const xllm_qpanel *p, const int NP,
@@ -743,9 +750,10 @@ static inline __attribute__((always_inline)) void gemm_q_tile(const xllm_qpanel 
 #pragma GCC unroll 2
         for (int i = 0; i < NP; i++) s[i][c] = _mm512_setzero_ps();
     }
-    const uint8_t *wq0 = p[0].q, *wq1 = NP > 1 ? p[1].q : p[0].q;
     const int64_t qgs = xllm_qpanel_qgs(&p[0]), sgs = xllm_qpanel_sgs(&p[0]);
     for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *wg0 = xllm_qpanel_q(&p[0], g, qgs);
+        const uint8_t *wg1 = NP > 1 ? xllm_qpanel_q(&p[1], g, qgs) : wg0;
         __m512i is[2][8];
 #pragma GCC unroll 8
         for (int c = 0; c < NT; c++) {
@@ -761,8 +769,8 @@ static inline __attribute__((always_inline)) void gemm_q_tile(const xllm_qpanel 
         }
 #pragma GCC unroll 8
         for (int kk = 0; kk < G / 4; kk++) {
-            const __m512i w0 = _mm512_loadu_si512(wq0 + g * qgs + kk * 64);
-            const __m512i w1 = NP > 1 ? _mm512_loadu_si512(wq1 + g * qgs + kk * 64) : w0;
+            const __m512i w0 = _mm512_loadu_si512(wg0 + kk * 64);
+            const __m512i w1 = NP > 1 ? _mm512_loadu_si512(wg1 + kk * 64) : w0;
             const int64_t off = g * G + 4 * kk;
 #pragma GCC unroll 8
             for (int c = 0; c < NT; c++) {
@@ -773,7 +781,7 @@ static inline __attribute__((always_inline)) void gemm_q_tile(const xllm_qpanel 
         }
 #pragma GCC unroll 2
         for (int i = 0; i < NP; i++) {
-            const __m512 sv = _mm512_loadu_ps(p[i].s + g * sgs);
+            const __m512 sv = qp_scales(&p[i], g, qgs, sgs);
 #pragma GCC unroll 8
             for (int c = 0; c < NT; c++) {
                 s[i][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[i][c]),
@@ -809,7 +817,7 @@ gemv_qp_tile(const xllm_qpanel *p, const int G, const int SYM, int64_t K, const 
         f[c] = _mm512_setzero_ps();
     }
     for (int64_t g = 0; g < ng; g++) {
-        const uint8_t *wq = p->q + g * qgs;
+        const uint8_t *wq = xllm_qpanel_q(p, g, qgs);
         __m512i i0[XLLM_GEMV_MAX_T], i1[XLLM_GEMV_MAX_T];
 #pragma GCC unroll 4
         for (int c = 0; c < NT; c++) {
@@ -830,7 +838,7 @@ gemv_qp_tile(const xllm_qpanel *p, const int G, const int SYM, int64_t K, const 
                 i1[c] = _mm512_dpbusd_epi32(i1[c], w1, _mm512_set1_epi32(ld32(ap + 4)));
             }
         }
-        const __m512 sv = _mm512_loadu_ps(p->s + g * sgs);
+        const __m512 sv = qp_scales(p, g, qgs, sgs);
 #pragma GCC unroll 4
         for (int c = 0; c < NT; c++) {
             f[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0[c], i1[c])),

@@ -40,7 +40,20 @@ typedef struct xllm_qpanel {
     int sym;     /* > 0: a symmetric type, m = -sym * s (the offset is taken in int32) */
     int64_t qgs; /* bytes from one group's q to the next (0: 16 * G) */
     int64_t sgs; /* floats from one group's s (and m) to the next (0: 16) */
+    /* Groups in pairs with f16 scales (symmetric types whose scale is the block's f16 d: Q8_0,
+     * Q4_0, Q5_0; s and m unused): pair i at q + i * qgs holds group 2i's q, group 2i+1's q,
+     * then their 2 x 16 scales as f16, 16 * G + 16 * G + 64 bytes: the dense size for Q8_0. */
+    int h16;
 } xllm_qpanel;
+
+/* Group g's q bytes, and its 16 scales, of a panel. */
+static inline const uint8_t *xllm_qpanel_q(const xllm_qpanel *p, int64_t g, int64_t qgs) {
+    return p->h16 ? p->q + (g >> 1) * qgs + (g & 1) * 16 * p->G : p->q + g * qgs;
+}
+
+static inline const uint16_t *xllm_qpanel_sh(const xllm_qpanel *p, int64_t g, int64_t qgs) {
+    return (const uint16_t *)(p->q + (g >> 1) * qgs + 32 * p->G) + (g & 1) * 16;
+}
 
 static inline int64_t xllm_qpanel_qgs(const xllm_qpanel *p) {
     return p->qgs ? p->qgs : 16 * (int64_t)p->G;

@@ -50,6 +50,7 @@ typedef struct prepacked {
     size_t qstride, alloc;
     int64_t gb; /* bytes per group */
     int G, sym;
+    bool h16;        /* groups in pairs with f16 scales (xllm_qpanel.h16) */
     bool dense_gone; /* the dense rows were released: every reader uses the panels */
     bool decode;     /* one-token decode reads the panels (they are no bigger than 9/8 of the
                         dense rows: 8-bit types) */
@@ -60,14 +61,15 @@ typedef struct prepacked {
 /* Panel pi of a packed matrix as the kernels see it. */
 static xllm_qpanel prepacked_panel(const prepacked *e, int64_t pi) {
     uint8_t *q = e->q + (size_t)pi * e->qstride;
-    float *s = (float *)(q + 16 * e->G);
+    float *s = e->h16 ? NULL : (float *)(q + 16 * e->G);
     return (xllm_qpanel){.q = q,
                          .s = s,
-                         .m = e->sym ? NULL : s + 16,
+                         .m = e->sym || e->h16 ? NULL : s + 16,
                          .G = e->G,
                          .sym = e->sym,
                          .qgs = e->gb,
-                         .sgs = e->gb / (int64_t)sizeof(float)};
+                         .sgs = e->gb / (int64_t)sizeof(float),
+                         .h16 = e->h16};
 }
 
 /* Open-addressing table of packed matrices keyed by the data pointer. */
@@ -94,8 +96,9 @@ static void panel_row(const prepacked *e, int64_t r, float *out) {
     const xllm_qpanel p = prepacked_panel(e, r / XLLM_PANEL);
     for (int64_t k = 0; k < e->n_cols; k++) {
         const int64_t g = k / e->G, e4 = (k % e->G) / 4;
-        const int v = p.q[g * p.qgs + e4 * 4 * XLLM_PANEL + rr * 4 + k % 4];
-        const float sc = p.s[g * p.sgs + rr];
+        const int v = xllm_qpanel_q(&p, g, p.qgs)[e4 * 4 * XLLM_PANEL + rr * 4 + k % 4];
+        const float sc =
+            p.h16 ? xllm_fp16_to_fp32(xllm_qpanel_sh(&p, g, p.qgs)[rr]) : p.s[g * p.sgs + rr];
         out[k] = p.m ? sc * (float)v + p.m[g * p.sgs + rr] : sc * (float)(v - e->sym);
     }
 }
@@ -505,8 +508,13 @@ size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t ma
         XLLM_ASSERT(sp.G == G);
         if (pi == 0) {
             e.sym = sp.sym;
-            e.gb = 16 * G + (e.sym ? 1 : 2) * 16 * (int64_t)sizeof(float);
-            e.qstride = (size_t)(ng * e.gb);
+            /* the scale of these types is the block's f16 d: exact as f16 */
+            e.h16 = G == 32 && e.sym &&
+                    (w->type == XLLM_DTYPE_Q8_0 || w->type == XLLM_DTYPE_Q4_0 ||
+                     w->type == XLLM_DTYPE_Q5_0);
+            e.gb = e.h16 ? 2 * 16 * G + 2 * 16 * (int64_t)sizeof(uint16_t)
+                         : 16 * G + (e.sym ? 1 : 2) * 16 * (int64_t)sizeof(float);
+            e.qstride = (size_t)((e.h16 ? (ng + 1) / 2 : ng) * e.gb);
             e.alloc = e.qstride * (size_t)np;
             if (e.alloc > max_bytes || !(e.q = xllm_map_huge(e.alloc))) {
                 e.alloc = 0;
@@ -515,7 +523,12 @@ size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t ma
         }
         const xllm_qpanel dp = prepacked_panel(&e, pi);
         for (int64_t g = 0; g < ng; g++) {
-            memcpy(dp.q + g * dp.qgs, sp.q + g * 16 * G, (size_t)(16 * G));
+            memcpy((uint8_t *)xllm_qpanel_q(&dp, g, dp.qgs), sp.q + g * 16 * G, (size_t)(16 * G));
+            if (dp.h16) {
+                uint16_t *sh = (uint16_t *)xllm_qpanel_sh(&dp, g, dp.qgs);
+                for (int r = 0; r < 16; r++) sh[r] = xllm_fp32_to_fp16(sp.s[g * 16 + r]);
+                continue;
+            }
             memcpy(dp.s + g * dp.sgs, sp.s + g * 16, 16 * sizeof(float));
             if (dp.m) memcpy(dp.m + g * dp.sgs, sp.m + g * 16, 16 * sizeof(float));
         }
