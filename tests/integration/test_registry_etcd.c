@@ -6,6 +6,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -485,6 +486,35 @@ static void test_etcd_restart(void **state) {
     col_destroy(&c);
 }
 
+/* Whether every thread of process pid is stopped (state T in /proc/pid/task/ * /stat) within
+ * timeout_ms. */
+static bool wait_stopped(pid_t pid, int timeout_ms) {
+    for (int waited = 0; waited <= timeout_ms; waited += 5) {
+        char path[64];
+        snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
+        DIR *d = opendir(path);
+        if (!d) return false;
+        bool all = true;
+        struct dirent *e;
+        while (all && (e = readdir(d)) != NULL) {
+            if (e->d_name[0] == '.') continue;
+            char sp[300], buf[512];
+            snprintf(sp, sizeof(sp), "/proc/%d/task/%s/stat", (int)pid, e->d_name);
+            FILE *f = fopen(sp, "r");
+            if (!f) continue; /* the thread exited */
+            size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+            fclose(f);
+            buf[n] = 0;
+            const char *rp = strrchr(buf, ')'); /* state follows the command name */
+            all = rp && rp[1] == ' ' && (rp[2] == 'T' || rp[2] == 't');
+        }
+        closedir(d);
+        if (all) return true;
+        usleep(5000);
+    }
+    return false;
+}
+
 static void test_unreachable(void **state) {
     (void)state;
     char err[256] = "";
@@ -504,7 +534,12 @@ static void test_unreachable(void **state) {
 
     /* a hung etcd (SIGSTOP): calls fail after the timeout instead of hanging */
     xllm_registry_store st = etcd_store(g_endpoint, 300);
+    assert_true(g_etcd_pid > 0);
     kill(g_etcd_pid, SIGSTOP);
+    /* the stop is asynchronous: a thread of etcd still running on the other core could answer
+     * a request sent right away (seen on the loaded 2-core machine); wait until it shows as
+     * stopped */
+    assert_true(wait_stopped(g_etcd_pid, 2000));
     t0 = xllm_registry_now_ns();
     xllm_registry_kv *kvs = NULL;
     size_t n = 0;

@@ -1432,33 +1432,63 @@ att_decode_block(const int NQ, const int DV, const float (*q)[256], const uint8_
                  const uint8_t *vh, size_t rb, xllm_dtype t, int cnt, float *m, float *l,
                  float (*o)[256]) {
     const __mmask16 valid = (__mmask16)(cnt >= 16 ? 0xffffu : (1u << cnt) - 1u);
-    __m512i acc[2][16];
-    for (int pp = 0; pp < 16; pp++) {
-        __m512 a[2][2] = {{_mm512_setzero_ps(), _mm512_setzero_ps()},
-                          {_mm512_setzero_ps(), _mm512_setzero_ps()}};
-        if (pp < cnt) {
-            const uint8_t *kr = kh + (size_t)pp * rb;
+    /* the queries in registers (a 512-bit load is the scarce resource here: about one a
+     * cycle); the 16 positions' scores by a reduction tree built as positions come: level 1
+     * folds two positions' dot-product vectors into one (8 partial sums each), level 2 two of
+     * those (4 each), level 3 (2 each), level 4 (1 each); lane 4 i + j then holds position
+     * i + 4 j, put back in order by one permute */
+    __m512 qr[2][16];
+    for (int i = 0; i < NQ; i++)
 #pragma GCC unroll 16
-            for (int j = 0; j < DV; j++) {
-                const __m512 kv = kv16(kr, t, 16 * j);
+        for (int j = 0; j < DV; j++) qr[i][j] = _mm512_load_ps(q[i] + 16 * j);
+    __m512 l3[2][2];
+#pragma GCC unroll 2
+    for (int h8 = 0; h8 < 2; h8++) {
+        __m512 l2[2][2];
+#pragma GCC unroll 2
+        for (int h4 = 0; h4 < 2; h4++) {
+            __m512 l1[2][2];
+#pragma GCC unroll 2
+            for (int h2 = 0; h2 < 2; h2++) {
+                __m512 v[2][2];
+#pragma GCC unroll 2
+                for (int u = 0; u < 2; u++) {
+                    const int pp = 8 * h8 + 4 * h4 + 2 * h2 + u;
+                    __m512 a[2][2] = {{_mm512_setzero_ps(), _mm512_setzero_ps()},
+                                      {_mm512_setzero_ps(), _mm512_setzero_ps()}};
+                    if (pp < cnt) {
+                        const uint8_t *kr = kh + (size_t)pp * rb;
+#pragma GCC unroll 16
+                        for (int j = 0; j < DV; j++) {
+                            const __m512 kv = kv16(kr, t, 16 * j);
+                            for (int i = 0; i < NQ; i++)
+                                a[i][j & 1] = _mm512_fmadd_ps(qr[i][j], kv, a[i][j & 1]);
+                        }
+                    }
+                    for (int i = 0; i < NQ; i++) v[i][u] = _mm512_add_ps(a[i][0], a[i][1]);
+                }
                 for (int i = 0; i < NQ; i++)
-                    a[i][j & 1] = _mm512_fmadd_ps(_mm512_load_ps(q[i] + 16 * j), kv, a[i][j & 1]);
+                    l1[i][h2] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i][0], v[i][1], 0x44),
+                                              _mm512_shuffle_f32x4(v[i][0], v[i][1], 0xEE));
             }
+            for (int i = 0; i < NQ; i++)
+                l2[i][h4] = _mm512_add_ps(_mm512_shuffle_f32x4(l1[i][0], l1[i][1], 0x88),
+                                          _mm512_shuffle_f32x4(l1[i][0], l1[i][1], 0xDD));
         }
         for (int i = 0; i < NQ; i++)
-            acc[i][pp] = _mm512_castps_si512(_mm512_add_ps(a[i][0], a[i][1]));
+            l3[i][h8] =
+                _mm512_add_ps(_mm512_shuffle_ps(l2[i][0], l2[i][1], _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_ps(l2[i][0], l2[i][1], _MM_SHUFFLE(3, 2, 3, 2)));
     }
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
     float pv[2][16] __attribute__((aligned(64)));
     __m512 av[2];
     for (int i = 0; i < NQ; i++) {
-        transpose16(acc[i]);
-        __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
-        for (int j = 0; j < 16; j += 2) {
-            t0 = _mm512_add_ps(t0, _mm512_castsi512_ps(acc[i][j]));
-            t1 = _mm512_add_ps(t1, _mm512_castsi512_ps(acc[i][j + 1]));
-        }
-        const __m512 sc =
-            _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_add_ps(t0, t1));
+        const __m512 tree =
+            _mm512_add_ps(_mm512_shuffle_ps(l3[i][0], l3[i][1], _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_ps(l3[i][0], l3[i][1], _MM_SHUFFLE(3, 1, 3, 1)));
+        const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
+                                             _mm512_permutexvar_ps(order, tree));
         av[i] = _mm512_set1_ps(att_softmax(sc, valid, &m[i], &l[i], pv[i]));
     }
     __m512 ov[2][16];
