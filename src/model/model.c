@@ -280,11 +280,12 @@ static xllm_status fault_in(loader *L, const xllm_model_params *p) {
 
 /* Packs the dense quantized matrices (and the output) once into the panel form, for every
  * context of the model (XLLM_PREPACK=0: not). Panels about the size of the dense rows (8-bit
- * types: Q8_0 is 34 bytes per 32 weights dense, 36 packed) serve every batch size, decode
- * included; when the weights are an anonymous copy they replace the dense rows, whose pages
- * are released, so the model takes its weight size in memory rather than twice. Sub-8-bit
- * types keep both (their panels hold 8 bits a weight: one-token decode reads the dense rows,
- * half the bytes); low_memory does not make their panels (prompts then pack per call). */
+ * types: Q8_0 is 34 bytes per 32 weights both ways) serve every batch size, decode included;
+ * when the weights are an anonymous copy they replace the dense rows, whose pages are
+ * released, so the model takes its weight size in memory rather than twice. Sub-8-bit types
+ * keep their dense rows (their 8-bit panels hold 8 bits a weight; K-quants get decode panels
+ * in their own bits as well); low_memory does not make their 8-bit panels (prompts then pack
+ * per call). */
 static void make_packs(xllm_model *m, bool low_memory) {
     const char *env = getenv("XLLM_PREPACK");
     if (env && strcmp(env, "0") == 0) return;

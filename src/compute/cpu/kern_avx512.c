@@ -109,6 +109,26 @@ static void quant_row(const float *x, int64_t n, int B, int8_t *q, float *d, int
 
 /* ---- direct decode kernels (T <= XLLM_GEMV_MAX_T) ------------------------------------------ */
 
+/* Runs CALL(NT) with the token count T (1..XLLM_GEMV_MAX_T) as a constant: each count gets
+ * its own inlined kernel, its accumulators in registers. */
+#define BY_T(T, CALL)                                                                              \
+    do {                                                                                           \
+        switch (T) {                                                                               \
+            case 1:                                                                                \
+                CALL(1);                                                                           \
+                break;                                                                             \
+            case 2:                                                                                \
+                CALL(2);                                                                           \
+                break;                                                                             \
+            case 3:                                                                                \
+                CALL(3);                                                                           \
+                break;                                                                             \
+            default:                                                                               \
+                CALL(4);                                                                           \
+                break;                                                                             \
+        }                                                                                          \
+    } while (0)
+
 static inline void put(float *y, int64_t idx, float v, bool acc) {
     y[idx] = acc ? y[idx] + v : v;
 }
@@ -355,50 +375,30 @@ static inline __attribute__((always_inline)) void gemv_q6_k_t(const xllm_mat *w,
 
 static void gemv_q8_0(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
                       float *y, int64_t y_stride, bool acc) {
-    if (T == 1)
-        gemv_q8_0_t(w, r0, r1, a, 1, y, y_stride, acc);
-    else if (T == 2)
-        gemv_q8_0_t(w, r0, r1, a, 2, y, y_stride, acc);
-    else if (T == 3)
-        gemv_q8_0_t(w, r0, r1, a, 3, y, y_stride, acc);
-    else
-        gemv_q8_0_t(w, r0, r1, a, 4, y, y_stride, acc);
+#define CALL(NT) gemv_q8_0_t(w, r0, r1, a, NT, y, y_stride, acc)
+    BY_T(T, CALL);
+#undef CALL
 }
 
 static void gemv_q4_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
                       float *y, int64_t y_stride, bool acc) {
-    if (T == 1)
-        gemv_q4_k_t(w, r0, r1, a, 1, y, y_stride, acc);
-    else if (T == 2)
-        gemv_q4_k_t(w, r0, r1, a, 2, y, y_stride, acc);
-    else if (T == 3)
-        gemv_q4_k_t(w, r0, r1, a, 3, y, y_stride, acc);
-    else
-        gemv_q4_k_t(w, r0, r1, a, 4, y, y_stride, acc);
+#define CALL(NT) gemv_q4_k_t(w, r0, r1, a, NT, y, y_stride, acc)
+    BY_T(T, CALL);
+#undef CALL
 }
 
 static void gemv_q6_k(const xllm_mat *w, int64_t r0, int64_t r1, const xllm_q8act *a, int64_t T,
                       float *y, int64_t y_stride, bool acc) {
-    if (T == 1)
-        gemv_q6_k_t(w, r0, r1, a, 1, y, y_stride, acc);
-    else if (T == 2)
-        gemv_q6_k_t(w, r0, r1, a, 2, y, y_stride, acc);
-    else if (T == 3)
-        gemv_q6_k_t(w, r0, r1, a, 3, y, y_stride, acc);
-    else
-        gemv_q6_k_t(w, r0, r1, a, 4, y, y_stride, acc);
+#define CALL(NT) gemv_q6_k_t(w, r0, r1, a, NT, y, y_stride, acc)
+    BY_T(T, CALL);
+#undef CALL
 }
 
 static void gemv_f(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
                    int64_t T, float *y, int64_t y_stride, bool acc) {
-    if (T == 1)
-        gemv_float(w, r0, r1, x, x_stride, 1, y, y_stride, acc);
-    else if (T == 2)
-        gemv_float(w, r0, r1, x, x_stride, 2, y, y_stride, acc);
-    else if (T == 3)
-        gemv_float(w, r0, r1, x, x_stride, 3, y, y_stride, acc);
-    else
-        gemv_float(w, r0, r1, x, x_stride, 4, y, y_stride, acc);
+#define CALL(NT) gemv_float(w, r0, r1, x, x_stride, NT, y, y_stride, acc)
+    BY_T(T, CALL);
+#undef CALL
 }
 
 static bool gemv(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
@@ -961,30 +961,16 @@ static inline __attribute__((always_inline)) void gemv_dp_q6k_t(const uint8_t *p
     for (int c = 0; c < NT; c++) store_rows(y + c * y_stride, f[c], nr, acc);
 }
 
-#define DP_T(fn)                                                                                   \
-    do {                                                                                           \
-        switch (T) {                                                                               \
-            case 1:                                                                                \
-                fn(panel, K, a, 1, nr, y, y_stride, acc);                                          \
-                break;                                                                             \
-            case 2:                                                                                \
-                fn(panel, K, a, 2, nr, y, y_stride, acc);                                          \
-                break;                                                                             \
-            case 3:                                                                                \
-                fn(panel, K, a, 3, nr, y, y_stride, acc);                                          \
-                break;                                                                             \
-            default:                                                                               \
-                fn(panel, K, a, 4, nr, y, y_stride, acc);                                          \
-                break;                                                                             \
-        }                                                                                          \
-    } while (0)
-
 static void gemv_dp(xllm_dtype t, const uint8_t *panel, int64_t K, const xllm_q8act *a, int64_t T,
                     int nr, float *y, int64_t y_stride, bool acc) {
+#define CALL4(NT) gemv_dp_q4k_t(panel, K, a, NT, nr, y, y_stride, acc)
+#define CALL6(NT) gemv_dp_q6k_t(panel, K, a, NT, nr, y, y_stride, acc)
     if (t == XLLM_DTYPE_Q4_K)
-        DP_T(gemv_dp_q4k_t);
+        BY_T(T, CALL4);
     else
-        DP_T(gemv_dp_q6k_t);
+        BY_T(T, CALL6);
+#undef CALL4
+#undef CALL6
 }
 
 /* All T tokens against np (1 or 2) panels, in tiles of NT tokens. */
@@ -996,20 +982,9 @@ static inline __attribute__((always_inline)) void gemm_q_g(const xllm_qpanel *p,
         for (int i = 0; i < np; i++) {
             const int nri = nr - 16 * i > 16 ? 16 : nr - 16 * i;
             float *yi = y + 16 * i;
-            switch (T) {
-                case 1:
-                    gemv_qp_tile(&p[i], G, SYM, K, a, 1, nri, yi, y_stride, acc);
-                    break;
-                case 2:
-                    gemv_qp_tile(&p[i], G, SYM, K, a, 2, nri, yi, y_stride, acc);
-                    break;
-                case 3:
-                    gemv_qp_tile(&p[i], G, SYM, K, a, 3, nri, yi, y_stride, acc);
-                    break;
-                default:
-                    gemv_qp_tile(&p[i], G, SYM, K, a, 4, nri, yi, y_stride, acc);
-                    break;
-            }
+#define CALL(NT) gemv_qp_tile(&p[i], G, SYM, K, a, NT, nri, yi, y_stride, acc)
+            BY_T(T, CALL);
+#undef CALL
         }
         return;
     }
@@ -1197,20 +1172,9 @@ __attribute__((target("avx512bf16"))) static void gemv_bf16(const xllm_mat *w, i
                                                             int64_t r1, const uint16_t *xb,
                                                             int64_t T, float *y, int64_t y_stride,
                                                             bool acc) {
-    switch (T) {
-        case 1:
-            gemv_bf16_t(w, r0, r1, xb, 1, y, y_stride, acc);
-            break;
-        case 2:
-            gemv_bf16_t(w, r0, r1, xb, 2, y, y_stride, acc);
-            break;
-        case 3:
-            gemv_bf16_t(w, r0, r1, xb, 3, y, y_stride, acc);
-            break;
-        default:
-            gemv_bf16_t(w, r0, r1, xb, 4, y, y_stride, acc);
-            break;
-    }
+#define CALL(NT) gemv_bf16_t(w, r0, r1, xb, NT, y, y_stride, acc)
+    BY_T(T, CALL);
+#undef CALL
 }
 
 #define BF16_TILES(NP_)                                                                            \
@@ -1330,10 +1294,8 @@ static void swiglu(float *out, const float *g, const float *u, int64_t n) {
 /* Positions per block: K is transposed per block so a query's 16 scores come out of D FMAs
  * as one vector (no horizontal sums); V rows of the block are converted once and reused by
  * every query of the call. */
-#define ATT_BLK 16
-#ifndef ATT_TOUCH
-#define ATT_TOUCH 1 /* blocks ahead */
-#endif
+#define ATT_BLK   16
+#define ATT_TOUCH 1 /* blocks ahead whose K / V lines are touched */
 
 /* Converts 16 elements of a K/V row (F32 or F16) to floats. */
 static inline __m512 kv16(const uint8_t *row, xllm_dtype t, int d) {
