@@ -733,12 +733,12 @@ static inline __m512 qp_scales(const xllm_qpanel *p, int64_t g, int64_t qgs, int
 }
 
 /* NP panels (16 rows each) x NT tokens, groups of G elements: per group, int32 dot products
- * by VNNI, then y += s * d_a * dot + m * d_a * sum_a in fp32. */
-static inline __attribute__((always_inline)) void gemm_q_tile(const xllm_qpanel *p, const int NP,
-                                                              const int G, const int SYM, int64_t K,
-                                                              const xllm_q8act *a, int64_t t0,
-                                                              const int NT, int nr, float *y,
-                                                              int64_t y_stride, bool acc) {
+ * by VNNI, then y += s * d_a * dot + m * d_a * sum_a in fp32; per group, pf_step bytes from
+ * pf + g * pf_step are prefetched. */
+static inline __attribute__((always_inline)) void
+gemm_q_tile(const xllm_qpanel *p, const int NP, const int G, const int SYM, int64_t K,
+            const xllm_q8act *a, int64_t t0, const int NT, int nr, float *y, int64_t y_stride,
+            bool acc, const uint8_t *pf, int64_t pf_step) {
     const int64_t ng = K / G;
     __m512 s[2][8];
     const int8_t *aq[8];
@@ -754,6 +754,7 @@ static inline __attribute__((always_inline)) void gemm_q_tile(const xllm_qpanel 
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *wg0 = xllm_qpanel_q(&p[0], g, qgs);
         const uint8_t *wg1 = NP > 1 ? xllm_qpanel_q(&p[1], g, qgs) : wg0;
+        for (int64_t j = 0; j < pf_step; j += 64) _mm_prefetch(pf + g * pf_step + j, _MM_HINT_T1);
         __m512i is[2][8];
 #pragma GCC unroll 8
         for (int c = 0; c < NT; c++) {
@@ -988,50 +989,26 @@ static inline __attribute__((always_inline)) void gemm_q_g(const xllm_qpanel *p,
         }
         return;
     }
+    /* the next panels' bytes, spread over the groups of every token tile */
+    const int64_t ng = K / G, tiles = np == 2 ? (T + 3) / 4 : (T + 7) / 8;
+    const uint8_t *pf = p[0].pf;
+    const int64_t pf_step = pf ? (p[0].pf_bytes / (tiles * ng) + 63) / 64 * 64 : 0;
     int64_t t = 0;
     if (np == 2) {
-        for (; t + 4 <= T; t += 4) gemm_q_tile(p, 2, G, SYM, K, a, t, 4, nr, y, y_stride, acc);
-        switch (T - t) {
-            case 3:
-                gemm_q_tile(p, 2, G, SYM, K, a, t, 3, nr, y, y_stride, acc);
-                break;
-            case 2:
-                gemm_q_tile(p, 2, G, SYM, K, a, t, 2, nr, y, y_stride, acc);
-                break;
-            case 1:
-                gemm_q_tile(p, 2, G, SYM, K, a, t, 1, nr, y, y_stride, acc);
-                break;
-            default:
-                break;
-        }
+#define CALL(NT) gemm_q_tile(p, 2, G, SYM, K, a, t, NT, nr, y, y_stride, acc, pf, pf_step)
+        for (; t + 4 <= T; t += 4, pf += pf_step * ng) CALL(4);
+        if (t < T) BY_T(T - t, CALL);
+#undef CALL
         return;
     }
-    for (; t + 8 <= T; t += 8) gemm_q_tile(p, 1, G, SYM, K, a, t, 8, nr, y, y_stride, acc);
-    switch (T - t) {
-        case 7:
-            gemm_q_tile(p, 1, G, SYM, K, a, t, 7, nr, y, y_stride, acc);
-            break;
-        case 6:
-            gemm_q_tile(p, 1, G, SYM, K, a, t, 6, nr, y, y_stride, acc);
-            break;
-        case 5:
-            gemm_q_tile(p, 1, G, SYM, K, a, t, 5, nr, y, y_stride, acc);
-            break;
-        case 4:
-            gemm_q_tile(p, 1, G, SYM, K, a, t, 4, nr, y, y_stride, acc);
-            break;
-        case 3:
-            gemm_q_tile(p, 1, G, SYM, K, a, t, 3, nr, y, y_stride, acc);
-            break;
-        case 2:
-            gemm_q_tile(p, 1, G, SYM, K, a, t, 2, nr, y, y_stride, acc);
-            break;
-        case 1:
-            gemm_q_tile(p, 1, G, SYM, K, a, t, 1, nr, y, y_stride, acc);
-            break;
-        default:
-            break;
+#define CALL(NT) gemm_q_tile(p, 1, G, SYM, K, a, t, NT, nr, y, y_stride, acc, pf, pf_step)
+    for (; t + 8 <= T; t += 8, pf += pf_step * ng) CALL(8);
+    if (t + 4 <= T) {
+        CALL(4);
+        t += 4;
     }
+    if (t < T) BY_T(T - t, CALL);
+#undef CALL
 }
 
 static void gemm_q(const xllm_qpanel *p, int np, int64_t K, const xllm_q8act *a, int64_t T, int nr,
@@ -1295,7 +1272,7 @@ static void swiglu(float *out, const float *g, const float *u, int64_t n) {
  * as one vector (no horizontal sums); V rows of the block are converted once and reused by
  * every query of the call. */
 #define ATT_BLK   16
-#define ATT_TOUCH 1 /* blocks ahead whose K / V lines are touched */
+#define ATT_TOUCH 1 /* blocks ahead whose K / V lines are touched (several tokens) */
 
 /* Converts 16 elements of a K/V row (F32 or F16) to floats. */
 static inline __m512 kv16(const uint8_t *row, xllm_dtype t, int d) {
@@ -1391,11 +1368,16 @@ att_query(const int DV, int D, const float *q, const float (*kt)[16], const floa
 /* Decode (one token): NQ (1 or 2) query heads sharing one KV head against a block of cnt
  * positions, K / V read straight from the cache rows (F16 converted in registers, no staged
  * copy), each converted vector used by the NQ queries. D = 16 * DV. q: scaled queries; o:
- * their outputs so far. */
+ * their outputs so far. Position pp's step also prefetches this head's K / V row pp of the
+ * next block (pk / pn: its first row; nl lines a row, na rows) into L2: requests to L2 are
+ * not held by the few L1 miss buffers, so memory streams while the block computes (one
+ * sequence x 8 KV heads x 256 positions, 2 threads from memory: 24-27 GB/s against 17-20
+ * touching the next block with loads ahead of it, which the core waits for; one KV head a
+ * call: 23-24 against 14-15). */
 static inline __attribute__((always_inline)) void
 att_decode_block(const int NQ, const int DV, const float (*q)[256], const uint8_t *kh,
                  const uint8_t *vh, size_t rb, xllm_dtype t, int cnt, float *m, float *l,
-                 float (*o)[256]) {
+                 float (*o)[256], const uint8_t *pk, const uint8_t *pn, int nl, int na) {
     const __mmask16 valid = (__mmask16)(cnt >= 16 ? 0xffffu : (1u << cnt) - 1u);
     /* the queries in registers (a 512-bit load is the scarce resource here: about one a
      * cycle); the 16 positions' scores by a reduction tree built as positions come: level 1
@@ -1421,6 +1403,8 @@ att_decode_block(const int NQ, const int DV, const float (*q)[256], const uint8_
                     const int pp = 8 * h8 + 4 * h4 + 2 * h2 + u;
                     __m512 a[2][2] = {{_mm512_setzero_ps(), _mm512_setzero_ps()},
                                       {_mm512_setzero_ps(), _mm512_setzero_ps()}};
+                    for (int j = 0; pp < na && j < nl; j++)
+                        _mm_prefetch(pk + (size_t)pp * rb + 64 * j, _MM_HINT_T1);
                     if (pp < cnt) {
                         const uint8_t *kr = kh + (size_t)pp * rb;
 #pragma GCC unroll 16
@@ -1462,6 +1446,8 @@ att_decode_block(const int NQ, const int DV, const float (*q)[256], const uint8_
         for (int j = 0; j < DV; j++) ov[i][j] = _mm512_mul_ps(_mm512_load_ps(o[i] + 16 * j), av[i]);
     for (int pp = 0; pp < cnt; pp++) {
         const uint8_t *vr = vh + (size_t)pp * rb;
+        for (int j = 0; pp < na && j < nl; j++)
+            _mm_prefetch(pn + (size_t)pp * rb + 64 * j, _MM_HINT_T1);
         __m512 w[2];
         for (int i = 0; i < NQ; i++) w[i] = _mm512_set1_ps(pv[i][pp]);
 #pragma GCC unroll 16
@@ -1509,42 +1495,54 @@ static void attention(const xllm_attn_args *a) {
     const uint8_t *vbase = (const uint8_t *)a->v + a->kv_off * es;
     for (int32_t p0 = 0; p0 < n_max; p0 += ATT_BLK) {
         const int pb = n_max - p0 < ATT_BLK ? n_max - p0 : ATT_BLK;
-        /* the next block: its K / V rows are read below head by head, a strided pattern
-         * the hardware prefetchers follow poorly from memory; touching their lines here in
-         * address order, with loads, K rows then V rows, lets them stream (one sequence x 8
-         * KV heads x 256 positions, one thread from memory: 11.0-11.6 GB/s against 8.2-9.3
-         * with software prefetches of the block after next, ~7 with neither; touching 2, 3 or
-         * 4 blocks ahead: 10-11) */
-        const size_t hb = (size_t)H * D * es;
         const int32_t pa = p0 + ATT_TOUCH * ATT_BLK;
         const int na = pa >= n_max ? 0 : (n_max - pa < ATT_BLK ? n_max - pa : ATT_BLK);
-        const uint8_t *ka = kb + (size_t)pa * a->row_bytes, *va = vbase + (size_t)pa * a->row_bytes;
-        uint32_t touched = 0;
-        for (int p = 0; p < na; p++)
-            for (size_t off = 0; off < hb; off += 64)
-                touched += *(const volatile uint8_t *)(ka + (size_t)p * a->row_bytes + off);
-        for (int p = 0; p < na; p++)
-            for (size_t off = 0; off < hb; off += 64)
-                touched += *(const volatile uint8_t *)(va + (size_t)p * a->row_bytes + off);
-        (void)touched;
+        const bool dec = a->n_tok == 1 && nqh <= 2 && (D == 128 || D == 64);
+        if (!dec) {
+            /* the next block: its K / V rows are read below head by head, a strided pattern
+             * the hardware prefetchers follow poorly from memory; touching their lines here
+             * in address order, with loads, K rows then V rows, lets them stream (one
+             * sequence x 8 KV heads x 256 positions, one thread from memory: 11.0-11.6 GB/s
+             * against 8.2-9.3 with software prefetches of the block after next, ~7 with
+             * neither) */
+            const size_t hb = (size_t)H * D * es;
+            const uint8_t *ka = kb + (size_t)pa * a->row_bytes,
+                          *va = vbase + (size_t)pa * a->row_bytes;
+            uint32_t touched = 0;
+            for (int p = 0; p < na; p++)
+                for (size_t off = 0; off < hb; off += 64)
+                    touched += *(const volatile uint8_t *)(ka + (size_t)p * a->row_bytes + off);
+            for (int p = 0; p < na; p++)
+                for (size_t off = 0; off < hb; off += 64)
+                    touched += *(const volatile uint8_t *)(va + (size_t)p * a->row_bytes + off);
+            (void)touched;
+        }
+        /* decode: the next block's rows, prefetched by the block kernel as it goes */
+        const int nl = D * (int)es / 64;
         for (int hh = 0; hh < H; hh++) {
             const uint8_t *kbh = kb + (size_t)hh * D * es, *vbh = vbase + (size_t)hh * D * es;
-            if (a->n_tok == 1 && nqh <= 2 && (D == 128 || D == 64)) {
+            if (dec) {
                 const uint8_t *kr = kbh + (size_t)p0 * a->row_bytes;
                 const uint8_t *vr = vbh + (size_t)p0 * a->row_bytes;
+                const uint8_t *pk = kbh + (size_t)pa * a->row_bytes;
+                const uint8_t *pn = vbh + (size_t)pa * a->row_bytes;
                 float(*qh)[256] = qf + hh * nqh, (*oh)[256] = o + hh * nqh;
                 if (nqh == 2 && D == 128)
                     att_decode_block(2, 8, (const float(*)[256])qh, kr, vr, a->row_bytes,
-                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh);
+                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh, pk, pn, nl,
+                                     na);
                 else if (nqh == 2)
                     att_decode_block(2, 4, (const float(*)[256])qh, kr, vr, a->row_bytes,
-                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh);
+                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh, pk, pn, nl,
+                                     na);
                 else if (D == 128)
                     att_decode_block(1, 8, (const float(*)[256])qh, kr, vr, a->row_bytes,
-                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh);
+                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh, pk, pn, nl,
+                                     na);
                 else
                     att_decode_block(1, 4, (const float(*)[256])qh, kr, vr, a->row_bytes,
-                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh);
+                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh, pk, pn, nl,
+                                     na);
                 continue;
             }
             const bool rows = nqh <= 8; /* few queries: no K transpose, reduce the scores instead */

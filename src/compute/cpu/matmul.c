@@ -376,6 +376,12 @@ static void run_worker(void *arg, int ith, int nth) {
                 xllm_qpanel p[2];
                 const prepacked *pp = t->pre && t->pre->q ? t->pre : NULL;
                 for (int i = 0; i < np && pp; i++) p[i] = prepacked_panel(pp, r0 / XLLM_PANEL + i);
+                if (pp && r0 + 4 * XLLM_PANEL < w->n_rows) { /* the pair after next */
+                    const int64_t next = r0 / XLLM_PANEL + 4;
+                    p[0].pf = pp->q + (size_t)next * pp->qstride;
+                    p[0].pf_bytes =
+                        (int64_t)pp->qstride * XLLM_MIN((int64_t)2, (w->n_rows + 15) / 16 - next);
+                }
                 for (int i = 0; i < np && !pp; i++) {
                     p[i] = (xllm_qpanel){.q = th->pq + i * 16 * Kp,
                                          .s = th->ps + i * (Kp / 16 + 1) * 16,
