@@ -989,26 +989,30 @@ static inline __attribute__((always_inline)) void gemm_q_g(const xllm_qpanel *p,
         }
         return;
     }
-    /* the next panels' bytes, spread over the groups of every token tile */
+    /* the next panels' bytes, spread over the groups of the token tiles (at least a line a
+     * group: with many tiles, over the first ones) */
     const int64_t ng = K / G, tiles = np == 2 ? (T + 3) / 4 : (T + 7) / 8;
-    const uint8_t *pf = p[0].pf;
-    const int64_t pf_step = pf ? (p[0].pf_bytes / (tiles * ng) + 63) / 64 * 64 : 0;
+    const uint8_t *pf = p[0].pf, *pf_end = pf + p[0].pf_bytes;
+    int64_t pf_step = pf ? (p[0].pf_bytes / (tiles * ng) + 63) / 64 * 64 : 0;
+#define PF_NEXT() ((pf += pf_step * ng) >= pf_end ? (void)(pf_step = 0) : (void)0)
     int64_t t = 0;
     if (np == 2) {
 #define CALL(NT) gemm_q_tile(p, 2, G, SYM, K, a, t, NT, nr, y, y_stride, acc, pf, pf_step)
-        for (; t + 4 <= T; t += 4, pf += pf_step * ng) CALL(4);
+        for (; t + 4 <= T; t += 4, PF_NEXT()) CALL(4);
         if (t < T) BY_T(T - t, CALL);
 #undef CALL
         return;
     }
 #define CALL(NT) gemm_q_tile(p, 1, G, SYM, K, a, t, NT, nr, y, y_stride, acc, pf, pf_step)
-    for (; t + 8 <= T; t += 8, pf += pf_step * ng) CALL(8);
+    for (; t + 8 <= T; t += 8, PF_NEXT()) CALL(8);
     if (t + 4 <= T) {
         CALL(4);
         t += 4;
+        PF_NEXT();
     }
     if (t < T) BY_T(T - t, CALL);
 #undef CALL
+#undef PF_NEXT
 }
 
 static void gemm_q(const xllm_qpanel *p, int np, int64_t K, const xllm_q8act *a, int64_t T, int nr,
