@@ -1299,14 +1299,36 @@ static inline float att_softmax(__m512 s, __mmask16 valid, float *m, float *l, f
     return alpha;
 }
 
+/* Raw scores of NQ queries (rows of q) against a transposed K block kt (D, 16): one load of
+ * a K vector feeds NQ FMAs (a query at a time: two loads an FMA, the q element's broadcast
+ * and the K vector); two chains a query. */
+static inline __attribute__((always_inline)) void
+att_scores_t(const int NQ, int D, const float (*q)[256], const float (*kt)[16], float (*out)[16]) {
+    __m512 acc[4][2];
+#pragma GCC unroll 4
+    for (int i = 0; i < NQ; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 2) {
+        const __m512 k0 = _mm512_load_ps(kt[d]), k1 = _mm512_load_ps(kt[d + 1]);
+#pragma GCC unroll 4
+        for (int i = 0; i < NQ; i++) {
+            acc[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d]), k0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d + 1]), k1, acc[i][1]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < NQ; i++) _mm512_store_ps(out[i], _mm512_add_ps(acc[i][0], acc[i][1]));
+}
+
 /* One query against one block: scores, online-softmax update, o += p V. DV = D / 16 when the
  * caller knows it (registers hold o), 0 for the general loop. */
 static inline __attribute__((always_inline)) void
 att_query(const int DV, int D, const float *q, const float (*kt)[16], const float (*vb)[256],
-          int cnt, float *m, float *l, float *o, const float (*kr)[256]) {
+          int cnt, float *m, float *l, float *o, const float (*kr)[256], const float *spre) {
     const __mmask16 valid = (__mmask16)(cnt >= 16 ? 0xffffu : (1u << cnt) - 1u);
     __m512 s;
-    if (kr) {
+    if (spre) {
+        s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_load_ps(spre));
+    } else if (kr) {
         /* few queries: dot products against K rows, then one transpose adds the 16 partial
          * vectors into a vector of 16 scores */
         __m512i acc[16];
@@ -1567,18 +1589,29 @@ static void attention(const xllm_attn_args *a) {
                 const uint8_t *vr = vbh + (size_t)(p0 + p) * a->row_bytes;
                 for (int d = 0; d < D; d += 16) _mm512_store_ps(vb[p] + d, kv16(vr, a->kv_type, d));
             }
+            float sq[4][16] __attribute__((aligned(64)));
             for (int i = hh * nqh; i < (hh + 1) * nqh; i++) {
+                if (!rows && (i - hh * nqh) % 4 == 0) {
+                    /* the scores of the next 4 queries at once: each K vector loaded once */
+                    const int n4 = (hh + 1) * nqh - i < 4 ? (hh + 1) * nqh - i : 4;
+#define CALL(NQ) att_scores_t(NQ, D, qf + i, (const float(*)[16])kt, sq)
+                    BY_T(n4, CALL);
+#undef CALL
+                }
                 const int cnt = lim[i] - p0 < pb ? lim[i] - p0 : pb;
                 if (cnt <= 0) continue;
                 if (D == 128)
                     att_query(8, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt,
-                              &mx[i], &l[i], o[i], rows ? (const float(*)[256])kf : NULL);
+                              &mx[i], &l[i], o[i], rows ? (const float(*)[256])kf : NULL,
+                              rows ? NULL : sq[(i - hh * nqh) % 4]);
                 else if (D == 64)
                     att_query(4, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt,
-                              &mx[i], &l[i], o[i], rows ? (const float(*)[256])kf : NULL);
+                              &mx[i], &l[i], o[i], rows ? (const float(*)[256])kf : NULL,
+                              rows ? NULL : sq[(i - hh * nqh) % 4]);
                 else
                     att_query(0, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt,
-                              &mx[i], &l[i], o[i], rows ? (const float(*)[256])kf : NULL);
+                              &mx[i], &l[i], o[i], rows ? (const float(*)[256])kf : NULL,
+                              rows ? NULL : sq[(i - hh * nqh) % 4]);
             }
         }
     }
