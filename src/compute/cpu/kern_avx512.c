@@ -1320,17 +1320,19 @@ att_scores_t(const int NQ, int D, const float (*q)[256], const float (*kt)[16], 
 }
 
 /* One query against one block: scores, online-softmax update, o += p V. DV = D / 16 when the
- * caller knows it (registers hold o), 0 for the general loop. */
+ * caller knows it (registers hold o), 0 for the general loop. The scores are either dot
+ * products against the block's K rows kr (few queries) or given (sc: the raw scores from
+ * att_scores_t on the transposed block). */
 static inline __attribute__((always_inline)) void
-att_query(const int DV, int D, const float *q, const float (*kt)[16], const float (*vb)[256],
-          int cnt, float *m, float *l, float *o, const float (*kr)[256], const float *spre) {
+att_query(const int DV, int D, const float *q, const float (*vb)[256], int cnt, float *m, float *l,
+          float *o, const float (*kr)[256], const float *sc) {
     const __mmask16 valid = (__mmask16)(cnt >= 16 ? 0xffffu : (1u << cnt) - 1u);
     __m512 s;
-    if (spre) {
-        s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_load_ps(spre));
-    } else if (kr) {
-        /* few queries: dot products against K rows, then one transpose adds the 16 partial
-         * vectors into a vector of 16 scores */
+    if (sc) {
+        s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_load_ps(sc));
+    } else {
+        /* dot products against K rows, then one transpose adds the 16 partial vectors into a
+         * vector of 16 scores */
         __m512i acc[16];
         for (int pp = 0; pp < 16; pp++) {
             __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
@@ -1353,19 +1355,6 @@ att_query(const int DV, int D, const float *q, const float (*kt)[16], const floa
             t1 = _mm512_add_ps(t1, _mm512_castsi512_ps(acc[j + 1]));
         }
         s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_add_ps(t0, t1));
-    } else {
-        /* 8 independent FMA chains (D is a multiple of 16) */
-        __m512 sc[8];
-#pragma GCC unroll 8
-        for (int u = 0; u < 8; u++) sc[u] = _mm512_setzero_ps();
-        for (int d = 0; d < D; d += 8) {
-#pragma GCC unroll 8
-            for (int u = 0; u < 8; u++)
-                sc[u] = _mm512_fmadd_ps(_mm512_set1_ps(q[d + u]), _mm512_load_ps(kt[d + u]), sc[u]);
-        }
-        const __m512 s01 = _mm512_add_ps(_mm512_add_ps(sc[0], sc[1]), _mm512_add_ps(sc[2], sc[3]));
-        const __m512 s23 = _mm512_add_ps(_mm512_add_ps(sc[4], sc[5]), _mm512_add_ps(sc[6], sc[7]));
-        s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_add_ps(s01, s23));
     }
     float pv[16] __attribute__((aligned(64)));
     const __m512 av = _mm512_set1_ps(att_softmax(s, valid, m, l, pv));
@@ -1601,17 +1590,14 @@ static void attention(const xllm_attn_args *a) {
                 const int cnt = lim[i] - p0 < pb ? lim[i] - p0 : pb;
                 if (cnt <= 0) continue;
                 if (D == 128)
-                    att_query(8, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt,
-                              &mx[i], &l[i], o[i], rows ? (const float(*)[256])kf : NULL,
-                              rows ? NULL : sq[(i - hh * nqh) % 4]);
+                    att_query(8, D, qf[i], (const float(*)[256])vb, cnt, &mx[i], &l[i], o[i],
+                              (const float(*)[256])kf, rows ? NULL : sq[(i - hh * nqh) % 4]);
                 else if (D == 64)
-                    att_query(4, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt,
-                              &mx[i], &l[i], o[i], rows ? (const float(*)[256])kf : NULL,
-                              rows ? NULL : sq[(i - hh * nqh) % 4]);
+                    att_query(4, D, qf[i], (const float(*)[256])vb, cnt, &mx[i], &l[i], o[i],
+                              (const float(*)[256])kf, rows ? NULL : sq[(i - hh * nqh) % 4]);
                 else
-                    att_query(0, D, qf[i], (const float(*)[16])kt, (const float(*)[256])vb, cnt,
-                              &mx[i], &l[i], o[i], rows ? (const float(*)[256])kf : NULL,
-                              rows ? NULL : sq[(i - hh * nqh) % 4]);
+                    att_query(0, D, qf[i], (const float(*)[256])vb, cnt, &mx[i], &l[i], o[i],
+                              (const float(*)[256])kf, rows ? NULL : sq[(i - hh * nqh) % 4]);
             }
         }
     }
