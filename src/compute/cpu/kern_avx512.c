@@ -1275,8 +1275,9 @@ static void swiglu(float *out, const float *g, const float *u, int64_t n) {
 /* Positions per block: K is transposed per block so a query's 16 scores come out of D FMAs
  * as one vector (no horizontal sums); V rows of the block are converted once and reused by
  * every query of the call. */
-#define ATT_BLK   16
-#define ATT_TOUCH 1 /* blocks ahead whose K / V lines are touched (several tokens) */
+#define ATT_BLK 16
+/* Blocks ahead whose K / V lines are touched (several tokens) or prefetched (decode). */
+#define ATT_TOUCH 1
 
 /* Converts 16 elements of a K/V row (F32 or F16) to floats. */
 static inline __m512 kv16(const uint8_t *row, xllm_dtype t, int d) {
@@ -1486,6 +1487,7 @@ static void attention(const xllm_attn_args *a) {
         return;
     }
     const size_t es = a->kv_type == XLLM_DTYPE_F32 ? 4 : 2;
+    const int nl = D * (int)es / 64; /* lines of one head's K / V row (decode prefetches) */
     float qf[XLLM_ATTN_MAX_Q][256] __attribute__((aligned(64)));
     float o[XLLM_ATTN_MAX_Q][256] __attribute__((aligned(64)));
     float kt[256][16] __attribute__((aligned(64)));      /* K block transposed: (D, 16 positions) */
@@ -1532,8 +1534,6 @@ static void attention(const xllm_attn_args *a) {
                     touched += *(const volatile uint8_t *)(va + (size_t)p * a->row_bytes + off);
             (void)touched;
         }
-        /* decode: the next block's rows, prefetched by the block kernel as it goes */
-        const int nl = D * (int)es / 64;
         for (int hh = 0; hh < H; hh++) {
             const uint8_t *kbh = kb + (size_t)hh * D * es, *vbh = vbase + (size_t)hh * D * es;
             if (dec) {
@@ -1542,22 +1542,18 @@ static void attention(const xllm_attn_args *a) {
                 const uint8_t *pk = kbh + (size_t)pa * a->row_bytes;
                 const uint8_t *pn = vbh + (size_t)pa * a->row_bytes;
                 float(*qh)[256] = qf + hh * nqh, (*oh)[256] = o + hh * nqh;
+#define CALL(NQ, DV)                                                                               \
+    att_decode_block(NQ, DV, (const float(*)[256])qh, kr, vr, a->row_bytes, a->kv_type, pb,        \
+                     mx + hh * nqh, l + hh * nqh, oh, pk, pn, nl, na)
                 if (nqh == 2 && D == 128)
-                    att_decode_block(2, 8, (const float(*)[256])qh, kr, vr, a->row_bytes,
-                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh, pk, pn, nl,
-                                     na);
+                    CALL(2, 8);
                 else if (nqh == 2)
-                    att_decode_block(2, 4, (const float(*)[256])qh, kr, vr, a->row_bytes,
-                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh, pk, pn, nl,
-                                     na);
+                    CALL(2, 4);
                 else if (D == 128)
-                    att_decode_block(1, 8, (const float(*)[256])qh, kr, vr, a->row_bytes,
-                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh, pk, pn, nl,
-                                     na);
+                    CALL(1, 8);
                 else
-                    att_decode_block(1, 4, (const float(*)[256])qh, kr, vr, a->row_bytes,
-                                     a->kv_type, pb, mx + hh * nqh, l + hh * nqh, oh, pk, pn, nl,
-                                     na);
+                    CALL(1, 4);
+#undef CALL
                 continue;
             }
             const bool rows = nqh <= 8; /* few queries: no K transpose, reduce the scores instead */
@@ -1589,15 +1585,16 @@ static void attention(const xllm_attn_args *a) {
                 }
                 const int cnt = lim[i] - p0 < pb ? lim[i] - p0 : pb;
                 if (cnt <= 0) continue;
+#define CALL(DV)                                                                                   \
+    att_query(DV, D, qf[i], (const float(*)[256])vb, cnt, &mx[i], &l[i], o[i],                     \
+              (const float(*)[256])kf, rows ? NULL : sq[(i - hh * nqh) % 4])
                 if (D == 128)
-                    att_query(8, D, qf[i], (const float(*)[256])vb, cnt, &mx[i], &l[i], o[i],
-                              (const float(*)[256])kf, rows ? NULL : sq[(i - hh * nqh) % 4]);
+                    CALL(8);
                 else if (D == 64)
-                    att_query(4, D, qf[i], (const float(*)[256])vb, cnt, &mx[i], &l[i], o[i],
-                              (const float(*)[256])kf, rows ? NULL : sq[(i - hh * nqh) % 4]);
+                    CALL(4);
                 else
-                    att_query(0, D, qf[i], (const float(*)[256])vb, cnt, &mx[i], &l[i], o[i],
-                              (const float(*)[256])kf, rows ? NULL : sq[(i - hh * nqh) % 4]);
+                    CALL(0);
+#undef CALL
             }
         }
     }

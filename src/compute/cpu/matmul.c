@@ -380,7 +380,8 @@ static void run_worker(void *arg, int ith, int nth) {
                     const int64_t next = r0 / XLLM_PANEL + 4;
                     p[0].pf = pp->q + (size_t)next * pp->qstride;
                     p[0].pf_bytes =
-                        (int64_t)pp->qstride * XLLM_MIN((int64_t)2, (w->n_rows + 15) / 16 - next);
+                        (int64_t)pp->qstride *
+                        XLLM_MIN((int64_t)2, (w->n_rows + XLLM_PANEL - 1) / XLLM_PANEL - next);
                 }
                 for (int i = 0; i < np && !pp; i++) {
                     p[i] = (xllm_qpanel){.q = th->pq + i * 16 * Kp,
