@@ -45,7 +45,7 @@ typedef struct xllm_qpanel {
      * then their 2 x 16 scales as f16, 16 * G + 16 * G + 64 bytes: the dense size for Q8_0. */
     int h16;
     /* Bytes the GEMM prefetches into L2 while it works on this panel (NULL / 0: none): in the
-     * packed-ahead form, the pair after next, the one a thread is likely to take next. With
+     * packed-ahead form, the pair after next, which the thread takes next but one. With
      * several token tiles a panel comes from memory in the first tile and from cache in the
      * others, memory idle meanwhile; prefetching keeps it busy (16 tokens, 3072 x 1024 Q8_0
      * matrices from memory: 2 threads ~235 GMAC/s against ~195, one thread 155 against 105, in
