@@ -13,8 +13,8 @@ static void usage(FILE *f) {
                "                   [--low-memory]\n"
                "Evaluates the ids (no BOS added) as one sequence in one batch and writes float32\n"
                "logits for every position, row-major (one row per id x n_vocab), no header.\n"
-               "  --no-mmap     copy the weights to memory (8-bit matrices then live only in\n"
-               "                the packed panel form: their dense rows are released)\n"
+               "  --no-mmap     copy the weights to memory (8-bit and BF16 matrices then live\n"
+               "                only in the packed panel form: their dense rows are released)\n"
                "  --low-memory  no packed panels of sub-8-bit matrices (packed per call)\n");
 }
 

@@ -285,7 +285,8 @@ static xllm_status fault_in(loader *L, const xllm_model_params *p) {
  * released, so the model takes its weight size in memory rather than twice. Sub-8-bit types
  * keep their dense rows (their 8-bit panels hold 8 bits a weight; K-quants get decode panels
  * in their own bits as well); low_memory does not make their 8-bit panels (prompts then pack
- * per call). */
+ * per call). BF16 matrices get their bf16 pair panels (the dense size) when the weights are
+ * an anonymous copy, which they then replace. */
 static void make_packs(xllm_model *m, bool low_memory) {
     const char *env = getenv("XLLM_PREPACK");
     if (env && strcmp(env, "0") == 0) return;
@@ -307,8 +308,11 @@ static void make_packs(xllm_model *m, bool low_memory) {
             const xllm_mat w = {ws[i]->data, ws[i]->type, ws[i]->ne[1], ws[i]->ne[0],
                                 ws[i]->row_bytes};
             const size_t dense = (size_t)w.n_rows * w.row_bytes;
-            const size_t packed =
-                xllm_mm_pack(mm, m->packs, &w, low_memory ? dense + dense / 8 : SIZE_MAX);
+            /* (BF16 panels only in place of an anonymous copy: beside mapped file pages they
+             * would double the memory, for no more than the per-call packing they save) */
+            size_t max = low_memory ? dense + dense / 8 : SIZE_MAX;
+            if (w.type == XLLM_DTYPE_BF16 && !m->data_copy) max = 0;
+            const size_t packed = xllm_mm_pack(mm, m->packs, &w, max);
             if (packed && m->data_copy && xllm_mm_packs_replace_dense(m->packs, &w)) {
                 xllm_mm_packs_drop_dense(m->packs, &w);
                 release_pages(w.data, dense);

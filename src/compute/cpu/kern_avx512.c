@@ -1158,6 +1158,44 @@ __attribute__((target("avx512bf16"))) static void gemv_bf16(const xllm_mat *w, i
 #undef CALL
 }
 
+/* One BF16 panel (K / 2, 16, 2) x NT <= XLLM_GEMV_MAX_T tokens (decode): the panel front to
+ * back, one stream, each 64-byte vector (16 rows x a pair of elements) into one vdpbf16ps per
+ * token, which leaves the 16 rows' sums in lanes (no horizontal sums as the row kernel has);
+ * four chains a token. K % 32 == 0. */
+__attribute__((target("avx512bf16"))) static inline __attribute__((always_inline)) void
+gemv_bf16p_t(const uint16_t *panel, int64_t K, const uint16_t *xb, const int NT, int nr, float *y,
+             int64_t y_stride, bool acc) {
+    __m512 s[XLLM_GEMV_MAX_T][4];
+#pragma GCC unroll 4
+    for (int c = 0; c < NT; c++)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) s[c][u] = _mm512_setzero_ps();
+    for (int64_t k2 = 0; k2 < K / 2; k2 += 4) {
+        __m512bh w[4];
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) w[u] = (__m512bh)_mm512_loadu_si512(panel + (k2 + u) * 32);
+#pragma GCC unroll 4
+        for (int c = 0; c < NT; c++)
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; u++)
+                s[c][u] = _mm512_dpbf16_ps(
+                    s[c][u], w[u], (__m512bh)_mm512_set1_epi32(ld32(xb + c * K + 2 * (k2 + u))));
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < NT; c++)
+        store_rows(y + c * y_stride,
+                   _mm512_add_ps(_mm512_add_ps(s[c][0], s[c][1]), _mm512_add_ps(s[c][2], s[c][3])),
+                   nr, acc);
+}
+
+__attribute__((target("avx512bf16"))) static void gemv_bf16p(const uint16_t *panel, int64_t K,
+                                                             const uint16_t *xb, int64_t T, int nr,
+                                                             float *y, int64_t y_stride, bool acc) {
+#define CALL(NT) gemv_bf16p_t(panel, K, xb, NT, nr, y, y_stride, acc)
+    BY_T(T, CALL);
+#undef CALL
+}
+
 #define BF16_TILES(NP_)                                                                            \
     do {                                                                                           \
         for (; t + 8 <= T; t += 8) gemm_bf16_tile(panel, NP_, K, xb, t, 8, nr, y, y_stride, acc);  \
@@ -1640,6 +1678,7 @@ static const xllm_cpu_kernels k_avx512_bf16 = {
     .pack_bf16 = pack_bf16,
     .gemm_bf16 = gemm_bf16,
     .gemv_bf16 = gemv_bf16,
+    .gemv_bf16p = gemv_bf16p,
     .to_bf16 = to_bf16,
     .dot_f32 = dot_f32,
     .rmsnorm = rmsnorm,

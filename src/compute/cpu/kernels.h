@@ -158,6 +158,10 @@ typedef struct xllm_cpu_kernels {
      * (xb (T, K), K = w->n_cols, a multiple of 32), as gemv (optional: NULL). */
     void (*gemv_bf16)(const xllm_mat *w, int64_t r0, int64_t r1, const uint16_t *xb, int64_t T,
                       float *y, int64_t y_stride, bool acc);
+    /* Decode kernel for one BF16 panel (pack_bf16's form, nr <= 16 rows) against T <=
+     * XLLM_GEMV_MAX_T tokens in bf16, as gemv_dp (optional: NULL). */
+    void (*gemv_bf16p)(const uint16_t *panel, int64_t K, const uint16_t *xb, int64_t T, int nr,
+                       float *y, int64_t y_stride, bool acc);
     void (*to_bf16)(const float *x, uint16_t *y, int64_t n);
     /* One decode panel (xllm_dpanel_bytes) of type t, K elements, against T <= XLLM_GEMV_MAX_T
      * tokens in the 256-element 8-bit form: y[t * y_stride + r] (+)= row r . x_t for r < nr

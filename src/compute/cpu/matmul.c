@@ -59,6 +59,7 @@ typedef struct prepacked {
     int64_t gb; /* bytes per group */
     int G, sym;
     bool h16;        /* groups in pairs with f16 scales (xllm_qpanel.h16) */
+    bool bf16;       /* BF16 weights: q holds pack_bf16 panels (K / 2, 16, 2), qstride apart */
     bool dense_gone; /* the dense rows were released: every reader uses the panels */
     bool decode;     /* one-token decode reads the panels (they are no bigger than 9/8 of the
                         dense rows: 8-bit types) */
@@ -101,6 +102,12 @@ static prepacked *find_prepacked(const xllm_mm_packs *pk, const xllm_mat *w) {
  * reference dequantization; s * q + m otherwise. */
 static void panel_row(const prepacked *e, int64_t r, float *out) {
     const int rr = (int)(r % XLLM_PANEL);
+    if (e->bf16) {
+        const uint16_t *p = (const uint16_t *)(e->q + (size_t)(r / XLLM_PANEL) * e->qstride);
+        for (int64_t k = 0; k < e->n_cols; k++)
+            out[k] = xllm_bf16_to_fp32(p[(k / 2) * 32 + rr * 2 + (k & 1)]);
+        return;
+    }
     const xllm_qpanel p = prepacked_panel(e, r / XLLM_PANEL);
     for (int64_t k = 0; k < e->n_cols; k++) {
         const int64_t g = k / e->G, e4 = (k % e->G) / 4;
@@ -274,6 +281,7 @@ typedef enum path {
     PATH_SCALAR,
     PATH_GEMV,
     PATH_GEMV_BF16,
+    PATH_GEMV_BF16P,
     PATH_GEMV_DP,
     PATH_GEMM_Q,
     PATH_GEMM_BF16,
@@ -372,6 +380,14 @@ static void run_worker(void *arg, int ith, int nth) {
                            (int)XLLM_MIN((int64_t)16, w->n_rows - r0), t->y + r0, t->y_stride, acc);
             continue;
         }
+        if (t->p == PATH_GEMV_BF16P) {
+            const prepacked *e = t->pre;
+            for (int64_t r0 = c * t->chunk; r0 < XLLM_MIN((c + 1) * t->chunk, w->n_rows); r0 += 16)
+                k->gemv_bf16p((const uint16_t *)(e->q + (size_t)(r0 / 16) * e->qstride), K, mm->xb,
+                              T, (int)XLLM_MIN((int64_t)16, w->n_rows - r0), t->y + r0, t->y_stride,
+                              acc);
+            continue;
+        }
         if (t->p == PATH_GEMV_BF16) {
             const int64_t lo = c * t->chunk, hi = XLLM_MIN(lo + t->chunk, w->n_rows);
             k->gemv_bf16(w, lo, hi, mm->xb, T, t->y, t->y_stride, acc);
@@ -440,10 +456,15 @@ static void run_worker(void *arg, int ith, int nth) {
                 }
                 k->gemm_q(p, np, K, t->a, T, nr, y, t->y_stride, acc);
             } else if (t->p == PATH_GEMM_BF16) {
-                uint16_t *pb = (uint16_t *)th->pf;
-                for (int i = 0; i < np; i++)
-                    k->pack_bf16(w, r0 + i * XLLM_PANEL, XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
-                                 pb + (size_t)i * (size_t)K * 16);
+                const uint16_t *pb = (const uint16_t *)th->pf;
+                if (t->pre && t->pre->bf16)
+                    pb =
+                        (const uint16_t *)(t->pre->q + (size_t)(r0 / XLLM_PANEL) * t->pre->qstride);
+                else
+                    for (int i = 0; i < np; i++)
+                        k->pack_bf16(w, r0 + i * XLLM_PANEL,
+                                     XLLM_MIN(nr - i * XLLM_PANEL, XLLM_PANEL),
+                                     (uint16_t *)th->pf + (size_t)i * (size_t)K * 16);
                 k->gemm_bf16(pb, np, K, mm->xb, T, nr, y, t->y_stride, acc);
             } else {
                 for (int i = 0; i < np; i++) {
@@ -470,12 +491,17 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
     mm_job t = {.w = w, .y = y, .y_stride = y_stride, .p = PATH_SCALAR};
     t.pre = find_prepacked(mm->packs, w);
     t.dense = !t.pre || !t.pre->dense_gone;
-    if (k->level == XLLM_CPU_SCALAR || (!t.dense && !(B && k->pack_q))) {
+    /* BF16 panels made ahead: the GEMM reads them, and decode too (one stream a thread) */
+    const bool bfp = t.pre && t.pre->bf16 && k->gemm_bf16 && k->gemv_bf16p;
+    if (k->level == XLLM_CPU_SCALAR || (!t.dense && !(B && k->pack_q) && !bfp)) {
         t.p = PATH_SCALAR; /* (rows from the panels when the dense ones are gone) */
         /* prepacked panels whenever they are there, but for one token on panels wider than
          * 9/8 of the dense rows (sub-8-bit types: 8 bits a weight in the panel), where the
          * direct kernels read fewer bytes; in cache the panel decode kernel runs 2.6x the
          * direct Q8_0 one (one thread, 3072 x 1024) */
+    } else if (bfp) {
+        t.p = mm->T <= XLLM_GEMV_MAX_T ? PATH_GEMV_BF16P : PATH_GEMM_BF16;
+        ensure_forms(mm, FORM_BF16);
     } else if (t.pre && t.pre->dq && mm->T <= XLLM_GEMV_MAX_T && k->gemv_dp) {
         t.p = PATH_GEMV_DP; /* K-quant decode panels: the type's own bits, one stream */
         t.a = q_form(mm, w->type, false);
@@ -501,7 +527,8 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
     } else if (k->gemm_f) {
         t.p = PATH_GEMM_F;
     }
-    if (t.p == PATH_SCALAR || t.p == PATH_GEMV || t.p == PATH_GEMV_BF16 || t.p == PATH_GEMV_DP) {
+    if (t.p == PATH_SCALAR || t.p == PATH_GEMV || t.p == PATH_GEMV_BF16 || t.p == PATH_GEMV_BF16P ||
+        t.p == PATH_GEMV_DP) {
         /* ~8 units per thread, whole multiples of 16 rows */
         t.chunk = (w->n_rows / (8 * mm->n_threads) + 15) / 16 * 16;
         if (t.chunk < 16) t.chunk = 16;
@@ -532,10 +559,38 @@ void xllm_mm_packs_free(xllm_mm_packs *pk) {
     free(pk);
 }
 
+/* Enters e into the table (room was made). */
+static void put_prepacked(xllm_mm_packs *pk, const prepacked *e) {
+    size_t h = ((uintptr_t)e->data >> 6) % (size_t)pk->cap;
+    while (pk->pre[h].data) h = (h + 1) % (size_t)pk->cap;
+    pk->pre[h] = *e;
+    pk->n++;
+}
+
+/* BF16 weights in pack_bf16's panels (the dense size): the GEMM then skips packing per call
+ * (4% of a BF16 prompt's time), decode reads them as one stream. */
+static size_t pack_bf16_ahead(xllm_mm *mm, const xllm_mat *w, size_t max_bytes, prepacked *e) {
+    const int64_t K = w->n_cols, np = (w->n_rows + 15) / 16;
+    *e = (prepacked){.data = w->data,
+                     .n_rows = w->n_rows,
+                     .n_cols = K,
+                     .bf16 = true,
+                     .qstride = (size_t)K * 16 * sizeof(uint16_t)};
+    e->alloc = e->qstride * (size_t)np;
+    if (e->alloc > max_bytes || !(e->q = xllm_map_huge(e->alloc))) return 0;
+    for (int64_t pi = 0; pi < np; pi++)
+        mm->k->pack_bf16(w, pi * 16, (int)XLLM_MIN((int64_t)16, w->n_rows - pi * 16),
+                         (uint16_t *)(e->q + (size_t)pi * e->qstride));
+    e->decode = true;
+    return e->alloc;
+}
+
 size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t max_bytes) {
     const xllm_cpu_kernels *k = mm->k;
-    if (!k->pack_q || !xllm_act_block(w->type) || w->n_rows <= 0 || w->n_cols > mm->max_cols ||
-        find_prepacked(pk, w))
+    const bool bf = w->type == XLLM_DTYPE_BF16 && k->pack_bf16 && k->gemm_bf16 && k->gemv_bf16p &&
+                    w->n_cols % 32 == 0;
+    if ((!bf && (!k->pack_q || !xllm_act_block(w->type))) || w->n_rows <= 0 ||
+        w->n_cols > mm->max_cols || find_prepacked(pk, w))
         return 0;
     if (pk->n * 2 + 2 > pk->cap) { /* grow and rehash */
         const int64_t old_cap = pk->cap;
@@ -549,6 +604,12 @@ size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t ma
             pk->pre[h] = old[i];
         }
         free(old);
+    }
+    if (bf) {
+        prepacked e;
+        if (!pack_bf16_ahead(mm, w, max_bytes, &e)) return 0;
+        put_prepacked(pk, &e);
+        return e.alloc;
     }
     const int64_t K = w->n_cols, np = (w->n_rows + 15) / 16;
     const int G = xllm_panel_group(w->type);
@@ -598,10 +659,7 @@ size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t ma
                              e.dq + (size_t)pi * e.dq_stride);
     }
     if (!e.q && !e.dq) return 0;
-    size_t h = ((uintptr_t)w->data >> 6) % (size_t)pk->cap;
-    while (pk->pre[h].data) h = (h + 1) % (size_t)pk->cap;
-    pk->pre[h] = e;
-    pk->n++;
+    put_prepacked(pk, &e);
     return e.alloc + e.dq_alloc;
 }
 
