@@ -4,7 +4,7 @@
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
 TSAN_BUILD ?= build-tsan
-TSAN_TESTS ?= test_kv test_engine test_registry_mem test_registry_etcd test_kv_transfer test_router \
+TSAN_TESTS ?= test_threadpool test_kv test_engine test_registry_mem test_registry_etcd test_kv_transfer test_router \
               test_cluster test_serve_api test_serve_load
 # Shell tests (tests/integration/*.sh) have no build target of their own: they run the xllm binary.
 SH_TESTS   := $(basename $(notdir $(wildcard tests/integration/*.sh)))
@@ -49,7 +49,7 @@ test-asan: deps node-deps
 	@cmake --build $(ASAN_BUILD) -j $(JOBS) -- --no-print-directory
 	ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS)
 
-# ThreadSanitizer over the tests whose code runs several threads (KV pre-mapper, engine, registry,
+# ThreadSanitizer over the tests whose code runs several threads (thread pool, KV pre-mapper, engine, registry,
 # router, and through the xllm binary: the HTTP server, engine instances and cluster
 # services). A race makes the process exit with 66 at once (halt_on_error): a C test fails, and
 # the Python tests check every server's exit status when they stop it.

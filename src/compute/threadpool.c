@@ -35,6 +35,13 @@ struct xllm_threadpool {
     atomic_uint_fast64_t generation;
     atomic_int pending; /* workers still running the current task */
     atomic_bool stop;
+    /* Workers blocked (or about to block) on cv_start, and whether the caller is on cv_done:
+     * a task's start and end take the mutex and signal only when someone sleeps (while they
+     * spin, the lock and the condition's lines would cross between the cores for nothing).
+     * Each side publishes its flag, then reads the other's state, both sequentially
+     * consistent, so at least one of the two sees the other. */
+    atomic_int sleepers;
+    atomic_bool caller_waits;
     xllm_task_fn fn;
     void *arg;
 };
@@ -52,14 +59,16 @@ static void *worker_main(void *p) {
         }
         if (gen == seen && !atomic_load(&tp->stop)) {
             pthread_mutex_lock(&tp->mu);
+            atomic_fetch_add(&tp->sleepers, 1);
             while ((gen = atomic_load(&tp->generation)) == seen && !atomic_load(&tp->stop))
                 pthread_cond_wait(&tp->cv_start, &tp->mu);
+            atomic_fetch_sub(&tp->sleepers, 1);
             pthread_mutex_unlock(&tp->mu);
         }
         if (atomic_load(&tp->stop)) break;
         seen = gen;
         tp->fn(tp->arg, w->ith, tp->n_threads);
-        if (atomic_fetch_sub_explicit(&tp->pending, 1, memory_order_acq_rel) == 1) {
+        if (atomic_fetch_sub(&tp->pending, 1) == 1 && atomic_load(&tp->caller_waits)) {
             pthread_mutex_lock(&tp->mu);
             pthread_cond_signal(&tp->cv_done);
             pthread_mutex_unlock(&tp->mu);
@@ -114,17 +123,21 @@ void xllm_threadpool_run(xllm_threadpool *tp, xllm_task_fn fn, void *arg) {
     tp->fn = fn;
     tp->arg = arg;
     atomic_store(&tp->pending, tp->n_threads - 1);
-    pthread_mutex_lock(&tp->mu);
-    atomic_fetch_add_explicit(&tp->generation, 1, memory_order_release);
-    pthread_cond_broadcast(&tp->cv_start);
-    pthread_mutex_unlock(&tp->mu);
+    atomic_fetch_add(&tp->generation, 1);
+    if (atomic_load(&tp->sleepers) > 0) {
+        pthread_mutex_lock(&tp->mu);
+        pthread_cond_broadcast(&tp->cv_start);
+        pthread_mutex_unlock(&tp->mu);
+    }
     fn(arg, 0, tp->n_threads);
     int spins = 0;
     while (atomic_load_explicit(&tp->pending, memory_order_acquire) > 0 && spins < SPIN_ITERS)
         spin_pause(++spins);
     if (atomic_load(&tp->pending) > 0) {
         pthread_mutex_lock(&tp->mu);
+        atomic_store(&tp->caller_waits, true);
         while (atomic_load(&tp->pending) > 0) pthread_cond_wait(&tp->cv_done, &tp->mu);
+        atomic_store(&tp->caller_waits, false);
         pthread_mutex_unlock(&tp->mu);
     }
 }

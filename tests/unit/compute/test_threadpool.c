@@ -1,0 +1,110 @@
+/* Unit tests of src/compute/threadpool.c: every task runs once on every thread, in the spinning
+ * regime (tasks back to back) and in the sleeping one (pauses longer than the spin between
+ * tasks, so workers block on the start condition; a slow worker, so the caller blocks on the
+ * done condition). A lost wake-up hangs the test, which ctest's timeout turns into a failure. */
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "testutil.h"
+#include "compute/threadpool.h"
+
+enum { MAX_THREADS = 8 };
+
+typedef struct task {
+    atomic_int runs[MAX_THREADS]; /* calls per thread index */
+    atomic_int nth_seen;          /* nth passed to the calls (all must agree) */
+    int slow_thread;              /* this thread sleeps slow_us in the task (-1: none) */
+    int slow_us;
+    int64_t sum[MAX_THREADS]; /* each thread's share of 0 + 1 + ... + n - 1 */
+    int64_t n;
+} task;
+
+static void sleep_us(int us) {
+    struct timespec ts = {.tv_sec = us / 1000000, .tv_nsec = (long)(us % 1000000) * 1000};
+    nanosleep(&ts, NULL);
+}
+
+static void task_fn(void *arg, int ith, int nth) {
+    task *t = arg;
+    atomic_fetch_add(&t->runs[ith], 1);
+    atomic_store(&t->nth_seen, nth);
+    if (ith == t->slow_thread) sleep_us(t->slow_us);
+    int64_t lo, hi, s = 0;
+    xllm_split_range(t->n, ith, nth, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++) s += i;
+    t->sum[ith] = s;
+}
+
+/* Runs n_tasks tasks on a pool of nt threads with the given pauses; checks each ran exactly
+ * once per thread and that the results of all threads were visible to the caller on return. */
+static void check_pool(int nt, int n_tasks, int pause_us, int slow_thread, int slow_us) {
+    xllm_threadpool *tp = xllm_threadpool_new(nt);
+    assert_non_null(tp);
+    assert_int_equal(xllm_threadpool_n_threads(tp), nt);
+    for (int k = 0; k < n_tasks; k++) {
+        task t = {.slow_thread = slow_thread, .slow_us = slow_us, .n = 1000 + k};
+        for (int i = 0; i < MAX_THREADS; i++) atomic_init(&t.runs[i], 0);
+        atomic_init(&t.nth_seen, 0);
+        xllm_threadpool_run(tp, task_fn, &t);
+        int64_t total = 0;
+        for (int i = 0; i < nt; i++) {
+            assert_int_equal(atomic_load(&t.runs[i]), 1);
+            total += t.sum[i];
+        }
+        for (int i = nt; i < MAX_THREADS; i++) assert_int_equal(atomic_load(&t.runs[i]), 0);
+        assert_int_equal(atomic_load(&t.nth_seen), nt);
+        assert_true(total == t.n * (t.n - 1) / 2);
+        if (pause_us) sleep_us(pause_us);
+    }
+    xllm_threadpool_free(tp);
+}
+
+static void test_back_to_back(void **state) {
+    (void)state;
+    for (int nt = 1; nt <= 4; nt++) check_pool(nt, nt <= 2 ? 20000 : 500, 0, -1, 0);
+}
+
+static void test_sleeping_workers(void **state) {
+    (void)state;
+    /* 3 ms between tasks: longer than the workers spin, so every start wakes sleepers */
+    for (int nt = 2; nt <= 4; nt++) check_pool(nt, 60, 3000, -1, 0);
+}
+
+static void test_sleeping_caller(void **state) {
+    (void)state;
+    /* the last worker takes 3 ms: the caller gives up spinning and waits to be signalled */
+    for (int nt = 2; nt <= 4; nt++) check_pool(nt, 60, 0, nt - 1, 3000);
+    /* both at once, and alternating with back-to-back tasks */
+    check_pool(3, 40, 2500, 1, 2500);
+    for (int r = 0; r < 20; r++) {
+        check_pool(2, 50, 0, -1, 0);
+        check_pool(2, 2, 2000, 1, 2000);
+    }
+}
+
+static void test_split_range(void **state) {
+    (void)state;
+    for (int64_t n = 0; n < 50; n++)
+        for (int nth = 1; nth <= 7; nth++) {
+            int64_t next = 0;
+            for (int i = 0; i < nth; i++) {
+                int64_t lo, hi;
+                xllm_split_range(n, i, nth, &lo, &hi);
+                assert_true(lo == next && hi >= lo && hi - lo <= n / nth + 1);
+                next = hi;
+            }
+            assert_true(next == n);
+        }
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_back_to_back),
+        cmocka_unit_test(test_sleeping_workers),
+        cmocka_unit_test(test_sleeping_caller),
+        cmocka_unit_test(test_split_range),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
