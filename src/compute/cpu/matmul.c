@@ -81,6 +81,11 @@ static xllm_qpanel prepacked_panel(const prepacked *e, int64_t pi) {
                          .h16 = e->h16};
 }
 
+/* Panel pi of a matrix packed in bf16 pairs (prepacked.bf16). */
+static const uint16_t *prepacked_bf16(const prepacked *e, int64_t pi) {
+    return (const uint16_t *)(e->q + (size_t)pi * e->qstride);
+}
+
 /* Open-addressing table of packed matrices keyed by the data pointer. */
 struct xllm_mm_packs {
     prepacked *pre;
@@ -103,7 +108,7 @@ static prepacked *find_prepacked(const xllm_mm_packs *pk, const xllm_mat *w) {
 static void panel_row(const prepacked *e, int64_t r, float *out) {
     const int rr = (int)(r % XLLM_PANEL);
     if (e->bf16) {
-        const uint16_t *p = (const uint16_t *)(e->q + (size_t)(r / XLLM_PANEL) * e->qstride);
+        const uint16_t *p = prepacked_bf16(e, r / XLLM_PANEL);
         for (int64_t k = 0; k < e->n_cols; k++)
             out[k] = xllm_bf16_to_fp32(p[(k / 2) * 32 + rr * 2 + (k & 1)]);
         return;
@@ -383,8 +388,8 @@ static void run_worker(void *arg, int ith, int nth) {
         if (t->p == PATH_GEMV_BF16P) {
             const prepacked *e = t->pre;
             for (int64_t r0 = c * t->chunk; r0 < XLLM_MIN((c + 1) * t->chunk, w->n_rows); r0 += 16)
-                k->gemv_bf16p((const uint16_t *)(e->q + (size_t)(r0 / 16) * e->qstride), K, mm->xb,
-                              T, (int)XLLM_MIN((int64_t)16, w->n_rows - r0), t->y + r0, t->y_stride,
+                k->gemv_bf16p(prepacked_bf16(e, r0 / 16), K, mm->xb, T,
+                              (int)XLLM_MIN((int64_t)16, w->n_rows - r0), t->y + r0, t->y_stride,
                               acc);
             continue;
         }
@@ -458,8 +463,7 @@ static void run_worker(void *arg, int ith, int nth) {
             } else if (t->p == PATH_GEMM_BF16) {
                 const uint16_t *pb = (const uint16_t *)th->pf;
                 if (t->pre && t->pre->bf16)
-                    pb =
-                        (const uint16_t *)(t->pre->q + (size_t)(r0 / XLLM_PANEL) * t->pre->qstride);
+                    pb = prepacked_bf16(t->pre, r0 / XLLM_PANEL);
                 else
                     for (int i = 0; i < np; i++)
                         k->pack_bf16(w, r0 + i * XLLM_PANEL,

@@ -3,8 +3,6 @@
  * tasks, so workers block on the start condition; a slow worker, so the caller blocks on the
  * done condition). A lost wake-up hangs the test, which ctest's timeout turns into a failure. */
 #include <stdatomic.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <time.h>
 
 #include "testutil.h"
