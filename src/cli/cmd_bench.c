@@ -69,22 +69,60 @@ static void resident_gb(double *anon, double *file) {
     fclose(f);
 }
 
-/* GB/s of reading a 1 GiB buffer with the pool's threads (best of 3 passes). */
-static double read_bandwidth(xllm_threadpool *tp) {
-    const int64_t n = (int64_t)1 << 28; /* floats */
-    float *buf = malloc((size_t)n * sizeof(float));
-    if (!buf) return 0.0;
-    for (int64_t i = 0; i < n; i++) buf[i] = (float)(i & 7) * 0.125f;
-    bw_task b = {buf, n, xllm_cpu_kernels_get(xllm_cpu_level_default()), {0}};
-    double best = 0.0;
-    for (int it = 0; it < 4; it++) {
-        double t0 = xllm_cli_now();
-        xllm_threadpool_run(tp, bw_worker, &b);
-        double gbs = (double)n * sizeof(float) / (xllm_cli_now() - t0) / 1e9;
-        if (it > 0 && gbs > best) best = gbs;
+/* The streaming read probe: a 1 GiB buffer read by a pool of the bench's thread count. The
+ * host's memory bandwidth drifts (here 30-65 GB/s with 2 threads within minutes), so each
+ * decode test is put next to probes taken around its own repetitions. */
+typedef struct bw_probe {
+    xllm_threadpool *tp;
+    float *buf;
+    int64_t n;
+} bw_probe;
+
+static bool bw_probe_init(bw_probe *p, int threads) {
+    p->n = (int64_t)1 << 28; /* floats */
+    p->buf = malloc((size_t)p->n * sizeof(float));
+    p->tp = p->buf ? xllm_threadpool_new(threads) : NULL;
+    if (!p->tp) {
+        free(p->buf);
+        p->buf = NULL;
+        return false;
     }
-    free(buf);
+    for (int64_t i = 0; i < p->n; i++) p->buf[i] = (float)(i & 7) * 0.125f;
+    return true;
+}
+
+static void bw_probe_free(bw_probe *p) {
+    xllm_threadpool_free(p->tp);
+    free(p->buf);
+}
+
+/* GB/s of reading the buffer with the probe's threads, best of passes. */
+static double bw_measure(bw_probe *p, int passes) {
+    if (!p->tp) return 0.0;
+    bw_task b = {p->buf, p->n, xllm_cpu_kernels_get(xllm_cpu_level_default()), {0}};
+    double best = 0.0;
+    for (int it = 0; it < passes; it++) {
+        double t0 = xllm_cli_now();
+        xllm_threadpool_run(p->tp, bw_worker, &b);
+        double gbs = (double)p->n * sizeof(float) / (xllm_cli_now() - t0) / 1e9;
+        if (gbs > best) best = gbs;
+    }
     return best;
+}
+
+/* The probes taken around one test's repetitions. */
+typedef struct reads {
+    double sum, lo, hi;
+    int n;
+} reads;
+
+static void reads_take(reads *rd, bw_probe *p) {
+    const double g = bw_measure(p, 2);
+    if (g <= 0) return;
+    rd->lo = rd->n == 0 || g < rd->lo ? g : rd->lo;
+    rd->hi = rd->n == 0 || g > rd->hi ? g : rd->hi;
+    rd->sum += g;
+    rd->n++;
 }
 
 /* ---- model facts ----------------------------------------------------------------------- */
@@ -162,18 +200,27 @@ static bool fill_kv(xllm_context *ctx, int n_seq, int32_t len) {
 
 /* ---- tests ----------------------------------------------------------------------------- */
 
+/* One test's line; decode tests (rd != NULL) add the weight bandwidth achieved and the read
+ * bandwidth probed around their repetitions (mean, and the range in JSON). */
 static void report(const opts *o, const xllm_model *m, const char *test, result r, double wgbs,
-                   double rgbs) {
+                   const reads *rd) {
+    const double rgbs = rd && rd->n ? rd->sum / rd->n : 0.0;
     if (o->json) {
         printf("{\"test\": \"%s\", \"threads\": %" PRId64
                ", \"tokens_per_s\": %.2f, \"stddev\": %.2f",
                test, o->t, r.mean, r.sd);
-        if (wgbs > 0) printf(", \"weight_gbs\": %.2f, \"read_gbs\": %.2f", wgbs, rgbs);
+        if (rd) printf(", \"weight_gbs\": %.2f", wgbs);
+        if (rgbs > 0)
+            printf(", \"read_gbs\": %.2f, \"read_gbs_min\": %.2f, \"read_gbs_max\": %.2f", rgbs,
+                   rd->lo, rd->hi);
         printf(", \"model\": \"%s\", \"cpu\": \"%s\"}\n", xllm_model_name(m),
                xllm_cpu_level_name(xllm_cpu_level_default()));
     } else {
         printf("| %-12s | %3" PRId64 " | %10.2f ± %-7.2f |", test, o->t, r.mean, r.sd);
-        if (wgbs > 0) printf(" %6.1f GB/s of %5.1f (%4.1f%%) |", wgbs, rgbs, 100.0 * wgbs / rgbs);
+        if (rd && rgbs > 0)
+            printf(" %6.1f GB/s of %5.1f (%4.1f%%) |", wgbs, rgbs, 100.0 * wgbs / rgbs);
+        else if (rd)
+            printf(" %6.1f GB/s |", wgbs);
         printf("\n");
     }
     fflush(stdout);
@@ -195,8 +242,8 @@ static void set_batch(xllm_batch *b, int32_t *tok, int32_t *pos, int32_t *seq, i
 
 /* ppN: one batch of p prompt tokens; tgN: n tokens one step at a time; both from an empty
  * sequence, after one warm-up run. */
-static bool run_pp_tg(const opts *o, const xllm_model *m, double wbytes, double rgbs, int32_t *tok,
-                      int32_t *pos, int32_t *seq, double *tv, uint64_t *rs) {
+static bool run_pp_tg(const opts *o, const xllm_model *m, double wbytes, bw_probe *probe,
+                      int32_t *tok, int32_t *pos, int32_t *seq, double *tv, uint64_t *rs) {
     const int32_t V = xllm_model_n_vocab(m);
     xllm_context *ctx =
         new_ctx(m, o, 1, (int)(XLLM_MAX(o->p, o->n) + 1), (int)XLLM_MIN(XLLM_MAX(o->p, 1), 4096));
@@ -212,10 +259,12 @@ static bool run_pp_tg(const opts *o, const xllm_model *m, double wbytes, double 
             if (r >= 0) tv[r] = (double)o->p / (xllm_cli_now() - t0);
         }
         snprintf(name, sizeof(name), "pp%" PRId64, o->p);
-        report(o, m, name, stats(tv, (int)o->r), 0, 0);
+        report(o, m, name, stats(tv, (int)o->r), 0, NULL);
     }
     if (o->n > 0) {
+        reads rd = {0};
         for (int64_t r = -1; r < o->r; r++) {
+            if (r >= 0) reads_take(&rd, probe);
             xllm_seq_truncate(ctx, 0, 0);
             double t0 = xllm_cli_now();
             for (int64_t i = 0; i < o->n; i++) {
@@ -224,9 +273,10 @@ static bool run_pp_tg(const opts *o, const xllm_model *m, double wbytes, double 
             }
             if (r >= 0) tv[r] = (double)o->n / (xllm_cli_now() - t0);
         }
+        reads_take(&rd, probe);
         snprintf(name, sizeof(name), "tg%" PRId64, o->n);
         result res = stats(tv, (int)o->r);
-        report(o, m, name, res, wbytes * res.mean / 1e9, rgbs);
+        report(o, m, name, res, wbytes * res.mean / 1e9, &rd);
     }
     xllm_context_free(ctx);
     return true;
@@ -329,9 +379,10 @@ int xllm_cmd_bench(int argc, char **argv) {
     double rss_anon, rss_file; /* the loaded model's, before any context or buffer */
     resident_gb(&rss_anon, &rss_file);
     uint64_t rs = 0x2545F4914F6CDD1Dull;
-    xllm_threadpool *tp = xllm_threadpool_new((int)o.t);
-    const double rgbs = tp ? read_bandwidth(tp) : 0.0;
-    xllm_threadpool_free(tp);
+    bw_probe probe = {0};
+    /* (the first pass, on cold pages, not counted) */
+    const double rgbs =
+        bw_probe_init(&probe, (int)o.t) ? (bw_measure(&probe, 1), bw_measure(&probe, 3)) : 0.0;
     if (!o.json) {
         printf("model: %s (%s), %.2f GB of weights per token, cpu %s, weights %s\n",
                xllm_model_name(m), o.model, wbytes / 1e9,
@@ -347,7 +398,8 @@ int xllm_cmd_bench(int argc, char **argv) {
     xllm_batch b;
     (void)V;
     /* ppN and tgN: one sequence from an empty context, one warm-up run first */
-    if ((o.p > 0 || o.n > 0) && !run_pp_tg(&o, m, wbytes, rgbs, tok, pos, seq, tv, &rs)) goto fail;
+    if ((o.p > 0 || o.n > 0) && !run_pp_tg(&o, m, wbytes, &probe, tok, pos, seq, tv, &rs))
+        goto fail;
     /* decode_bB: B sequences at context ctx, one token each per step */
     int64_t bmax = 0;
     for (int i = 0; i < o.n_batches; i++) bmax = XLLM_MAX(bmax, o.batches[i]);
@@ -359,7 +411,9 @@ int xllm_cmd_bench(int argc, char **argv) {
         }
         for (int bi = 0; bi < o.n_batches; bi++) {
             const int32_t B = (int32_t)o.batches[bi];
+            reads rd = {0};
             for (int64_t r = -1; r < o.r; r++) {
+                if (r >= 0) reads_take(&rd, &probe);
                 for (int s = 0; s < B; s++) xllm_seq_truncate(ctx, s, (int32_t)o.ctx);
                 double t0 = xllm_cli_now();
                 for (int64_t st = 0; st < o.steps; st++) {
@@ -371,10 +425,11 @@ int xllm_cmd_bench(int argc, char **argv) {
                 }
                 if (r >= 0) tv[r] = (double)(B * o.steps) / (xllm_cli_now() - t0);
             }
+            reads_take(&rd, &probe);
             char name[32];
             snprintf(name, sizeof(name), "decode_b%d", B);
             result res = stats(tv, (int)o.r);
-            report(&o, m, name, res, wbytes * res.mean / B / 1e9, rgbs);
+            report(&o, m, name, res, wbytes * res.mean / B / 1e9, &rd);
         }
         xllm_context_free(ctx);
     }
@@ -383,6 +438,7 @@ fail:
     fprintf(stderr, "xllm bench: a decode failed\n");
     rc = 1;
 done:
+    bw_probe_free(&probe);
     free(tok);
     free(pos);
     free(seq);

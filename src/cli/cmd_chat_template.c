@@ -78,23 +78,13 @@ static bool load_dir(const char *dir, char **tmpl, char **bos, char **eos) {
         fprintf(stderr, "xllm chat-template: %s: %s\n", path, je.text);
         return false;
     }
-    json_t *ct = json_object_get(cfg, "chat_template");
-    if (json_is_array(ct)) {
-        size_t i;
-        json_t *e, *found = NULL;
-        json_array_foreach(ct, i, e) {
-            json_t *name = json_object_get(e, "name");
-            if (json_is_string(name) && !strcmp(json_string_value(name), "default"))
-                found = json_object_get(e, "template");
-        }
-        ct = found;
-    }
-    if (!json_is_string(ct)) {
+    const char *ct = xllm_cli_config_template(cfg);
+    if (!ct) {
         fprintf(stderr, "xllm chat-template: %s has no chat_template\n", path);
         json_decref(cfg);
         return false;
     }
-    *tmpl = dup_str(json_string_value(ct));
+    *tmpl = dup_str(ct);
     *bos = config_token(cfg, "bos_token");
     *eos = config_token(cfg, "eos_token");
     json_decref(cfg);

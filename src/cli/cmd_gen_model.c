@@ -1,10 +1,12 @@
 /* xllm gen-model: writes a GGUF with random weights in the shape of a named model (or given
- * dimensions), any supported weight type or llama.cpp's q4_K_M mix, with the tokenizer copied
- * from another GGUF, so benchmarks run on realistic sizes without downloads. */
+ * dimensions), any supported weight type or llama.cpp's q4_K_M mix, with a real tokenizer
+ * (copied from another GGUF, or converted from Hugging Face tokenizer files), so benchmarks run
+ * on realistic sizes without downloads. */
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "cli/cli.h"
@@ -13,6 +15,7 @@
 #include "compute/threadpool.h"
 #include "gguf/gguf.h"
 #include "gguf/gguf_write.h"
+#include "tokenizer/tokenizer.h"
 
 typedef struct shape {
     const char *like;
@@ -143,18 +146,49 @@ static bool fill(int64_t i, void *buf, uint64_t n_bytes, void *user) {
     return true;
 }
 
+/* Whether PATH names Hugging Face tokenizer files: a folder, or a .json file in one. */
+static bool is_hf_path(const char *path, char *dir, size_t size) {
+    struct stat sb;
+    if (stat(path, &sb) != 0) return false;
+    snprintf(dir, size, "%s", path);
+    if (S_ISDIR(sb.st_mode)) return true;
+    const size_t n = strlen(path);
+    if (n < 5 || strcmp(path + n - 5, ".json") != 0) return false;
+    char *slash = strrchr(dir, '/');
+    if (slash)
+        *slash = 0;
+    else
+        snprintf(dir, size, ".");
+    return true;
+}
+
+/* DIR/tokenizer_config.json's chat template (a string, or the "default" of a named list) as
+ * tokenizer.chat_template; nothing when the folder has none. */
+static void write_hf_template(xllm_gguf_writer *w, const char *dir) {
+    char path[4200];
+    snprintf(path, sizeof(path), "%s/tokenizer_config.json", dir);
+    json_t *cfg = json_load_file(path, 0, NULL);
+    const char *ct = xllm_cli_config_template(cfg);
+    if (ct) xllm_gguf_writer_str(w, "tokenizer.chat_template", ct);
+    json_decref(cfg);
+}
+
 static void usage(FILE *f) {
     fprintf(
         f,
         "usage: xllm gen-model -o OUT.gguf (--like NAME | --arch A --embd E --layers L --heads H\n"
         "                      --heads-kv HK --head-dim D --ff F --vocab V [--experts N\n"
         "                      --experts-used K --ff-exp F] [--untied])\n"
-        "                      [--layers N] [--type T] [--tokenizer GGUF] [--seed S] [-t N]\n"
+        "                      --tokenizer PATH [--layers N] [--type T] [--seed S] [-t N]\n"
         "  --like      qwen3-0.6b | qwen3-1.7b | qwen2.5-0.5b | llama-3.2-1b | qwen3-30b-a3b\n"
         "  --type      f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_K q3_K q4_K q5_K q6_K q4_K_M\n"
         "              (default q8_0; q4_K_M mixes Q6_K into output, attn_v, ffn_down as\n"
         "              llama.cpp does); norms are always f32\n"
-        "  --tokenizer copy tokenizer.* metadata from this GGUF (sets the vocab size)\n");
+        "  --tokenizer a GGUF (its tokenizer.* metadata is copied and sets the vocab size),\n"
+        "              or Hugging Face tokenizer files: a folder with tokenizer.json, or\n"
+        "              vocab.json + merges.txt (and tokenizer_config.json for the special\n"
+        "              tokens and chat template); the vocab is padded with unused tokens up\n"
+        "              to the shape's --vocab where that is larger\n");
 }
 
 int xllm_cmd_gen_model(int argc, char **argv) {
@@ -232,9 +266,14 @@ int xllm_cmd_gen_model(int argc, char **argv) {
     if (!s.heads_kv) s.heads_kv = s.heads;
     if (!s.head_dim && s.heads) s.head_dim = s.embd / s.heads;
     if (!out || s.embd <= 0 || s.layers <= 0 || s.heads <= 0 || s.head_dim <= 0 ||
-        (s.ff <= 0 && s.experts <= 0) || (s.vocab <= 0 && !tok)) {
+        (s.ff <= 0 && s.experts <= 0)) {
         fprintf(stderr, "xllm gen-model: need -o and --like or the dimensions\n");
         usage(stderr);
+        return 1;
+    }
+    if (!tok) {
+        fprintf(stderr, "xllm gen-model: need --tokenizer (a GGUF, or Hugging Face tokenizer "
+                        "files): neither xllm nor llama.cpp loads a model without one\n");
         return 1;
     }
     gen *g = calloc(1, sizeof(gen));
@@ -247,8 +286,19 @@ int xllm_cmd_gen_model(int argc, char **argv) {
         return 1;
     }
     xllm_gguf *src = NULL;
-    char err[512];
-    if (tok) {
+    xllm_tokenizer *hf = NULL;
+    char err[512], hf_dir[4096];
+    if (is_hf_path(tok, hf_dir, sizeof(hf_dir))) {
+        if (xllm_tokenizer_load(tok, &hf, err, sizeof(err)) != XLLM_OK) {
+            fprintf(stderr, "xllm gen-model: %s\n", err);
+            free(g);
+            return 1;
+        }
+        /* the model's rows cover every token id; a shape's larger vocab (Qwen: 151936 rows
+         * for 151669 tokens) is kept, as in the real files */
+        const int64_t n_tok = xllm_tokenizer_n_vocab(hf);
+        if (g->s.vocab < n_tok) g->s.vocab = n_tok;
+    } else {
         if (xllm_gguf_open(tok, &src, err, sizeof(err)) != XLLM_OK) {
             fprintf(stderr, "xllm gen-model: %s\n", err);
             free(g);
@@ -256,7 +306,13 @@ int xllm_cmd_gen_model(int argc, char **argv) {
         }
         const xllm_gguf_kv *toks =
             xllm_gguf_get_arr(src, "tokenizer.ggml.tokens", XLLM_GGUF_STRING);
-        if (toks) g->s.vocab = (int64_t)toks->arr_n;
+        if (!toks) {
+            fprintf(stderr, "xllm gen-model: %s: no tokenizer.ggml.tokens\n", tok);
+            xllm_gguf_free(src);
+            free(g);
+            return 1;
+        }
+        g->s.vocab = (int64_t)toks->arr_n;
     }
     s = g->s;
     g->w = xllm_gguf_writer_new();
@@ -288,6 +344,16 @@ int xllm_cmd_gen_model(int argc, char **argv) {
             if (!strncmp(src->kv[i].key, "tokenizer.", 10) &&
                 !(src->kv[i].type == XLLM_GGUF_ARRAY && src->kv[i].arr_type == XLLM_GGUF_ARRAY))
                 xllm_gguf_writer_copy(w, &src->kv[i]);
+    if (hf) {
+        if (xllm_tokenizer_write_gguf(hf, w, (int32_t)s.vocab, err, sizeof(err)) != XLLM_OK) {
+            fprintf(stderr, "xllm gen-model: %s: %s\n", tok, err);
+            xllm_tokenizer_free(hf);
+            xllm_gguf_writer_free(w);
+            free(g);
+            return 1;
+        }
+        write_hf_template(w, hf_dir);
+    }
 
     const xllm_dtype base = g->type, q6 = g->q4_k_m ? XLLM_DTYPE_Q6_K : base;
     const int64_t E = s.embd, D = s.head_dim, H = s.heads, HK = s.heads_kv, V = s.vocab;
@@ -339,6 +405,7 @@ int xllm_cmd_gen_model(int argc, char **argv) {
     xllm_threadpool_free(g->tp);
     xllm_gguf_writer_free(w);
     xllm_gguf_free(src);
+    xllm_tokenizer_free(hf);
     free(g);
     return st == XLLM_OK ? 0 : 1;
 }

@@ -142,3 +142,18 @@ xllm_model *xllm_cli_load_model(const char *cmd, const char *path, bool quiet, b
     }
     return m;
 }
+
+const char *xllm_cli_config_template(json_t *cfg) {
+    json_t *ct = json_object_get(cfg, "chat_template");
+    if (json_is_array(ct)) {
+        size_t i;
+        json_t *e, *found = NULL;
+        json_array_foreach(ct, i, e) {
+            json_t *name = json_object_get(e, "name");
+            if (json_is_string(name) && !strcmp(json_string_value(name), "default"))
+                found = json_object_get(e, "template");
+        }
+        ct = found;
+    }
+    return json_string_value(ct);
+}

@@ -7,6 +7,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include <jansson.h>
+
 #include "xllm/xllm.h"
 
 /* Parses a number option value; prints "xllm CMD: bad value for OPT" and returns false. */
@@ -31,5 +33,9 @@ int xllm_cli_kv_option(const char *cmd, int argc, char **argv, int *i, xllm_cont
 bool xllm_cli_kv_type(const char *cmd, const char *s, xllm_dtype *out);
 
 double xllm_cli_now(void); /* monotonic seconds */
+
+/* A tokenizer_config.json's chat template: its "chat_template" string, or the "default" entry
+ * of a named list; NULL when it has none. The string belongs to cfg. */
+const char *xllm_cli_config_template(json_t *cfg);
 
 #endif

@@ -86,6 +86,28 @@ void xllm_gguf_writer_str(xllm_gguf_writer *w, const char *k, const char *v) {
     put_str(w, v, strlen(v));
 }
 
+void xllm_gguf_writer_arr_str(xllm_gguf_writer *w, const char *k, const char *const *s,
+                              const size_t *len, uint64_t n) {
+    key(w, k, XLLM_GGUF_ARRAY);
+    put_u32(w, (uint32_t)XLLM_GGUF_STRING);
+    put_u64(w, n);
+    for (uint64_t i = 0; i < n; i++) put_str(w, s[i], len[i]);
+}
+
+void xllm_gguf_writer_arr_i32(xllm_gguf_writer *w, const char *k, const int32_t *v, uint64_t n) {
+    key(w, k, XLLM_GGUF_ARRAY);
+    put_u32(w, (uint32_t)XLLM_GGUF_INT32);
+    put_u64(w, n);
+    put(w, v, (size_t)n * sizeof(int32_t));
+}
+
+void xllm_gguf_writer_arr_f32(xllm_gguf_writer *w, const char *k, const float *v, uint64_t n) {
+    key(w, k, XLLM_GGUF_ARRAY);
+    put_u32(w, (uint32_t)XLLM_GGUF_FLOAT32);
+    put_u64(w, n);
+    put(w, v, (size_t)n * sizeof(float));
+}
+
 void xllm_gguf_writer_copy(xllm_gguf_writer *w, const xllm_gguf_kv *kv) {
     key(w, kv->key, kv->type);
     if (kv->type == XLLM_GGUF_STRING) {

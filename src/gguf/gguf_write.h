@@ -3,6 +3,8 @@
 #ifndef XLLM_GGUF_WRITE_H
 #define XLLM_GGUF_WRITE_H
 
+#include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "gguf/gguf.h"
@@ -17,6 +19,11 @@ void xllm_gguf_writer_u32(xllm_gguf_writer *w, const char *key, uint32_t v);
 void xllm_gguf_writer_f32(xllm_gguf_writer *w, const char *key, float v);
 void xllm_gguf_writer_bool(xllm_gguf_writer *w, const char *key, bool v);
 void xllm_gguf_writer_str(xllm_gguf_writer *w, const char *key, const char *v);
+/* Arrays: n strings (s[i] of len[i] bytes), int32 or float32 values. */
+void xllm_gguf_writer_arr_str(xllm_gguf_writer *w, const char *key, const char *const *s,
+                              const size_t *len, uint64_t n);
+void xllm_gguf_writer_arr_i32(xllm_gguf_writer *w, const char *key, const int32_t *v, uint64_t n);
+void xllm_gguf_writer_arr_f32(xllm_gguf_writer *w, const char *key, const float *v, uint64_t n);
 /* Copies a key/value (any type, arrays included) from a parsed file; the source must outlive
  * the writer. */
 void xllm_gguf_writer_copy(xllm_gguf_writer *w, const xllm_gguf_kv *kv);

@@ -69,7 +69,7 @@ typedef struct pre_variant {
 } pre_variant;
 
 static const pre_variant k_variants[] = {
-    {"llama3|llama-v3|llama-bpe|falcon3|falcon-h1|pixtral|midm-2.0|lfm2", {RE_LLAMA3}, true, false},
+    {"llama-bpe|llama3|llama-v3|falcon3|falcon-h1|pixtral|midm-2.0|lfm2", {RE_LLAMA3}, true, false},
     {"dbrx|smaug-bpe|glm4|chatglm-bpe", {RE_LLAMA3}, false, false},
     {"qwen2|deepseek-r1-qwen|megrez", {RE_QWEN2}, false, true},
     {"stablelm2|hunyuan|kormo", {RE_QWEN2}, false, false},
@@ -232,6 +232,26 @@ bool xllm_pretok_variant(const char *name, const char *const **re, int *n, bool 
         *n = k;
         *ignore_merges = pv->ignore_merges;
         *nfc = pv->nfc;
+        return true;
+    }
+    return false;
+}
+
+bool xllm_pretok_name_of(const char *const *re, int n, bool ignore_merges, bool nfc, char *name,
+                         size_t size) {
+    for (size_t v = 0; v < sizeof(k_variants) / sizeof(k_variants[0]); v++) {
+        const pre_variant *pv = &k_variants[v];
+        int k = 0;
+        while (k < MAX_REGEX && pv->re[k]) k++;
+        if (k != n || pv->ignore_merges != ignore_merges || pv->nfc != nfc) continue;
+        bool same = true;
+        for (int i = 0; i < n && same; i++) same = !strcmp(pv->re[i], re[i]);
+        if (!same) continue;
+        const char *bar = strchr(pv->names, '|');
+        const size_t l = bar ? (size_t)(bar - pv->names) : strlen(pv->names);
+        if (l == 0 || l >= size) return false; /* ("default": no name a file can carry) */
+        memcpy(name, pv->names, l);
+        name[l] = 0;
         return true;
     }
     return false;

@@ -63,6 +63,10 @@ xllm_status xllm_pretok_from_name(const char *name, xllm_pretok **out, bool *ign
 /* The regex list and flags of a named variant; false when the name is unknown. */
 bool xllm_pretok_variant(const char *name, const char *const **re, int *n, bool *ignore_merges,
                          bool *nfc);
+/* The tokenizer.ggml.pre name (the first of its variant) whose regex list and flags are exactly
+ * these, written to name; false when none is (or it does not fit). */
+bool xllm_pretok_name_of(const char *const *re, int n, bool ignore_merges, bool nfc, char *name,
+                         size_t size);
 void xllm_pretok_free(xllm_pretok *p);
 /* Splits text[0..len) into pieces appended to out (offsets relative to text). Every byte ends up
  * in exactly one piece, in order. Thread-safe (match data is per call). */
@@ -74,7 +78,7 @@ void xllm_span_push(span_vec *a, size_t off, size_t len);
 struct xllm_tokenizer {
     tok_kind kind;
     char model[16];
-    char pre[48]; /* pre-tokenizer name, informational */
+    char pre[48]; /* tokenizer.ggml.pre name ("hf": a Hugging Face split no GGUF name has) */
     int32_t n_vocab;
     char *text; /* all token texts, back to back */
     tok_entry *tok;

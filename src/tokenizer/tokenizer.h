@@ -7,6 +7,7 @@
 #include <stddef.h>
 
 #include "gguf/gguf.h"
+#include "gguf/gguf_write.h"
 #include "xllm/xllm.h"
 
 /* Token types as stored in tokenizer.ggml.token_type. */
@@ -24,6 +25,13 @@ typedef enum xllm_token_type {
  * error returns a status, *out = NULL, and a message naming the offending key. */
 xllm_status xllm_tokenizer_from_gguf(const xllm_gguf *g, xllm_tokenizer **out, char *err,
                                      size_t err_size);
+
+/* Writes the vocabulary as llama.cpp's tokenizer.ggml.* keys (model, pre, tokens, scores or
+ * merges, token types, special ids and flags), padded with unused "[PAD<id>]" tokens up to
+ * n_vocab (a model's embedding rows; no padding when n_vocab <= the vocabulary's size). A BPE
+ * vocabulary whose split matches no tokenizer.ggml.pre name is an error. */
+xllm_status xllm_tokenizer_write_gguf(const xllm_tokenizer *tok, xllm_gguf_writer *w,
+                                      int32_t n_vocab, char *err, size_t err_size);
 
 /* The text of a token as stored in the vocabulary (not NUL-terminated), or NULL when id is out
  * of range. */

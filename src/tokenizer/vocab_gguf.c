@@ -1,6 +1,9 @@
 /* Tokenizer from a GGUF's tokenizer.ggml.* keys: SentencePiece ("llama") and byte-level BPE
- * ("gpt2") vocabularies, with llama.cpp's defaults for absent keys. */
+ * ("gpt2") vocabularies, with llama.cpp's defaults for absent keys; and the same keys written
+ * from a tokenizer (xllm gen-model, with a Hugging Face tokenizer). */
 #include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "tokenizer/tokenizer-impl.h"
@@ -196,5 +199,97 @@ xllm_status xllm_tokenizer_from_gguf(const xllm_gguf *g, xllm_tokenizer **out, c
         return st;
     }
     *out = t;
+    return XLLM_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Writing                                                                                   */
+/* ---------------------------------------------------------------------------------------- */
+
+static int cmp_rank(const void *a, const void *b) {
+    const merge_slot *x = *(const merge_slot *const *)a, *y = *(const merge_slot *const *)b;
+    return (x->rank > y->rank) - (x->rank < y->rank);
+}
+
+/* An id key: -1 (none) as UINT32_MAX, which the readers take for "none" (llama.cpp warns and
+ * keeps its default, which add_bos_token = false makes unused). */
+static void write_id(xllm_gguf_writer *w, const char *key, int32_t id) {
+    xllm_gguf_writer_u32(w, key, id >= 0 ? (uint32_t)id : UINT32_MAX);
+}
+
+xllm_status xllm_tokenizer_write_gguf(const xllm_tokenizer *t, xllm_gguf_writer *w, int32_t n_vocab,
+                                      char *err, size_t err_size) {
+    if (!t || !w) return XLLM_ERR_INVALID_ARG;
+    if (t->kind == TOK_BPE && (!strcmp(t->pre, "hf") || !strcmp(t->pre, "default"))) {
+        xllm_set_err(err, err_size,
+                     "tokenizer: its pre-tokenizer split matches no tokenizer.ggml.pre name");
+        return XLLM_ERR_UNSUPPORTED;
+    }
+    const int32_t n = n_vocab > t->n_vocab ? n_vocab : t->n_vocab;
+    const char **strs = xllm_xmalloc((size_t)n * sizeof(char *));
+    size_t *lens = xllm_xmalloc((size_t)n * sizeof(size_t));
+    int32_t *types = xllm_xmalloc((size_t)n * sizeof(int32_t));
+    float *scores = xllm_xmalloc((size_t)n * sizeof(float));
+    char *pads = xllm_xmalloc((size_t)n * 24); /* "[PAD<id>]" texts */
+    for (int32_t i = 0; i < n; i++) {
+        if (i < t->n_vocab && t->tok[i].len > 0) {
+            strs[i] = t->text + t->tok[i].off;
+            lens[i] = t->tok[i].len;
+            types[i] = t->tok[i].type;
+            scores[i] = t->tok[i].score;
+        } else { /* padding, or an id the vocabulary skips */
+            char *p = pads + (size_t)i * 24;
+            lens[i] = (size_t)snprintf(p, 24, "[PAD%d]", (int)i);
+            strs[i] = p;
+            types[i] = XLLM_TOKEN_TYPE_UNUSED;
+            scores[i] = 0.0f;
+        }
+    }
+    xllm_gguf_writer_str(w, "tokenizer.ggml.model", t->model);
+    if (t->kind == TOK_BPE) xllm_gguf_writer_str(w, "tokenizer.ggml.pre", t->pre);
+    xllm_gguf_writer_arr_str(w, "tokenizer.ggml.tokens", strs, lens, (uint64_t)n);
+    if (t->kind == TOK_SPM)
+        xllm_gguf_writer_arr_f32(w, "tokenizer.ggml.scores", scores, (uint64_t)n);
+    xllm_gguf_writer_arr_i32(w, "tokenizer.ggml.token_type", types, (uint64_t)n);
+    if (t->kind == TOK_BPE) {
+        /* merges "left right" in rank order, from the merge table */
+        const merge_slot **ms = xllm_xmalloc(((size_t)t->n_merges + 1) * sizeof(merge_slot *));
+        size_t nm = 0;
+        for (size_t i = 0; t->merge && i <= t->merge_mask; i++)
+            if (t->merge[i].key) ms[nm++] = &t->merge[i];
+        qsort(ms, nm, sizeof(ms[0]), cmp_rank);
+        const char **mstr = xllm_xmalloc((nm + 1) * sizeof(char *));
+        size_t *mlen = xllm_xmalloc((nm + 1) * sizeof(size_t));
+        for (size_t i = 0; i < nm; i++) {
+            const uint64_t k = ms[i]->key - 1;
+            const tok_entry *l = &t->tok[k >> 32], *r = &t->tok[k & 0xffffffffu];
+            char *m = xllm_xmalloc((size_t)l->len + (size_t)r->len + 1);
+            memcpy(m, t->text + l->off, l->len);
+            m[l->len] = ' ';
+            memcpy(m + l->len + 1, t->text + r->off, r->len);
+            mstr[i] = m;
+            mlen[i] = (size_t)l->len + (size_t)r->len + 1;
+        }
+        xllm_gguf_writer_arr_str(w, "tokenizer.ggml.merges", mstr, mlen, nm);
+        for (size_t i = 0; i < nm; i++) free((char *)mstr[i]);
+        free(mstr);
+        free(mlen);
+        free(ms);
+    }
+    write_id(w, "tokenizer.ggml.bos_token_id", t->bos);
+    write_id(w, "tokenizer.ggml.eos_token_id", t->eos);
+    if (t->unk >= 0) write_id(w, "tokenizer.ggml.unknown_token_id", t->unk);
+    if (t->pad >= 0) write_id(w, "tokenizer.ggml.padding_token_id", t->pad);
+    if (t->eot >= 0) write_id(w, "tokenizer.ggml.eot_token_id", t->eot);
+    if (t->eom >= 0) write_id(w, "tokenizer.ggml.eom_token_id", t->eom);
+    xllm_gguf_writer_bool(w, "tokenizer.ggml.add_bos_token", t->add_bos);
+    xllm_gguf_writer_bool(w, "tokenizer.ggml.add_eos_token", t->add_eos);
+    if (t->kind == TOK_SPM)
+        xllm_gguf_writer_bool(w, "tokenizer.ggml.add_space_prefix", t->add_space_prefix);
+    free(strs);
+    free(lens);
+    free(types);
+    free(scores);
+    free(pads);
     return XLLM_OK;
 }

@@ -411,7 +411,8 @@ xllm_status xllm_tokenizer_from_hf_dir(const char *dir, xllm_tokenizer **out, ch
     }
 
     t = xllm_tok_alloc(TOK_BPE, "gpt2", (int32_t)acc.n);
-    snprintf(t->pre, sizeof(t->pre), "hf");
+    if (!xllm_pretok_name_of(pre.re, pre.n, ignore_merges, nfc, t->pre, sizeof(t->pre)))
+        snprintf(t->pre, sizeof(t->pre), "hf");
     xllm_tok_set_texts(t, acc.str, acc.len);
     for (int64_t i = 0; i < acc.n; i++) t->tok[i].type = acc.type[i];
     t->nfc = nfc;

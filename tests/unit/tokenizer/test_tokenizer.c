@@ -3,12 +3,15 @@
 #include <dirent.h>
 #include <pthread.h>
 #include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include <jansson.h>
 
 #include "gguf/gguf.h"
+#include "gguf/gguf_write.h"
 #include "testutil.h"
 #include "tokenizer/tokenizer.h"
 
@@ -555,6 +558,135 @@ static void test_hf_vocab_merges(void **state) {
     rmdir(dir);
 }
 
+/* ---- tokenizer.ggml.* keys written back (xllm gen-model) ---------------------------------- */
+
+/* Writes tok's keys, padded to n_vocab, to a GGUF in the build folder and loads them again. */
+static xllm_tokenizer *export_reload(const xllm_tokenizer *tok, int32_t n_vocab) {
+    char path[4096], err[512] = "";
+    snprintf(path, sizeof(path), "%s/test_tok_export_XXXXXX", xllm_test_build_dir());
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    xllm_gguf_writer *w = xllm_gguf_writer_new();
+    xllm_status st = xllm_tokenizer_write_gguf(tok, w, n_vocab, err, sizeof(err));
+    if (st != XLLM_OK) print_message("write: %s\n", err);
+    assert_int_equal(st, XLLM_OK);
+    assert_int_equal(xllm_gguf_writer_write(w, path, NULL, NULL, err, sizeof(err)), XLLM_OK);
+    xllm_gguf_writer_free(w);
+    xllm_gguf *g = NULL;
+    assert_int_equal(xllm_gguf_open(path, &g, err, sizeof(err)), XLLM_OK);
+    xllm_tokenizer *back = NULL;
+    st = xllm_tokenizer_from_gguf(g, &back, err, sizeof(err));
+    if (st != XLLM_OK) print_message("read: %s\n", err);
+    assert_int_equal(st, XLLM_OK);
+    xllm_gguf_free(g);
+    unlink(path);
+    return back;
+}
+
+/* The same vocabulary: every token's text and type (ids past a's end: unused "[PAD<id>]"),
+ * special tokens and flags, and the same ids for texts with and without special tokens. */
+static void expect_same_vocab(const xllm_tokenizer *a, const xllm_tokenizer *b, int32_t n_vocab) {
+    const int32_t na = xllm_tokenizer_n_vocab(a);
+    assert_int_equal(xllm_tokenizer_n_vocab(b), n_vocab > na ? n_vocab : na);
+    for (int32_t i = 0; i < xllm_tokenizer_n_vocab(b); i++) {
+        size_t la = 0, lb;
+        const char *ta = i < na ? xllm_tokenizer_token_text(a, i, &la) : NULL;
+        const char *tb = xllm_tokenizer_token_text(b, i, &lb);
+        assert_non_null(tb);
+        if (ta && la > 0) {
+            assert_int_equal(la, lb);
+            assert_memory_equal(ta, tb, la);
+            assert_int_equal(xllm_tokenizer_token_type(a, i), xllm_tokenizer_token_type(b, i));
+        } else {
+            char pad[32];
+            snprintf(pad, sizeof(pad), "[PAD%d]", (int)i);
+            assert_int_equal(lb, strlen(pad));
+            assert_memory_equal(tb, pad, lb);
+            assert_int_equal(xllm_tokenizer_token_type(b, i), XLLM_TOKEN_TYPE_UNUSED);
+        }
+    }
+    assert_string_equal(xllm_tokenizer_type(a), xllm_tokenizer_type(b));
+    assert_string_equal(xllm_tokenizer_pre(a), xllm_tokenizer_pre(b));
+    assert_int_equal(xllm_token_bos(a), xllm_token_bos(b));
+    assert_int_equal(xllm_token_eos(a), xllm_token_eos(b));
+    assert_int_equal(xllm_tokenizer_add_bos(a), xllm_tokenizer_add_bos(b));
+    assert_int_equal(xllm_tokenizer_add_space_prefix(a), xllm_tokenizer_add_space_prefix(b));
+    static const char *const texts[] = {
+        "Hello world! 12345 numbers",
+        "\t  tabs  and <|im_start|>user\n<|im_end|><|eot_id|><|begin_of_text|>",
+        "CJK \xE4\xBD\xA0\xE5\xA5\xBD emoji \xF0\x9F\x8E\x89 caf\xC3\xA9 e\xCC\x81\r\n",
+        "<think>\n\n</think>  trailing   spaces   ",
+        "\xFF\xFE invalid bytes \xC3",
+    };
+    for (size_t k = 0; k < sizeof(texts) / sizeof(texts[0]); k++)
+        for (int sp = 0; sp < 2; sp++) {
+            int32_t n1, n2;
+            int32_t *i1 = tokenize(a, texts[k], strlen(texts[k]), true, sp, &n1);
+            int32_t *i2 = tokenize(b, texts[k], strlen(texts[k]), true, sp, &n2);
+            assert_int_equal(n1, n2);
+            assert_memory_equal(i1, i2, sizeof(int32_t) * (size_t)n1);
+            free(i1);
+            free(i2);
+        }
+}
+
+static void test_export_gguf(void **state) {
+    (void)state;
+    int ok;
+    /* Hugging Face Qwen3 (NFC, digits one by one), padded as the real models are */
+    xllm_tokenizer *a = load_any("models/tokenizers/qwen3");
+    assert_string_equal(xllm_tokenizer_pre(a), "qwen2");
+    xllm_tokenizer *b = export_reload(a, 151936);
+    expect_same_vocab(a, b, 151936);
+    assert_int_equal(check_pairs(b, "ggml-vocab-qwen2", true, &ok), 46);
+    expect_prompt_ids(b, "models/tiny/refs/qwen3-qwentok-f16.p1.json");
+    xllm_tokenizer_free(a);
+    xllm_tokenizer_free(b);
+    /* Hugging Face Llama 3 (BOS, ignore_merges): no padding asked */
+    a = load_any("models/tokenizers/llama3");
+    assert_string_equal(xllm_tokenizer_pre(a), "llama-bpe");
+    b = export_reload(a, 0);
+    expect_same_vocab(a, b, 0);
+    assert_int_equal(check_pairs(b, "ggml-vocab-llama-bpe", true, &ok), 46);
+    xllm_tokenizer_free(a);
+    xllm_tokenizer_free(b);
+    /* a GGUF SentencePiece vocabulary (scores, byte tokens, space prefix) */
+    loaded l;
+    assert_true(load("models/vocab/ggml-vocab-llama-spm.gguf", &l));
+    b = export_reload(l.tok, 0);
+    expect_same_vocab(l.tok, b, 0);
+    assert_int_equal(check_pairs(b, "ggml-vocab-llama-spm", true, &ok), 46);
+    xllm_tokenizer_free(l.tok);
+    xllm_tokenizer_free(b);
+
+    /* a split no tokenizer.ggml.pre name has: an error, not a file that tokenizes otherwise */
+    char dir[4096], path[4200], err[512] = "";
+    snprintf(dir, sizeof(dir), "%s/test_tok_split_XXXXXX", xllm_test_build_dir());
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof(path), "%s/tokenizer.json", dir);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs("{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, \"ab\": 2},"
+          " \"merges\": [\"a b\"]},"
+          " \"pre_tokenizer\": {\"type\": \"Sequence\", \"pretokenizers\": ["
+          "{\"type\": \"Split\", \"pattern\": {\"Regex\": \"x+\"}, \"behavior\": \"Isolated\"},"
+          "{\"type\": \"ByteLevel\", \"use_regex\": false}]},"
+          " \"decoder\": {\"type\": \"ByteLevel\"}}",
+          f);
+    fclose(f);
+    xllm_tokenizer *odd = NULL;
+    assert_int_equal(xllm_tokenizer_load(dir, &odd, err, sizeof(err)), XLLM_OK);
+    assert_string_equal(xllm_tokenizer_pre(odd), "hf");
+    xllm_gguf_writer *w = xllm_gguf_writer_new();
+    assert_int_equal(xllm_tokenizer_write_gguf(odd, w, 0, err, sizeof(err)), XLLM_ERR_UNSUPPORTED);
+    assert_non_null(strstr(err, "tokenizer.ggml.pre"));
+    xllm_gguf_writer_free(w);
+    xllm_tokenizer_free(odd);
+    unlink(path);
+    rmdir(dir);
+}
+
 static void test_load_errors(void **state) {
     (void)state;
     char err[512];
@@ -655,19 +787,13 @@ static void test_bad_metadata(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_tiny_refs),
-        cmocka_unit_test(test_vocab_llama_spm),
-        cmocka_unit_test(test_vocab_gguf_all),
-        cmocka_unit_test(test_vocab_all_load),
-        cmocka_unit_test(test_llama2_tiny_random),
-        cmocka_unit_test(test_qwentok),
-        cmocka_unit_test(test_qwentok_vectors),
-        cmocka_unit_test(test_bad_metadata),
-        cmocka_unit_test(test_hf_qwen3),
-        cmocka_unit_test(test_hf_llama3),
-        cmocka_unit_test(test_hf_vocab_merges),
-        cmocka_unit_test(test_load_errors),
-        cmocka_unit_test(test_threads),
+        cmocka_unit_test(test_tiny_refs),          cmocka_unit_test(test_vocab_llama_spm),
+        cmocka_unit_test(test_vocab_gguf_all),     cmocka_unit_test(test_vocab_all_load),
+        cmocka_unit_test(test_llama2_tiny_random), cmocka_unit_test(test_qwentok),
+        cmocka_unit_test(test_qwentok_vectors),    cmocka_unit_test(test_bad_metadata),
+        cmocka_unit_test(test_hf_qwen3),           cmocka_unit_test(test_hf_llama3),
+        cmocka_unit_test(test_hf_vocab_merges),    cmocka_unit_test(test_export_gguf),
+        cmocka_unit_test(test_load_errors),        cmocka_unit_test(test_threads),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
