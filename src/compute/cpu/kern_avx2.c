@@ -1,13 +1,15 @@
-/* AVX2 + FMA + F16C kernels: GEMV over F32/F16/BF16 rows and over Q8_0 / Q4_K rows with 8-bit
- * activations (vpmaddubsw), fp32 packed GEMM (other quantized weights, and batches, reach it
- * through the driver's dequantizing pack), dot products and norms. Compiled
- * with AVX2 flags; only called after run-time dispatch has checked the CPU. */
+/* AVX2 + FMA + F16C kernels: the packed 8-bit GEMM over the AVX-512 level's panels (16-bit
+ * multiplies, no VNNI), GEMV over F32/F16/BF16 rows and over Q8_0 / Q4_K rows with 8-bit
+ * activations (vpmaddubsw), fp32 packed GEMM for float weights, fused attention, SwiGLU, dot
+ * products and norms. Compiled with AVX2 flags; only called after run-time dispatch has
+ * checked the CPU. */
 #if defined(__x86_64__)
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
 
 #include "compute/cpu/kernels.h"
+#include "compute/cpu/ops.h"
 #include "compute/dtype.h"
 
 static inline __m256 load8(xllm_dtype t, const uint8_t *row, int64_t i) {
@@ -247,16 +249,301 @@ static void rmsnorm(float *out, const float *x, const float *w, int64_t n, float
     for (int64_t i = 0; i < n; i++) out[i] = x[i] * sc * w[i];
 }
 
+/* ---- packed 8-bit GEMM (the AVX-512 level's panels and arithmetic, without VNNI) ---------- */
+
+static inline int64_t ld64(const void *p) {
+    int64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+/* The 16 scales of group g of a panel, rows 0-7 and 8-15. */
+static inline void qp_scales(const xllm_qpanel *p, int64_t g, int64_t qgs, int64_t sgs,
+                             __m256 sv[2]) {
+    if (p->h16) {
+        const uint16_t *h = xllm_qpanel_sh(p, g, qgs);
+        sv[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+        sv[1] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 8)));
+    } else {
+        sv[0] = _mm256_loadu_ps(p->s + g * sgs);
+        sv[1] = _mm256_loadu_ps(p->s + g * sgs + 8);
+    }
+}
+
+/* Lanes (row r, elements 4k..4k+1) and (r, 4k+2..4k+3) of rows 4j..4j+3 in a and 4j+4..4j+7
+ * in b summed into rows 4j..4j+7 in order. */
+static inline __m256i row_sums(__m256i a, __m256i b) {
+    /* hadd within 128-bit halves: [r0 r1 r4 r5 | r2 r3 r6 r7] */
+    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, b), 0xD8);
+}
+
+/* One panel (16 rows) x NT <= 2 tokens from t0. Per 4 elements, the panel's 64 bytes (16 rows
+ * x 4) are widened to 16 bits, 4 rows a register, and multiplied by the tokens' 8-bit
+ * activations widened the same way (vpmaddwd: exact whatever the values, where vpmaddubsw
+ * would saturate on Q8_0's 0..255); each row's two int32 lanes are summed at the end of the
+ * group, then scaled in fp32 exactly as the AVX-512 kernels do (the same results). */
+static inline __attribute__((always_inline)) void
+gemm_q_tile(const xllm_qpanel *p, const int G, const int SYM, int64_t K, const xllm_q8act *a,
+            int64_t t0, const int NT, int nr, float *y, int64_t y_stride, bool acc) {
+    const int64_t ng = K / G, qgs = xllm_qpanel_qgs(p), sgs = xllm_qpanel_sgs(p);
+    __m256 f[2][2];
+    const int8_t *aq[2];
+    const float *ag[2];
+#pragma GCC unroll 2
+    for (int c = 0; c < NT; c++) {
+        aq[c] = a->q + (t0 + c) * K;
+        ag[c] = a->g + (t0 + c) * ng * 2;
+        f[c][0] = f[c][1] = _mm256_setzero_ps();
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *wq = xllm_qpanel_q(p, g, qgs);
+        int16_t a16[2][32] __attribute__((aligned(32)));
+        __m256i is[2][4];
+#pragma GCC unroll 2
+        for (int c = 0; c < NT; c++) {
+            const int8_t *ap = aq[c] + g * G;
+            _mm256_store_si256((__m256i *)a16[c],
+                               _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)ap)));
+            if (G == 32)
+                _mm256_store_si256((__m256i *)(a16[c] + 16), _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                                                                 (const __m128i *)(ap + 16))));
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) is[c][j] = _mm256_setzero_si256();
+        }
+#pragma GCC unroll 8
+        for (int kk = 0; kk < G / 4; kk++) {
+            __m256i w[4];
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++)
+                w[j] =
+                    _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wq + 64 * kk + 16 * j)));
+#pragma GCC unroll 2
+            for (int c = 0; c < NT; c++) {
+                const __m256i av = _mm256_set1_epi64x(ld64(a16[c] + 4 * kk));
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++)
+                    is[c][j] = _mm256_add_epi32(is[c][j], _mm256_madd_epi16(w[j], av));
+            }
+        }
+        __m256 sv[2];
+        qp_scales(p, g, qgs, sgs, sv);
+#pragma GCC unroll 2
+        for (int c = 0; c < NT; c++) {
+            __m256i r[2] = {row_sums(is[c][0], is[c][1]), row_sums(is[c][2], is[c][3])};
+            if (SYM) {
+                /* symmetric types: the offset taken in int32, as -sym * sum(a) */
+                const int16_t *s16 = a->s16 + (t0 + c) * (K / 16) + g * (G / 16);
+                const __m256i corr = _mm256_set1_epi32(-SYM * (G == 32 ? s16[0] + s16[1] : s16[0]));
+                r[0] = _mm256_add_epi32(r[0], corr);
+                r[1] = _mm256_add_epi32(r[1], corr);
+            }
+            const __m256 d = _mm256_set1_ps(ag[c][2 * g]);
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                f[c][h] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(r[h]), _mm256_mul_ps(sv[h], d), f[c][h]);
+                if (!SYM)
+                    f[c][h] = _mm256_fmadd_ps(_mm256_loadu_ps(p->m + g * sgs + 8 * h),
+                                              _mm256_set1_ps(ag[c][2 * g + 1]), f[c][h]);
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int c = 0; c < NT; c++) {
+        float *yc = y + (t0 + c) * y_stride;
+        float v[16];
+        _mm256_storeu_ps(v, f[c][0]);
+        _mm256_storeu_ps(v + 8, f[c][1]);
+        for (int r = 0; r < nr; r++) yc[r] = acc ? yc[r] + v[r] : v[r];
+    }
+}
+
+static inline __attribute__((always_inline)) void gemm_q_g(const xllm_qpanel *p, int np,
+                                                           const int G, const int SYM, int64_t K,
+                                                           const xllm_q8act *a, int64_t T, int nr,
+                                                           float *y, int64_t y_stride, bool acc) {
+    for (int i = 0; i < np; i++) {
+        const int nri = nr - 16 * i > 16 ? 16 : nr - 16 * i;
+        int64_t t = 0;
+        for (; t + 2 <= T; t += 2)
+            gemm_q_tile(&p[i], G, SYM, K, a, t, 2, nri, y + 16 * i, y_stride, acc);
+        if (t < T) gemm_q_tile(&p[i], G, SYM, K, a, t, 1, nri, y + 16 * i, y_stride, acc);
+    }
+}
+
+static void gemm_q(const xllm_qpanel *p, int np, int64_t K, const xllm_q8act *a, int64_t T, int nr,
+                   float *y, int64_t y_stride, bool acc) {
+    XLLM_GEMM_Q_BY_FORM(gemm_q_g, p, np, K, a, T, nr, y, y_stride, acc);
+}
+
+/* ---- elementwise ------------------------------------------------------------------------- */
+
+/* e^x for x <= 88.38; below -87.3 the result is 2^-126 scaled down to about e^-87 (no
+ * subnormals): callers mask out what must be exactly 0. Cody-Waite reduction, degree-6
+ * polynomial, as the AVX-512 level's exp512. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* 2^n with n in [-126, 128): the biased exponent put in place (n = 128 only at the clamp,
+     * where p * 2^127 * 2 is taken in two steps) */
+    const __m256i e = _mm256_cvtps_epi32(n);
+    const __m256i e1 = _mm256_srai_epi32(e, 1), e2 = _mm256_sub_epi32(e, e1);
+    const __m256 s1 =
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e1, _mm256_set1_epi32(127)), 23));
+    const __m256 s2 =
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e2, _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+static void swiglu(float *out, const float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        _mm256_storeu_ps(out + i,
+                         _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e)),
+                                       _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* ---- fused attention --------------------------------------------------------------------- */
+
+/* 8 floats of a K / V row (F32 or F16) at element d. */
+static inline __m256 kv8(const uint8_t *row, xllm_dtype t, int d) {
+    return t == XLLM_DTYPE_F32
+               ? _mm256_loadu_ps((const float *)row + d)
+               : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + d)));
+}
+
+/* Sums each of 8 vectors' lanes: lane j of the result is the sum of v[j]. */
+static inline __m256 hsum8x8(const __m256 v[8]) {
+    const __m256 a = _mm256_hadd_ps(v[0], v[1]), b = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 c = _mm256_hadd_ps(v[4], v[5]), d = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
+    /* ab: [0 1 2 3 | 0 1 2 3] halves of v0..v3; cd likewise for v4..v7 */
+    return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20),
+                         _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+/* Online-softmax attention over blocks of 8 positions, each block's K / V rows converted once
+ * and shared by every query of the call (the query heads of a group, several tokens); the same
+ * contract as xllm_op_attention_group. */
+static void attention(const xllm_attn_args *a) {
+    const int D = a->head_dim, H = a->n_kv > 0 ? a->n_kv : 1, nqh = a->n_tok * a->group;
+    if (D % 8 != 0 || D > 256) {
+        xllm_op_attention_group(a);
+        return;
+    }
+    const size_t es = a->kv_type == XLLM_DTYPE_F32 ? 4 : 2;
+    float qf[XLLM_ATTN_MAX_Q][256] __attribute__((aligned(32)));
+    float o[XLLM_ATTN_MAX_Q][256] __attribute__((aligned(32)));
+    float kb[8][256] __attribute__((aligned(32))), vb[8][256] __attribute__((aligned(32)));
+    float mx[XLLM_ATTN_MAX_Q], l[XLLM_ATTN_MAX_Q];
+    int32_t lim[XLLM_ATTN_MAX_Q];
+    const int32_t n_max = a->n_pos + a->n_tok - 1;
+    for (int hh = 0; hh < H; hh++) {
+        for (int i = 0; i < nqh; i++) {
+            const int tok = i / a->group, h = hh * a->group + i % a->group;
+            const float *q = a->q + (size_t)tok * a->q_stride + (size_t)h * D;
+            for (int d = 0; d < D; d += 8)
+                _mm256_store_ps(qf[i] + d,
+                                _mm256_mul_ps(_mm256_loadu_ps(q + d), _mm256_set1_ps(a->scale)));
+            memset(o[i], 0, (size_t)D * sizeof(float));
+            mx[i] = -INFINITY;
+            l[i] = 0.0f;
+            lim[i] = a->n_pos + tok;
+        }
+        const uint8_t *kbase = (const uint8_t *)a->k + (size_t)(a->kv_off + (int64_t)hh * D) * es;
+        const uint8_t *vbase = (const uint8_t *)a->v + (size_t)(a->kv_off + (int64_t)hh * D) * es;
+        for (int32_t p0 = 0; p0 < n_max; p0 += 8) {
+            const int pb = n_max - p0 < 8 ? n_max - p0 : 8;
+            for (int p = 0; p < pb; p++) {
+                const uint8_t *kr = kbase + (size_t)(p0 + p) * a->row_bytes;
+                const uint8_t *vr = vbase + (size_t)(p0 + p) * a->row_bytes;
+                for (int d = 0; d < D; d += 8) {
+                    _mm256_store_ps(kb[p] + d, kv8(kr, a->kv_type, d));
+                    _mm256_store_ps(vb[p] + d, kv8(vr, a->kv_type, d));
+                }
+            }
+            for (int i = 0; i < nqh; i++) {
+                const int cnt = lim[i] - p0 < pb ? lim[i] - p0 : pb;
+                if (cnt <= 0) continue;
+                __m256 dv[8];
+                for (int p = 0; p < 8; p++) {
+                    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+                    if (p < cnt) {
+                        int d = 0;
+                        for (; d + 16 <= D; d += 16) {
+                            s0 = _mm256_fmadd_ps(_mm256_load_ps(qf[i] + d),
+                                                 _mm256_load_ps(kb[p] + d), s0);
+                            s1 = _mm256_fmadd_ps(_mm256_load_ps(qf[i] + d + 8),
+                                                 _mm256_load_ps(kb[p] + d + 8), s1);
+                        }
+                        if (d < D)
+                            s0 = _mm256_fmadd_ps(_mm256_load_ps(qf[i] + d),
+                                                 _mm256_load_ps(kb[p] + d), s0);
+                    }
+                    dv[p] = _mm256_add_ps(s0, s1);
+                }
+                const __m256 sc = hsum8x8(dv);
+                float sv[8] __attribute__((aligned(32)));
+                _mm256_store_ps(sv, sc);
+                float bm = sv[0];
+                for (int p = 1; p < cnt; p++) bm = sv[p] > bm ? sv[p] : bm;
+                const float mnew = bm > mx[i] ? bm : mx[i];
+                /* 0 on the first block (m = -inf), 1 while the max stays */
+                const float alpha = mnew == mx[i] ? 1.0f : expf(mx[i] - mnew);
+                __m256 pv = exp256(_mm256_sub_ps(sc, _mm256_set1_ps(mnew)));
+                const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                pv = _mm256_and_ps(
+                    pv, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), lane)));
+                _mm256_store_ps(sv, pv);
+                float psum = 0.0f;
+                for (int p = 0; p < cnt; p++) psum += sv[p];
+                l[i] = l[i] * alpha + psum;
+                mx[i] = mnew;
+                const __m256 av = _mm256_set1_ps(alpha);
+                for (int d = 0; d < D; d += 8) {
+                    __m256 ov = _mm256_mul_ps(_mm256_load_ps(o[i] + d), av);
+                    for (int p = 0; p < cnt; p++)
+                        ov = _mm256_fmadd_ps(_mm256_set1_ps(sv[p]), _mm256_load_ps(vb[p] + d), ov);
+                    _mm256_store_ps(o[i] + d, ov);
+                }
+            }
+        }
+        for (int i = 0; i < nqh; i++) {
+            const int tok = i / a->group, h = hh * a->group + i % a->group;
+            float *out = a->out + (size_t)tok * a->out_stride + (size_t)h * D;
+            const __m256 inv = _mm256_set1_ps(1.0f / l[i]);
+            for (int d = 0; d < D; d += 8)
+                _mm256_storeu_ps(out + d, _mm256_mul_ps(_mm256_load_ps(o[i] + d), inv));
+        }
+    }
+}
+
 static const xllm_cpu_kernels k_avx2 = {
     .level = XLLM_CPU_AVX2,
     .quant_row = xllm_quant_row_q8_scalar,
     .gemv = gemv,
+    .pack_q = xllm_pack_q_portable,
+    .gemm_q = gemm_q,
     .pack_f = pack_f,
     .gemm_f = gemm_f,
     .dot_f32 = dot_f32,
     .rmsnorm = rmsnorm,
-    .swiglu = xllm_op_swiglu,
-    .attention = xllm_op_attention_group,
+    .swiglu = swiglu,
+    .attention = attention,
 };
 
 const xllm_cpu_kernels *xllm_cpu_kernels_avx2(void) {

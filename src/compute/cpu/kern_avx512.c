@@ -1017,24 +1017,7 @@ static inline __attribute__((always_inline)) void gemm_q_g(const xllm_qpanel *p,
 
 static void gemm_q(const xllm_qpanel *p, int np, int64_t K, const xllm_q8act *a, int64_t T, int nr,
                    float *y, int64_t y_stride, bool acc) {
-    /* both panels of a call come from one matrix: same G and sym */
-    if (p[0].G == 32) {
-        if (p[0].sym == 128)
-            gemm_q_g(p, np, 32, 128, K, a, T, nr, y, y_stride, acc);
-        else if (p[0].sym == 8)
-            gemm_q_g(p, np, 32, 8, K, a, T, nr, y, y_stride, acc);
-        else if (p[0].sym == 16)
-            gemm_q_g(p, np, 32, 16, K, a, T, nr, y, y_stride, acc);
-        else
-            gemm_q_g(p, np, 32, 0, K, a, T, nr, y, y_stride, acc);
-    } else {
-        if (p[0].sym == 32)
-            gemm_q_g(p, np, 16, 32, K, a, T, nr, y, y_stride, acc);
-        else if (p[0].sym == 4)
-            gemm_q_g(p, np, 16, 4, K, a, T, nr, y, y_stride, acc);
-        else
-            gemm_q_g(p, np, 16, 0, K, a, T, nr, y, y_stride, acc);
-    }
+    XLLM_GEMM_Q_BY_FORM(gemm_q_g, p, np, K, a, T, nr, y, y_stride, acc);
 }
 
 static inline __attribute__((always_inline)) void

@@ -199,6 +199,58 @@ void xllm_pack_dpanel(const xllm_mat *w, int64_t r0, int nr, uint8_t *out) {
     free(fm);
 }
 
+/* Offset each symmetric type's u8 values carry (m = -sym * s), 0 for the others. */
+static int panel_sym(xllm_dtype t) {
+    switch (t) {
+        case XLLM_DTYPE_Q8_0:
+            return 128;
+        case XLLM_DTYPE_Q6_K:
+            return 32;
+        case XLLM_DTYPE_Q5_0:
+            return 16;
+        case XLLM_DTYPE_Q4_0:
+            return 8;
+        case XLLM_DTYPE_Q3_K:
+            return 4;
+        default:
+            return 0;
+    }
+}
+
+bool xllm_pack_q_portable(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_qpanel *p) {
+    const int64_t K = w->n_cols, Kp = (K + 63) / 64 * 64;
+    if (!xllm_act_block(w->type)) return false;
+    const int G = xllm_panel_group(w->type);
+    const int64_t ng = K / G;
+    const xllm_dtype_traits *tr = xllm_dtype_get_traits(w->type);
+    float sr[1024 / 16], mr[1024 / 16]; /* one chunk's groups */
+    p->G = G;
+    p->sym = panel_sym(w->type);
+    for (int r = 0; r < XLLM_PANEL; r++) {
+        uint8_t *qr = stage + (size_t)r * Kp;
+        memset(qr, 0, (size_t)Kp);
+        if (r >= nr) {
+            for (int64_t g = 0; g < ng; g++) p->s[g * 16 + r] = p->m[g * 16 + r] = 0.0f;
+            continue;
+        }
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)(r0 + r) * w->row_bytes;
+        for (int64_t e = 0; e < K; e += 1024) { /* chunks of whole blocks (1024 = 4 x 256) */
+            const int64_t len = K - e < 1024 ? K - e : 1024;
+            xllm_unpack_row_q(w->type, row + (size_t)(e / tr->block_size) * tr->block_bytes, len,
+                              qr + e, sr, mr);
+            for (int64_t g = 0; g < len / G; g++) {
+                p->s[(e / G + g) * 16 + r] = sr[g];
+                p->m[(e / G + g) * 16 + r] = mr[g];
+            }
+        }
+    }
+    /* [k / 4][row][4]: 4 consecutive elements of each of the 16 rows per 64 bytes */
+    for (int64_t k4 = 0; k4 < Kp / 4; k4++)
+        for (int r = 0; r < XLLM_PANEL; r++)
+            memcpy(p->q + k4 * 64 + r * 4, stage + (size_t)r * Kp + 4 * k4, 4);
+    return true;
+}
+
 void xllm_quant_row_q8_scalar(const float *x, int64_t n, int B, int8_t *q, float *d, int16_t *s16) {
     for (int64_t j = 0; j < n / B; j++) {
         const float *xb = x + j * B;

@@ -71,6 +71,30 @@ static inline int64_t xllm_qpanel_sgs(const xllm_qpanel *p) {
     return p->sgs ? p->sgs : 16;
 }
 
+/* Calls FN(p, np, G, SYM, K, a, T, nr, y, y_stride, acc) with the panels' group size G and
+ * symmetric offset SYM as constants (both panels of a call come from one matrix), so that each
+ * ISA's gemm_q instantiates its kernel for every form the packers make. */
+#define XLLM_GEMM_Q_BY_FORM(FN, p, np, K, a, T, nr, y, y_stride, acc)                              \
+    do {                                                                                           \
+        if ((p)[0].G == 32) {                                                                      \
+            if ((p)[0].sym == 128)                                                                 \
+                FN(p, np, 32, 128, K, a, T, nr, y, y_stride, acc);                                 \
+            else if ((p)[0].sym == 8)                                                              \
+                FN(p, np, 32, 8, K, a, T, nr, y, y_stride, acc);                                   \
+            else if ((p)[0].sym == 16)                                                             \
+                FN(p, np, 32, 16, K, a, T, nr, y, y_stride, acc);                                  \
+            else                                                                                   \
+                FN(p, np, 32, 0, K, a, T, nr, y, y_stride, acc);                                   \
+        } else {                                                                                   \
+            if ((p)[0].sym == 32)                                                                  \
+                FN(p, np, 16, 32, K, a, T, nr, y, y_stride, acc);                                  \
+            else if ((p)[0].sym == 4)                                                              \
+                FN(p, np, 16, 4, K, a, T, nr, y, y_stride, acc);                                   \
+            else                                                                                   \
+                FN(p, np, 16, 0, K, a, T, nr, y, y_stride, acc);                                   \
+        }                                                                                          \
+    } while (0)
+
 /* Activation form a weight type wants: block size of its 8-bit activations, 0 for float. */
 static inline int xllm_act_block(xllm_dtype t) {
     switch (t) {
@@ -187,5 +211,7 @@ const xllm_cpu_kernels *xllm_cpu_kernels_avx512(void);
  * the panel form; false for a type without a panel form. */
 bool xllm_unpack_row_q(xllm_dtype t, const void *row, int64_t n, uint8_t *q, float *s, float *m);
 void xllm_quant_row_q8_scalar(const float *x, int64_t n, int B, int8_t *q, float *d, int16_t *s16);
+/* pack_q in portable C (the same panels as the AVX-512 packers), for levels without their own. */
+bool xllm_pack_q_portable(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_qpanel *p);
 
 #endif

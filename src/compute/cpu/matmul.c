@@ -517,9 +517,9 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
     } else if ((mm->T <= XLLM_GEMV_MAX_T || (B && !k->pack_q)) && t.dense &&
                (!t.pre || !k->pack_q || (mm->T == 1 && !t.pre->decode)) && k->gemv &&
                k->gemv(w, 0, 0, NULL, 0, NULL, 0, NULL, 0, false)) {
-        /* a level with direct kernels over 8-bit activations but no packed GEMM (AVX2) runs
-         * them for every token count: the same arithmetic alone and in a batch (a sequence's
-         * results must not depend on what it is batched with) */
+        /* a level with direct kernels over 8-bit activations but no packed GEMM runs them for
+         * every token count: the same arithmetic alone and in a batch (a sequence's results
+         * must not depend on what it is batched with) */
         t.p = PATH_GEMV;
         if (B) t.a = q_form(mm, w->type, false);
     } else if (B && k->pack_q) {
