@@ -251,9 +251,9 @@ static void rmsnorm(float *out, const float *x, const float *w, int64_t n, float
 
 /* ---- packed 8-bit GEMM (the AVX-512 level's panels and arithmetic, without VNNI) ---------- */
 
-static inline int64_t ld64(const void *p) {
-    int64_t v;
-    memcpy(&v, p, 8);
+static inline int32_t ld32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
     return v;
 }
 
@@ -270,26 +270,22 @@ static inline void qp_scales(const xllm_qpanel *p, int64_t g, int64_t qgs, int64
     }
 }
 
-/* Lanes (row r, elements 4k..4k+1) and (r, 4k+2..4k+3) of rows 4j..4j+3 in a and 4j+4..4j+7
- * in b summed into rows 4j..4j+7 in order. */
-static inline __m256i row_sums(__m256i a, __m256i b) {
-    /* hadd within 128-bit halves: [r0 r1 r4 r5 | r2 r3 r6 r7] */
-    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, b), 0xD8);
-}
-
-/* One panel (16 rows) x NT <= 2 tokens from t0. Per 4 elements, the panel's 64 bytes (16 rows
- * x 4) are widened to 16 bits, 4 rows a register, and multiplied by the tokens' 8-bit
- * activations widened the same way (vpmaddwd: exact whatever the values, where vpmaddubsw
- * would saturate on Q8_0's 0..255); each row's two int32 lanes are summed at the end of the
- * group, then scaled in fp32 exactly as the AVX-512 kernels do (the same results). */
+/* One panel (16 rows) x NT <= 4 tokens from t0. Per 4 elements, the panel's 64 bytes are two
+ * registers of 8 rows x 4 u8 values, each token's 4 activations one broadcast dword; vpmaddubsw
+ * + vpmaddwd make each row's 4-element sum in one int32 lane, as vpdpbusd does. Without
+ * saturation: every form but Q8_0's stays within 0..127, and 2 x 127 x 127 < 32768; Q8_0's
+ * values (q + 128) are made signed again and multiplied as |q| and a with q's sign (|q| <= 128),
+ * which is the exact q . a that the AVX-512 kernels get as (q + 128) . a - 128 sum(a). Then the
+ * group's fp32 scaling in the AVX-512 order: the same results. */
 static inline __attribute__((always_inline)) void
 gemm_q_tile(const xllm_qpanel *p, const int G, const int SYM, int64_t K, const xllm_q8act *a,
             int64_t t0, const int NT, int nr, float *y, int64_t y_stride, bool acc) {
     const int64_t ng = K / G, qgs = xllm_qpanel_qgs(p), sgs = xllm_qpanel_sgs(p);
-    __m256 f[2][2];
-    const int8_t *aq[2];
-    const float *ag[2];
-#pragma GCC unroll 2
+    const __m256i ones = _mm256_set1_epi16(1), x80 = _mm256_set1_epi8((char)0x80);
+    __m256 f[4][2];
+    const int8_t *aq[4];
+    const float *ag[4];
+#pragma GCC unroll 4
     for (int c = 0; c < NT; c++) {
         aq[c] = a->q + (t0 + c) * K;
         ag[c] = a->g + (t0 + c) * ng * 2;
@@ -297,58 +293,54 @@ gemm_q_tile(const xllm_qpanel *p, const int G, const int SYM, int64_t K, const x
     }
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *wq = xllm_qpanel_q(p, g, qgs);
-        int16_t a16[2][32] __attribute__((aligned(32)));
-        __m256i is[2][4];
-#pragma GCC unroll 2
-        for (int c = 0; c < NT; c++) {
-            const int8_t *ap = aq[c] + g * G;
-            _mm256_store_si256((__m256i *)a16[c],
-                               _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)ap)));
-            if (G == 32)
-                _mm256_store_si256((__m256i *)(a16[c] + 16), _mm256_cvtepi8_epi16(_mm_loadu_si128(
-                                                                 (const __m128i *)(ap + 16))));
+        __m256i is[4][2];
 #pragma GCC unroll 4
-            for (int j = 0; j < 4; j++) is[c][j] = _mm256_setzero_si256();
-        }
+        for (int c = 0; c < NT; c++) is[c][0] = is[c][1] = _mm256_setzero_si256();
 #pragma GCC unroll 8
         for (int kk = 0; kk < G / 4; kk++) {
-            __m256i w[4];
-#pragma GCC unroll 4
-            for (int j = 0; j < 4; j++)
-                w[j] =
-                    _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wq + 64 * kk + 16 * j)));
+            __m256i w[2], q[2];
 #pragma GCC unroll 2
-            for (int c = 0; c < NT; c++) {
-                const __m256i av = _mm256_set1_epi64x(ld64(a16[c] + 4 * kk));
+            for (int h = 0; h < 2; h++) {
+                w[h] = _mm256_loadu_si256((const __m256i *)(wq + 64 * kk + 32 * h));
+                if (SYM == 128) {
+                    q[h] = _mm256_xor_si256(w[h], x80); /* q, signed */
+                    w[h] = _mm256_abs_epi8(q[h]);       /* |q| as u8 (128 stays 128) */
+                }
+            }
 #pragma GCC unroll 4
-                for (int j = 0; j < 4; j++)
-                    is[c][j] = _mm256_add_epi32(is[c][j], _mm256_madd_epi16(w[j], av));
+            for (int c = 0; c < NT; c++) {
+                const __m256i av = _mm256_set1_epi32(ld32(aq[c] + g * G + 4 * kk));
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; h++) {
+                    const __m256i ah = SYM == 128 ? _mm256_sign_epi8(av, q[h]) : av;
+                    is[c][h] = _mm256_add_epi32(
+                        is[c][h], _mm256_madd_epi16(_mm256_maddubs_epi16(w[h], ah), ones));
+                }
             }
         }
         __m256 sv[2];
         qp_scales(p, g, qgs, sgs, sv);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int c = 0; c < NT; c++) {
-            __m256i r[2] = {row_sums(is[c][0], is[c][1]), row_sums(is[c][2], is[c][3])};
-            if (SYM) {
-                /* symmetric types: the offset taken in int32, as -sym * sum(a) */
+            if (SYM && SYM != 128) {
+                /* the other symmetric types: the offset taken in int32, as -sym * sum(a) */
                 const int16_t *s16 = a->s16 + (t0 + c) * (K / 16) + g * (G / 16);
                 const __m256i corr = _mm256_set1_epi32(-SYM * (G == 32 ? s16[0] + s16[1] : s16[0]));
-                r[0] = _mm256_add_epi32(r[0], corr);
-                r[1] = _mm256_add_epi32(r[1], corr);
+                is[c][0] = _mm256_add_epi32(is[c][0], corr);
+                is[c][1] = _mm256_add_epi32(is[c][1], corr);
             }
             const __m256 d = _mm256_set1_ps(ag[c][2 * g]);
 #pragma GCC unroll 2
             for (int h = 0; h < 2; h++) {
                 f[c][h] =
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(r[h]), _mm256_mul_ps(sv[h], d), f[c][h]);
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[c][h]), _mm256_mul_ps(sv[h], d), f[c][h]);
                 if (!SYM)
                     f[c][h] = _mm256_fmadd_ps(_mm256_loadu_ps(p->m + g * sgs + 8 * h),
                                               _mm256_set1_ps(ag[c][2 * g + 1]), f[c][h]);
             }
         }
     }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int c = 0; c < NT; c++) {
         float *yc = y + (t0 + c) * y_stride;
         float v[16];
@@ -364,10 +356,22 @@ static inline __attribute__((always_inline)) void gemm_q_g(const xllm_qpanel *p,
                                                            float *y, int64_t y_stride, bool acc) {
     for (int i = 0; i < np; i++) {
         const int nri = nr - 16 * i > 16 ? 16 : nr - 16 * i;
+        float *yi = y + 16 * i;
         int64_t t = 0;
-        for (; t + 2 <= T; t += 2)
-            gemm_q_tile(&p[i], G, SYM, K, a, t, 2, nri, y + 16 * i, y_stride, acc);
-        if (t < T) gemm_q_tile(&p[i], G, SYM, K, a, t, 1, nri, y + 16 * i, y_stride, acc);
+        for (; t + 4 <= T; t += 4) gemm_q_tile(&p[i], G, SYM, K, a, t, 4, nri, yi, y_stride, acc);
+        switch (T - t) {
+            case 3:
+                gemm_q_tile(&p[i], G, SYM, K, a, t, 3, nri, yi, y_stride, acc);
+                break;
+            case 2:
+                gemm_q_tile(&p[i], G, SYM, K, a, t, 2, nri, yi, y_stride, acc);
+                break;
+            case 1:
+                gemm_q_tile(&p[i], G, SYM, K, a, t, 1, nri, yi, y_stride, acc);
+                break;
+            default:
+                break;
+        }
     }
 }
 
