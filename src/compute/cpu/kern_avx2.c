@@ -144,6 +144,51 @@ static inline __attribute__((always_inline)) void gemv_q4_k_t(const xllm_mat *w,
             fn(w, r0, r1, a, 4, y, y_stride, acc);                                                 \
     }
 
+/* Float rows (F32 / F16 / BF16, converted in registers) x T float tokens, two chains a token;
+ * T constant per instance so the sums stay in registers. */
+static inline __attribute__((always_inline)) void gemv_f_t(const xllm_mat *w, int64_t r0,
+                                                           int64_t r1, const float *x,
+                                                           int64_t x_stride, const int T, float *y,
+                                                           int64_t y_stride, bool acc) {
+    const int64_t K = w->n_cols;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+        __m256 s[XLLM_GEMV_MAX_T][2];
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) s[t][0] = s[t][1] = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= K; i += 16) {
+            const __m256 w0 = load8(w->type, row, i), w1 = load8(w->type, row, i + 8);
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) {
+                s[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * x_stride + i), s[t][0]);
+                s[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * x_stride + i + 8), s[t][1]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) {
+            float v = hsum8(_mm256_add_ps(s[t][0], s[t][1]));
+            for (int64_t k = i; k < K; k++) v += scalar_at(w->type, row, k) * x[t * x_stride + k];
+            y[t * y_stride + r] = acc ? y[t * y_stride + r] + v : v;
+        }
+    }
+}
+
+#define GEMV_F_T(w, r0, r1, x, x_stride, T, y, y_stride, acc)                                      \
+    switch (T) {                                                                                   \
+        case 1:                                                                                    \
+            gemv_f_t(w, r0, r1, x, x_stride, 1, y, y_stride, acc);                                 \
+            break;                                                                                 \
+        case 2:                                                                                    \
+            gemv_f_t(w, r0, r1, x, x_stride, 2, y, y_stride, acc);                                 \
+            break;                                                                                 \
+        case 3:                                                                                    \
+            gemv_f_t(w, r0, r1, x, x_stride, 3, y, y_stride, acc);                                 \
+            break;                                                                                 \
+        default:                                                                                   \
+            gemv_f_t(w, r0, r1, x, x_stride, 4, y, y_stride, acc);                                 \
+    }
+
 static bool gemv(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int64_t x_stride,
                  const xllm_q8act *a, int64_t T, float *y, int64_t y_stride, bool acc) {
     if (w->type == XLLM_DTYPE_Q8_0) {
@@ -156,35 +201,47 @@ static bool gemv(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int6
     }
     if (w->type != XLLM_DTYPE_F32 && w->type != XLLM_DTYPE_F16 && w->type != XLLM_DTYPE_BF16)
         return false;
-    const int64_t K = w->n_cols;
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
-        __m256 s[XLLM_GEMV_MAX_T][2];
-        for (int t = 0; t < T; t++) s[t][0] = s[t][1] = _mm256_setzero_ps();
-        int64_t i = 0;
-        for (; i + 16 <= K; i += 16) {
-            const __m256 w0 = load8(w->type, row, i), w1 = load8(w->type, row, i + 8);
-            for (int t = 0; t < T; t++) {
-                s[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * x_stride + i), s[t][0]);
-                s[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * x_stride + i + 8), s[t][1]);
-            }
-        }
-        for (int t = 0; t < T; t++) {
-            float v = hsum8(_mm256_add_ps(s[t][0], s[t][1]));
-            for (int64_t k = i; k < K; k++) v += scalar_at(w->type, row, k) * x[t * x_stride + k];
-            y[t * y_stride + r] = acc ? y[t * y_stride + r] + v : v;
-        }
-    }
+    if (r1 > r0) GEMV_F_T(w, r0, r1, x, x_stride, (int)T, y, y_stride, acc);
     return true;
 }
 
+/* Transposes 8 vectors in place: v[i] lane j becomes v[j] lane i. */
+static inline void transpose8(__m256 v[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        v[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* 16 rows as a (K, 16) float panel: 8 x 8 blocks converted in registers and transposed. */
 static void pack_f(const xllm_mat *w, int64_t r0, int nr, float *panel) {
     const int64_t K = w->n_cols;
-    for (int r = 0; r < 16; r++) {
-        const uint8_t *row = (const uint8_t *)w->data + (size_t)(r0 + r) * w->row_bytes;
-        for (int64_t k = 0; k < K; k++)
-            panel[k * 16 + r] = r < nr ? scalar_at(w->type, row, k) : 0.0f;
-    }
+    const uint8_t *base = (const uint8_t *)w->data + (size_t)r0 * w->row_bytes;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8)
+        for (int h = 0; h < 2; h++) {
+            __m256 v[8];
+            for (int i = 0; i < 8; i++)
+                v[i] = 8 * h + i < nr ? load8(w->type, base + (size_t)(8 * h + i) * w->row_bytes, k)
+                                      : _mm256_setzero_ps();
+            transpose8(v);
+            for (int j = 0; j < 8; j++) _mm256_storeu_ps(panel + (k + j) * 16 + 8 * h, v[j]);
+        }
+    for (; k < K; k++)
+        for (int r = 0; r < 16; r++)
+            panel[k * 16 + r] =
+                r < nr ? scalar_at(w->type, base + (size_t)r * w->row_bytes, k) : 0.0f;
 }
 
 static inline __attribute__((always_inline)) void
