@@ -278,7 +278,8 @@ xllm_status xllm_tokenizer_write_gguf(const xllm_tokenizer *t, xllm_gguf_writer 
     }
     write_id(w, "tokenizer.ggml.bos_token_id", t->bos);
     write_id(w, "tokenizer.ggml.eos_token_id", t->eos);
-    if (t->unk >= 0) write_id(w, "tokenizer.ggml.unknown_token_id", t->unk);
+    /* (SPM readers default unk to 0: "none" must be written there) */
+    if (t->unk >= 0 || t->kind == TOK_SPM) write_id(w, "tokenizer.ggml.unknown_token_id", t->unk);
     if (t->pad >= 0) write_id(w, "tokenizer.ggml.padding_token_id", t->pad);
     if (t->eot >= 0) write_id(w, "tokenizer.ggml.eot_token_id", t->eot);
     if (t->eom >= 0) write_id(w, "tokenizer.ggml.eom_token_id", t->eom);

@@ -13,6 +13,7 @@
 #include "gguf/gguf.h"
 #include "gguf/gguf_write.h"
 #include "testutil.h"
+#include "tokenizer/tokenizer-impl.h"
 #include "tokenizer/tokenizer.h"
 
 #define SEP "\n__ggml_vocab_test__\n"
@@ -657,6 +658,12 @@ static void test_export_gguf(void **state) {
     b = export_reload(l.tok, 0);
     expect_same_vocab(l.tok, b, 0);
     assert_int_equal(check_pairs(b, "ggml-vocab-llama-spm", true, &ok), 46);
+    assert_int_equal(b->unk, l.tok->unk);
+    xllm_tokenizer_free(b);
+    /* no unknown token: read back as none, not as the SPM default 0 */
+    l.tok->unk = -1;
+    b = export_reload(l.tok, 0);
+    assert_int_equal(b->unk, -1);
     xllm_tokenizer_free(l.tok);
     xllm_tokenizer_free(b);
 
