@@ -6,7 +6,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "cli/cli.h"
@@ -146,22 +145,6 @@ static bool fill(int64_t i, void *buf, uint64_t n_bytes, void *user) {
     return true;
 }
 
-/* Whether PATH names Hugging Face tokenizer files: a folder, or a .json file in one. */
-static bool is_hf_path(const char *path, char *dir, size_t size) {
-    struct stat sb;
-    if (stat(path, &sb) != 0) return false;
-    snprintf(dir, size, "%s", path);
-    if (S_ISDIR(sb.st_mode)) return true;
-    const size_t n = strlen(path);
-    if (n < 5 || strcmp(path + n - 5, ".json") != 0) return false;
-    char *slash = strrchr(dir, '/');
-    if (slash)
-        *slash = 0;
-    else
-        snprintf(dir, size, ".");
-    return true;
-}
-
 /* DIR/tokenizer_config.json's chat template (a string, or the "default" of a named list) as
  * tokenizer.chat_template; nothing when the folder has none. */
 static void write_hf_template(xllm_gguf_writer *w, const char *dir) {
@@ -288,7 +271,7 @@ int xllm_cmd_gen_model(int argc, char **argv) {
     xllm_gguf *src = NULL;
     xllm_tokenizer *hf = NULL;
     char err[512], hf_dir[4096];
-    if (is_hf_path(tok, hf_dir, sizeof(hf_dir))) {
+    if (xllm_tokenizer_hf_dir(tok, hf_dir, sizeof(hf_dir))) {
         if (xllm_tokenizer_load(tok, &hf, err, sizeof(err)) != XLLM_OK) {
             fprintf(stderr, "xllm gen-model: %s\n", err);
             free(g);

@@ -4,6 +4,7 @@
 #ifndef XLLM_TOKENIZER_TOKENIZER_H
 #define XLLM_TOKENIZER_TOKENIZER_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "gguf/gguf.h"
@@ -25,6 +26,10 @@ typedef enum xllm_token_type {
  * error returns a status, *out = NULL, and a message naming the offending key. */
 xllm_status xllm_tokenizer_from_gguf(const xllm_gguf *g, xllm_tokenizer **out, char *err,
                                      size_t err_size);
+
+/* Whether path names Hugging Face tokenizer files (a folder, or a .json file in one), as
+ * xllm_tokenizer_load reads them; the folder goes to dir. */
+bool xllm_tokenizer_hf_dir(const char *path, char *dir, size_t size);
 
 /* Writes the vocabulary as llama.cpp's tokenizer.ggml.* keys (model, pre, tokens, scores or
  * merges, token types, special ids and flags), padded with unused "[PAD<id>]" tokens up to

@@ -510,6 +510,22 @@ done:
 /* Public: open a GGUF file or a directory                                                   */
 /* ---------------------------------------------------------------------------------------- */
 
+bool xllm_tokenizer_hf_dir(const char *path, char *dir, size_t size) {
+    struct stat sb;
+    if (!path || stat(path, &sb) != 0) return false;
+    snprintf(dir, size, "%s", path);
+    if (S_ISDIR(sb.st_mode)) return true;
+    /* A tokenizer.json (or another file of an HF directory): its directory. */
+    const size_t n = strlen(path);
+    if (n < 5 || strcmp(path + n - 5, ".json") != 0) return false;
+    char *slash = strrchr(dir, '/');
+    if (slash)
+        *slash = 0;
+    else
+        snprintf(dir, size, ".");
+    return true;
+}
+
 xllm_status xllm_tokenizer_load(const char *path, xllm_tokenizer **out, char *err,
                                 size_t err_size) {
     if (!out) return XLLM_ERR_INVALID_ARG;
@@ -520,19 +536,9 @@ xllm_status xllm_tokenizer_load(const char *path, xllm_tokenizer **out, char *er
         xllm_set_err(err, err_size, "%s: no such file or directory", path);
         return XLLM_ERR_IO;
     }
-    if (S_ISDIR(sb.st_mode)) return xllm_tokenizer_from_hf_dir(path, out, err, err_size);
-    /* A tokenizer.json (or another file of an HF directory): use its directory. */
-    size_t n = strlen(path);
-    if (n >= 5 && !strcmp(path + n - 5, ".json")) {
-        char dir[4096];
-        snprintf(dir, sizeof(dir), "%s", path);
-        char *slash = strrchr(dir, '/');
-        if (slash)
-            *slash = 0;
-        else
-            snprintf(dir, sizeof(dir), ".");
+    char dir[4096];
+    if (xllm_tokenizer_hf_dir(path, dir, sizeof(dir)))
         return xllm_tokenizer_from_hf_dir(dir, out, err, err_size);
-    }
     xllm_gguf *g = NULL;
     xllm_status st = xllm_gguf_open(path, &g, err, err_size);
     if (st != XLLM_OK) return st;

@@ -425,52 +425,6 @@ static bool gemv(const xllm_mat *w, int64_t r0, int64_t r1, const float *x, int6
 
 /* ---- packing ----------------------------------------------------------------------------- */
 
-/* Unpacks row r of a Q8_0 / Q4_K matrix to u8 (vectorized); other types use the portable
- * unpacker. s, m: one value per group. */
-static void unpack_row(xllm_dtype t, const uint8_t *row, int64_t K, uint8_t *q, float *s,
-                       float *m) {
-    if (t == XLLM_DTYPE_Q8_0) {
-        const __m256i x80 = _mm256_set1_epi8((char)0x80);
-        for (int64_t j = 0; j < K / 32; j++) {
-            const uint8_t *b = row + 34 * j;
-            _mm256_storeu_si256(
-                (__m256i *)(q + 32 * j),
-                _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(b + 2)), x80));
-            s[j] = h2f(b);
-            m[j] = -128.0f * s[j];
-        }
-        return;
-    }
-    if (t == XLLM_DTYPE_Q4_K) {
-        const __m256i m4 = _mm256_set1_epi8(0x0f);
-        for (int64_t sb = 0; sb < K / 256; sb++) {
-            const uint8_t *b = row + 144 * sb;
-            const float d = h2f(b), dmin = h2f(b + 2);
-            for (int c = 0; c < 4; c++) {
-                const __m256i qb = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * c));
-                _mm256_storeu_si256((__m256i *)(q + 256 * sb + 64 * c), _mm256_and_si256(qb, m4));
-                _mm256_storeu_si256((__m256i *)(q + 256 * sb + 64 * c + 32),
-                                    _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4));
-            }
-            const uint8_t *sc = b + 4;
-            for (int j = 0; j < 8; j++) {
-                int scv, mnv;
-                if (j < 4) {
-                    scv = sc[j] & 63;
-                    mnv = sc[j + 4] & 63;
-                } else {
-                    scv = (sc[j + 4] & 0x0f) | ((sc[j - 4] >> 6) << 4);
-                    mnv = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-                }
-                s[sb * 8 + j] = d * (float)scv;
-                m[sb * 8 + j] = -(dmin * (float)mnv);
-            }
-        }
-        return;
-    }
-    xllm_unpack_row_q(t, row, K, q, s, m);
-}
-
 /* Transposes 16 row vectors and stores them as chunk kc of the panel (16 x 64 bytes). */
 static inline __attribute__((always_inline)) void put_chunk(__m512i v[16], uint8_t *q, int64_t kc) {
     transpose16(v);
@@ -621,53 +575,25 @@ static void pack_q6_k(const xllm_mat *w, int64_t r0, int nr, xllm_qpanel *p) {
 
 /* stage: 16 rows of K bytes (K rounded up to 64, zero tail). */
 static bool pack_q(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_qpanel *p) {
-    const int64_t K = w->n_cols, Kp = (K + 63) / 64 * 64;
-    const int G = xllm_panel_group(w->type), ng = (int)(K / G);
     if (!xllm_act_block(w->type)) return false;
-    float sr[XLLM_QK_K / 16 * 64], mr[XLLM_QK_K / 16 * 64]; /* one row's groups, chunked */
-    p->G = G;
-    p->sym = 0;
+    p->G = xllm_panel_group(w->type);
+    p->sym = xllm_panel_sym(w->type);
     switch (w->type) {
         case XLLM_DTYPE_Q8_0:
             pack_q8_0(w, r0, nr, p);
-            p->sym = 128;
             return true;
         case XLLM_DTYPE_Q4_K:
             pack_q4_k(w, r0, nr, p);
             return true;
         case XLLM_DTYPE_Q6_K:
             pack_q6_k(w, r0, nr, p);
-            p->sym = 32;
             return true;
         default:
             break;
     }
-    for (int r = 0; r < XLLM_PANEL; r++) {
-        uint8_t *qr = stage + (size_t)r * Kp;
-        if (r >= nr) {
-            memset(qr, 0, (size_t)Kp);
-            for (int g = 0; g < ng; g++) p->s[g * 16 + r] = p->m[g * 16 + r] = 0.0f;
-            continue;
-        }
-        const uint8_t *row = (const uint8_t *)w->data + (size_t)(r0 + r) * w->row_bytes;
-        /* unpack in chunks of up to 1024 elements so sr / mr stay small */
-        const xllm_dtype_traits *tr = xllm_dtype_get_traits(w->type);
-        const int64_t chunk = 1024;
-        for (int64_t e = 0; e < K; e += chunk) {
-            const int64_t len = K - e < chunk ? K - e : chunk;
-            unpack_row(w->type, row + (size_t)(e / tr->block_size) * tr->block_bytes, len, qr + e,
-                       sr, mr);
-            for (int64_t g = 0; g < len / G; g++) {
-                p->s[(e / G + g) * 16 + r] = sr[g];
-                p->m[(e / G + g) * 16 + r] = mr[g];
-            }
-        }
-        if (Kp > K) memset(qr + K, 0, (size_t)(Kp - K));
-    }
-    p->sym = w->type == XLLM_DTYPE_Q4_0   ? 8
-             : w->type == XLLM_DTYPE_Q5_0 ? 16
-             : w->type == XLLM_DTYPE_Q3_K ? 4
-                                          : 0;
+    /* the other types: unpacked rows, interleaved by one transpose per 64 elements */
+    xllm_unpack_panel(w, r0, nr, stage, p);
+    const int64_t Kp = (w->n_cols + 63) / 64 * 64;
     for (int64_t kc = 0; kc < Kp / 64; kc++) {
         __m512i v[16];
         for (int r = 0; r < 16; r++) v[r] = _mm512_loadu_si512(stage + (size_t)r * Kp + 64 * kc);

@@ -199,8 +199,7 @@ void xllm_pack_dpanel(const xllm_mat *w, int64_t r0, int nr, uint8_t *out) {
     free(fm);
 }
 
-/* Offset each symmetric type's u8 values carry (m = -sym * s), 0 for the others. */
-static int panel_sym(xllm_dtype t) {
+int xllm_panel_sym(xllm_dtype t) {
     switch (t) {
         case XLLM_DTYPE_Q8_0:
             return 128;
@@ -217,7 +216,7 @@ static int panel_sym(xllm_dtype t) {
     }
 }
 
-bool xllm_pack_q_portable(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_qpanel *p) {
+bool xllm_unpack_panel(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_qpanel *p) {
     const int64_t K = w->n_cols, Kp = (K + 63) / 64 * 64;
     if (!xllm_act_block(w->type)) return false;
     const int G = xllm_panel_group(w->type);
@@ -225,7 +224,7 @@ bool xllm_pack_q_portable(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage,
     const xllm_dtype_traits *tr = xllm_dtype_get_traits(w->type);
     float sr[1024 / 16], mr[1024 / 16]; /* one chunk's groups */
     p->G = G;
-    p->sym = panel_sym(w->type);
+    p->sym = xllm_panel_sym(w->type);
     for (int r = 0; r < XLLM_PANEL; r++) {
         uint8_t *qr = stage + (size_t)r * Kp;
         memset(qr, 0, (size_t)Kp);
@@ -244,7 +243,13 @@ bool xllm_pack_q_portable(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage,
             }
         }
     }
+    return true;
+}
+
+bool xllm_pack_q_portable(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_qpanel *p) {
+    if (!xllm_unpack_panel(w, r0, nr, stage, p)) return false;
     /* [k / 4][row][4]: 4 consecutive elements of each of the 16 rows per 64 bytes */
+    const int64_t Kp = (w->n_cols + 63) / 64 * 64;
     for (int64_t k4 = 0; k4 < Kp / 4; k4++)
         for (int r = 0; r < XLLM_PANEL; r++)
             memcpy(p->q + k4 * 64 + r * 4, stage + (size_t)r * Kp + 4 * k4, 4);

@@ -211,6 +211,12 @@ const xllm_cpu_kernels *xllm_cpu_kernels_avx512(void);
  * the panel form; false for a type without a panel form. */
 bool xllm_unpack_row_q(xllm_dtype t, const void *row, int64_t n, uint8_t *q, float *s, float *m);
 void xllm_quant_row_q8_scalar(const float *x, int64_t n, int B, int8_t *q, float *d, int16_t *s16);
+/* The offset a symmetric type's panel values carry (m = -sym * s), 0 for the others. */
+int xllm_panel_sym(xllm_dtype t);
+/* The first half of pack_q: rows [r0, r0 + nr) unpacked to stage (16 rows of K rounded up to
+ * 64 bytes, zero tail and zero rows past nr), their scales / offsets into p, and p's G and
+ * sym; the caller interleaves stage into p->q. False for a type without a panel form. */
+bool xllm_unpack_panel(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_qpanel *p);
 /* pack_q in portable C (the same panels as the AVX-512 packers), for levels without their own. */
 bool xllm_pack_q_portable(const xllm_mat *w, int64_t r0, int nr, uint8_t *stage, xllm_qpanel *p);
 
