@@ -283,10 +283,11 @@ static xllm_status fault_in(loader *L, const xllm_model_params *p) {
  * types: Q8_0 is 34 bytes per 32 weights both ways) serve every batch size, decode included;
  * when the weights are an anonymous copy they replace the dense rows, whose pages are
  * released, so the model takes its weight size in memory rather than twice. Sub-8-bit types
- * keep their dense rows (their 8-bit panels hold 8 bits a weight; K-quants get decode panels
- * in their own bits as well); low_memory does not make their 8-bit panels (prompts then pack
- * per call). BF16 matrices get their bf16 pair panels (the dense size) when the weights are
- * an anonymous copy, which they then replace. */
+ * get 8-bit panels for batches (8 bits a weight) and decode panels in their own bits (about
+ * the dense size), which together replace an anonymous copy's dense rows; low_memory does
+ * not make their 8-bit panels (prompts then pack per call from the dense rows, which stay).
+ * BF16 matrices get their bf16 pair panels (the dense size) when the weights are an
+ * anonymous copy, which they then replace. */
 static void make_packs(xllm_model *m, bool low_memory) {
     const char *env = getenv("XLLM_PREPACK");
     if (env && strcmp(env, "0") == 0) return;

@@ -779,58 +779,213 @@ gemv_qp_tile(const xllm_qpanel *p, const int G, const int SYM, int64_t K, const 
     for (int c = 0; c < NT; c++) store_rows(y + c * y_stride, f[c], nr, acc);
 }
 
-/* Q4_K decode panel x NT tokens: per sub-block of 32, int32 dot products of the low and the
- * high nibbles (the high ones unshifted: 16x, taken back exactly by a shift), times the 6-bit
- * scales and mins in int32; per super-block, times d and dmin in fp32. */
-static inline __attribute__((always_inline)) void gemv_dp_q4k_t(const uint8_t *panel, int64_t K,
-                                                                const xllm_q8act *a, const int NT,
-                                                                int nr, float *y, int64_t y_stride,
-                                                                bool acc) {
-    const int64_t nsb = K / XLLM_QK_K;
+/* The fifth bits of step st of a group (h: the group's fifth-bit vector) at bit 4 of each byte:
+ * for the low (HI = 0) or the high nibbles' elements. */
+static inline __attribute__((always_inline)) __m512i dp_fifth(__m512i h, const int st,
+                                                              const int HI) {
+    const int s = 4 - 2 * st - HI; /* bit 2 st + HI to bit 4 */
+    const __m512i m10 = _mm512_set1_epi8(0x10);
+    return _mm512_and_si512(s >= 0 ? _mm512_slli_epi16(h, s & 7) : _mm512_srli_epi16(h, -s & 7),
+                            m10);
+}
+
+/* One group of 32 elements against NT tokens: og holds its 4 steps (and for FIVE its fifth
+ * bits after them), ap the group's activations of token 0 (token c at ap + c * K). Returns
+ * per row and token the int32 dot product of the values with the activations plus init[c]. */
+static inline __attribute__((always_inline)) void dp_group32(const int FIVE, const int NT,
+                                                             const uint8_t *og, const int8_t *ap,
+                                                             int64_t K, const __m512i *init,
+                                                             __m512i *out) {
     const __m512i m0f = _mm512_set1_epi8(0x0f), mf0 = _mm512_set1_epi8((char)0xf0);
+    __m512i lo[XLLM_GEMV_MAX_T], hi[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 4
+    for (int c = 0; c < NT; c++) {
+        lo[c] = init[c];
+        hi[c] = _mm512_setzero_si512();
+    }
+    const __m512i h = FIVE ? _mm512_loadu_si512(og + 256) : _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int st = 0; st < 4; st++) {
+        const __m512i v = _mm512_loadu_si512(og + 64 * st);
+        __m512i vl = _mm512_and_si512(v, m0f), vh;
+        if (FIVE) {
+            vl = _mm512_or_si512(vl, dp_fifth(h, st, 0));
+            vh =
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m0f), dp_fifth(h, st, 1));
+        } else {
+            vh = _mm512_and_si512(v, mf0); /* 16x the values, taken back by a shift */
+        }
+#pragma GCC unroll 4
+        for (int c = 0; c < NT; c++) {
+            const int8_t *a = ap + c * K + 8 * st;
+            lo[c] = _mm512_dpbusd_epi32(lo[c], vl, _mm512_set1_epi32(ld32(a)));
+            hi[c] = _mm512_dpbusd_epi32(hi[c], vh, _mm512_set1_epi32(ld32(a + 4)));
+        }
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < NT; c++)
+        out[c] = _mm512_add_epi32(lo[c], FIVE ? hi[c] : _mm512_srai_epi32(hi[c], 4));
+}
+
+/* The end of a K-quant super-block sb: f += isc * d * d_a (- imn * dmin * d_a when MIN), d
+ * and dmin the 16 rows' f16 at o + 256 and o + 288. */
+static inline __attribute__((always_inline)) void
+dp_sb_end(const int MIN, const int NT, const uint8_t *o, const xllm_q8act *a, int64_t nsb,
+          int64_t sb, const __m512i *isc, const __m512i *imn, __m512 *f) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(o + 256)));
+    const __m512 dm =
+        MIN ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(o + 288))) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int c = 0; c < NT; c++) {
+        const __m512 da = _mm512_set1_ps(a->d[c * nsb + sb]);
+        f[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isc[c]), _mm512_mul_ps(d, da), f[c]);
+        if (MIN) f[c] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(imn[c]), _mm512_mul_ps(dm, da), f[c]);
+    }
+}
+
+/* Q4_K / Q5_K decode panel x NT tokens: per sub-block of 32, int32 dot products of the low and
+ * the high nibbles (Q4_K: the high ones unshifted, 16x, taken back exactly by a shift; Q5_K:
+ * shifted, the fifth bits or-ed in), times the 6-bit scales and mins in int32; per super-block,
+ * times d and dmin in fp32. */
+static inline __attribute__((always_inline)) void
+gemv_dp_q4k_t(const int FIVE, const uint8_t *panel, int64_t K, const xllm_q8act *a, const int NT,
+              int nr, float *y, int64_t y_stride, bool acc) {
+    const int64_t nsb = K / XLLM_QK_K;
+    const int64_t sbb = FIVE ? XLLM_DP_Q5K_SB : XLLM_DP_Q4K_SB;
+    const __m512i zero[XLLM_GEMV_MAX_T] = {_mm512_setzero_si512(), _mm512_setzero_si512(),
+                                           _mm512_setzero_si512(), _mm512_setzero_si512()};
     __m512 f[XLLM_GEMV_MAX_T];
 #pragma GCC unroll 4
     for (int c = 0; c < NT; c++) f[c] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
-        const uint8_t *o = panel + sb * XLLM_DP_Q4K_SB;
+        const uint8_t *o = panel + sb * sbb;
         __m512i isc[XLLM_GEMV_MAX_T], imn[XLLM_GEMV_MAX_T];
 #pragma GCC unroll 4
         for (int c = 0; c < NT; c++) isc[c] = imn[c] = _mm512_setzero_si512();
         for (int g = 0; g < 8; g++) {
-            __m512i lo[XLLM_GEMV_MAX_T], hi[XLLM_GEMV_MAX_T];
-#pragma GCC unroll 4
-            for (int c = 0; c < NT; c++) lo[c] = hi[c] = _mm512_setzero_si512();
-#pragma GCC unroll 4
-            for (int st = 0; st < 4; st++) {
-                const __m512i v = _mm512_loadu_si512(o + 320 + 64 * (4 * g + st));
-                const __m512i vl = _mm512_and_si512(v, m0f), vh = _mm512_and_si512(v, mf0);
-#pragma GCC unroll 4
-                for (int c = 0; c < NT; c++) {
-                    const int8_t *ap = a->q + c * K + sb * XLLM_QK_K + 32 * g + 8 * st;
-                    lo[c] = _mm512_dpbusd_epi32(lo[c], vl, _mm512_set1_epi32(ld32(ap)));
-                    hi[c] = _mm512_dpbusd_epi32(hi[c], vh, _mm512_set1_epi32(ld32(ap + 4)));
-                }
-            }
+            /* (Q5_K: each group's 4 steps and then its fifth bits) */
+            __m512i is[XLLM_GEMV_MAX_T];
+            dp_group32(FIVE, NT, o + 320 + (FIVE ? 320 : 256) * g, a->q + sb * XLLM_QK_K + 32 * g,
+                       K, zero, is);
             const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(o + 16 * g)));
             const __m512i mn =
                 _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(o + 128 + 16 * g)));
 #pragma GCC unroll 4
             for (int c = 0; c < NT; c++) {
-                const __m512i is = _mm512_add_epi32(lo[c], _mm512_srai_epi32(hi[c], 4));
-                isc[c] = _mm512_add_epi32(isc[c], _mm512_mullo_epi32(is, sc));
+                isc[c] = _mm512_add_epi32(isc[c], _mm512_mullo_epi32(is[c], sc));
                 const int16_t *s16 = a->s16 + c * (K / 16) + sb * 16 + 2 * g;
                 imn[c] = _mm512_add_epi32(
                     imn[c], _mm512_mullo_epi32(mn, _mm512_set1_epi32(s16[0] + s16[1])));
             }
         }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(o + 256)));
-        const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(o + 288)));
+        dp_sb_end(1, NT, o, a, nsb, sb, isc, imn, f);
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < NT; c++) store_rows(y + c * y_stride, f[c], nr, acc);
+}
+
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1 decode panel x NT tokens: per block of 32, int32 dot products of
+ * the low and high nibbles (fifth bits or-ed in), symmetric types starting from -8 (-16) times
+ * the activations' sum; then times d and the activation scale in fp32, plus m times the
+ * activations' sum for the types with an offset. */
+static inline __attribute__((always_inline)) void
+gemv_dp_leg_t(const int FIVE, const int ONE, const uint8_t *panel, int64_t K, const xllm_q8act *a,
+              const int NT, int nr, float *y, int64_t y_stride, bool acc) {
+    const int64_t nb = K / 32;
+    const int bb = 288 + 64 * FIVE + 32 * ONE, doff = 256 + 64 * FIVE, sym = FIVE ? 16 : 8;
+    __m512 f[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 4
+    for (int c = 0; c < NT; c++) f[c] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *o = panel + b * bb;
+        __m512i init[XLLM_GEMV_MAX_T], is[XLLM_GEMV_MAX_T];
 #pragma GCC unroll 4
         for (int c = 0; c < NT; c++) {
-            const __m512 da = _mm512_set1_ps(a->d[c * nsb + sb]);
-            f[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isc[c]), _mm512_mul_ps(d, da), f[c]);
-            f[c] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(imn[c]), _mm512_mul_ps(dm, da), f[c]);
+            const int16_t *s16 = a->s16 + c * (K / 16) + 2 * b;
+            init[c] = ONE ? _mm512_setzero_si512() : _mm512_set1_epi32(-sym * (s16[0] + s16[1]));
         }
+        dp_group32(FIVE, NT, o, a->q + 32 * b, K, init, is);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(o + doff)));
+        const __m512 m = ONE ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(o + doff + 32)))
+                             : _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int c = 0; c < NT; c++) {
+            const float *g = a->g + (c * nb + b) * 2; /* (d, d * sum q) of the activations */
+            f[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[c]),
+                                   _mm512_mul_ps(d, _mm512_set1_ps(g[0])), f[c]);
+            if (ONE) f[c] = _mm512_fmadd_ps(m, _mm512_set1_ps(g[1]), f[c]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < NT; c++) store_rows(y + c * y_stride, f[c], nr, acc);
+}
+
+/* Q2_K (THREE = 0) / Q3_K decode panel x NT tokens: per sub-block of 16, the 2-bit values
+ * taken out by shifts and masks (Q3_K: the third bit or-ed in from a 64-bit mask), int32 dot
+ * products (Q3_K from -4 times the activations' sum), times the scale in int32 (Q2_K: minus the
+ * min times the activations' sum); per super-block, times d (and dmin) in fp32. */
+static inline __attribute__((always_inline)) void
+gemv_dp_q23k_t(const int THREE, const uint8_t *panel, int64_t K, const xllm_q8act *a, const int NT,
+               int nr, float *y, int64_t y_stride, bool acc) {
+    const int64_t nsb = K / XLLM_QK_K;
+    const int64_t sbb = THREE ? XLLM_DP_Q3K_SB : XLLM_DP_Q2K_SB;
+    const __m512i m03 = _mm512_set1_epi8(3), m04 = _mm512_set1_epi8(4);
+    const __m512i m0f = _mm512_set1_epi32(15);
+    __m512 f[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 4
+    for (int c = 0; c < NT; c++) f[c] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *o = panel + sb * sbb;
+        __m512i isc[XLLM_GEMV_MAX_T], imn[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 4
+        for (int c = 0; c < NT; c++) isc[c] = imn[c] = _mm512_setzero_si512();
+        for (int u = 0; u < 16; u++) {
+            const uint8_t *ou = THREE ? o + 288 + 96 * u : o + 320 + 64 * u;
+            const __m512i v = _mm512_loadu_si512(ou);
+            __m512i i0[XLLM_GEMV_MAX_T], i1[XLLM_GEMV_MAX_T];
+#pragma GCC unroll 4
+            for (int c = 0; c < NT; c++) {
+                i0[c] = THREE ? _mm512_set1_epi32(-4 * a->s16[c * (K / 16) + sb * 16 + u])
+                              : _mm512_setzero_si512();
+                i1[c] = _mm512_setzero_si512();
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                __m512i vi = _mm512_and_si512(i ? _mm512_srli_epi16(v, 2 * i) : v, m03);
+                if (THREE) {
+                    uint64_t hm;
+                    memcpy(&hm, ou + 64 + 8 * i, 8);
+                    vi = _mm512_mask_add_epi8(vi, _cvtu64_mask64(hm), vi, m04);
+                }
+#pragma GCC unroll 4
+                for (int c = 0; c < NT; c++) {
+                    const int8_t *ap = a->q + c * K + sb * XLLM_QK_K + 16 * u + 4 * i;
+                    if (i & 1)
+                        i1[c] = _mm512_dpbusd_epi32(i1[c], vi, _mm512_set1_epi32(ld32(ap)));
+                    else
+                        i0[c] = _mm512_dpbusd_epi32(i0[c], vi, _mm512_set1_epi32(ld32(ap)));
+                }
+            }
+            __m512i sc;
+            if (THREE) {
+                sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(o + 16 * u)));
+            } else {
+                const __m512i sm =
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(o + 16 * u)));
+                sc = _mm512_and_si512(sm, m0f);
+                const __m512i mn = _mm512_srli_epi32(sm, 4);
+#pragma GCC unroll 4
+                for (int c = 0; c < NT; c++)
+                    imn[c] = _mm512_add_epi32(
+                        imn[c], _mm512_mullo_epi32(
+                                    mn, _mm512_set1_epi32(a->s16[c * (K / 16) + sb * 16 + u])));
+            }
+#pragma GCC unroll 4
+            for (int c = 0; c < NT; c++)
+                isc[c] = _mm512_add_epi32(isc[c],
+                                          _mm512_mullo_epi32(_mm512_add_epi32(i0[c], i1[c]), sc));
+        }
+        dp_sb_end(!THREE, NT, o, a, nsb, sb, isc, imn, f);
     }
 #pragma GCC unroll 4
     for (int c = 0; c < NT; c++) store_rows(y + c * y_stride, f[c], nr, acc);
@@ -878,26 +1033,51 @@ static inline __attribute__((always_inline)) void gemv_dp_q6k_t(const uint8_t *p
                 isc[c] = _mm512_add_epi32(isc[c], _mm512_mullo_epi32(_mm512_add_epi32(i0, i1), sc));
             }
         }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(o + 256)));
-#pragma GCC unroll 4
-        for (int c = 0; c < NT; c++)
-            f[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isc[c]),
-                                   _mm512_mul_ps(d, _mm512_set1_ps(a->d[c * nsb + sb])), f[c]);
+        dp_sb_end(0, NT, o, a, nsb, sb, isc, isc, f);
     }
 #pragma GCC unroll 4
     for (int c = 0; c < NT; c++) store_rows(y + c * y_stride, f[c], nr, acc);
 }
 
+/* One decode panel of type TY (a constant once inlined) against NT tokens. */
+static inline __attribute__((always_inline)) void
+gemv_dp_one(const xllm_dtype TY, const uint8_t *panel, int64_t K, const xllm_q8act *a, const int NT,
+            int nr, float *y, int64_t y_stride, bool acc) {
+    const bool five = TY == XLLM_DTYPE_Q5_0 || TY == XLLM_DTYPE_Q5_1 || TY == XLLM_DTYPE_Q5_K;
+    if (xllm_dp_leg_bytes(TY))
+        gemv_dp_leg_t(five, TY == XLLM_DTYPE_Q4_1 || TY == XLLM_DTYPE_Q5_1, panel, K, a, NT, nr, y,
+                      y_stride, acc);
+    else if (TY == XLLM_DTYPE_Q2_K || TY == XLLM_DTYPE_Q3_K)
+        gemv_dp_q23k_t(TY == XLLM_DTYPE_Q3_K, panel, K, a, NT, nr, y, y_stride, acc);
+    else if (TY == XLLM_DTYPE_Q4_K || TY == XLLM_DTYPE_Q5_K)
+        gemv_dp_q4k_t(five, panel, K, a, NT, nr, y, y_stride, acc);
+    else
+        gemv_dp_q6k_t(panel, K, a, NT, nr, y, y_stride, acc);
+}
+
+static inline __attribute__((always_inline)) void
+gemv_dp_by_t(const xllm_dtype TY, const uint8_t *panel, int64_t K, const xllm_q8act *a, int64_t T,
+             int nr, float *y, int64_t y_stride, bool acc) {
+#define CALL(NT) gemv_dp_one(TY, panel, K, a, NT, nr, y, y_stride, acc)
+    BY_T(T, CALL);
+#undef CALL
+}
+
 static void gemv_dp(xllm_dtype t, const uint8_t *panel, int64_t K, const xllm_q8act *a, int64_t T,
                     int nr, float *y, int64_t y_stride, bool acc) {
-#define CALL4(NT) gemv_dp_q4k_t(panel, K, a, NT, nr, y, y_stride, acc)
-#define CALL6(NT) gemv_dp_q6k_t(panel, K, a, NT, nr, y, y_stride, acc)
-    if (t == XLLM_DTYPE_Q4_K)
-        BY_T(T, CALL4);
-    else
-        BY_T(T, CALL6);
-#undef CALL4
-#undef CALL6
+#define DP(TY)                                                                                     \
+    if (t == TY) return gemv_dp_by_t(TY, panel, K, a, T, nr, y, y_stride, acc)
+    DP(XLLM_DTYPE_Q4_0);
+    DP(XLLM_DTYPE_Q4_1);
+    DP(XLLM_DTYPE_Q5_0);
+    DP(XLLM_DTYPE_Q5_1);
+    DP(XLLM_DTYPE_Q2_K);
+    DP(XLLM_DTYPE_Q3_K);
+    DP(XLLM_DTYPE_Q4_K);
+    DP(XLLM_DTYPE_Q5_K);
+    DP(XLLM_DTYPE_Q6_K);
+#undef DP
+    XLLM_ASSERT(!"no decode panel kernel for this type");
 }
 
 /* All T tokens against np (1 or 2) panels, in tiles of NT tokens. */

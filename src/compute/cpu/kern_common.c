@@ -139,58 +139,143 @@ bool xllm_unpack_row_q(xllm_dtype t, const void *row, int64_t n, uint8_t *q, flo
 }
 
 size_t xllm_dpanel_bytes(xllm_dtype t, int64_t K) {
+    const int lb = xllm_dp_leg_bytes(t);
+    if (lb) return K % 32 ? 0 : (size_t)(K / 32) * (size_t)lb;
     if (K % XLLM_QK_K) return 0;
-    if (t == XLLM_DTYPE_Q4_K) return (size_t)(K / XLLM_QK_K) * XLLM_DP_Q4K_SB;
-    if (t == XLLM_DTYPE_Q6_K) return (size_t)(K / XLLM_QK_K) * XLLM_DP_Q6K_SB;
-    return 0;
+    const int64_t nsb = K / XLLM_QK_K;
+    switch (t) {
+        case XLLM_DTYPE_Q2_K:
+            return (size_t)nsb * XLLM_DP_Q2K_SB;
+        case XLLM_DTYPE_Q3_K:
+            return (size_t)nsb * XLLM_DP_Q3K_SB;
+        case XLLM_DTYPE_Q4_K:
+            return (size_t)nsb * XLLM_DP_Q4K_SB;
+        case XLLM_DTYPE_Q5_K:
+            return (size_t)nsb * XLLM_DP_Q5K_SB;
+        case XLLM_DTYPE_Q6_K:
+            return (size_t)nsb * XLLM_DP_Q6K_SB;
+        default:
+            return 0;
+    }
+}
+
+/* Steps of low nibbles (4 per group of 32 elements qq) of row r, from o. */
+static void dp_nibbles(const uint8_t *qq, int ngroups, int r, uint8_t *o) {
+    for (int st = 0; st < 4 * ngroups; st++)
+        for (int j = 0; j < 4; j++)
+            o[64 * st + 4 * r + j] =
+                (uint8_t)((qq[8 * st + j] & 15) | ((qq[8 * st + 4 + j] & 15) << 4));
+}
+
+/* The fifth bits of one group of 32 elements qq, row r. */
+static void dp_fifth(const uint8_t *qq, int r, uint8_t *o) {
+    for (int j = 0; j < 4; j++) {
+        int v = 0;
+        for (int st = 0; st < 4; st++)
+            v |= ((qq[8 * st + j] >> 4) & 1) << (2 * st) | ((qq[8 * st + 4 + j] >> 4) & 1)
+                                                               << (2 * st + 1);
+        o[4 * r + j] = (uint8_t)v;
+    }
+}
+
+/* The low 2 bits of one sub-block of 16 elements qq, row r. */
+static void dp_pairs(const uint8_t *qq, int r, uint8_t *o) {
+    for (int j = 0; j < 4; j++) {
+        int v = 0;
+        for (int i = 0; i < 4; i++) v |= (qq[4 * i + j] & 3) << (2 * i);
+        o[4 * r + j] = (uint8_t)v;
+    }
 }
 
 void xllm_pack_dpanel(const xllm_mat *w, int64_t r0, int nr, uint8_t *out) {
-    const int64_t K = w->n_cols, nsb = K / XLLM_QK_K;
-    const bool q6 = w->type == XLLM_DTYPE_Q6_K;
-    const size_t sbb = q6 ? XLLM_DP_Q6K_SB : XLLM_DP_Q4K_SB;
-    const xllm_dtype_traits *tr = xllm_dtype_get_traits(w->type);
+    const xllm_dtype t = w->type;
+    const int64_t K = w->n_cols;
+    const xllm_dtype_traits *tr = xllm_dtype_get_traits(t);
+    const int64_t nb = K / tr->block_size;
+    const size_t bb = xllm_dpanel_bytes(t, K) / (size_t)nb; /* bytes a block */
     uint8_t *q = xllm_xmalloc((size_t)K);
     float *fs = xllm_xmalloc((size_t)(K / 16) * sizeof(float));
     float *fm = xllm_xmalloc((size_t)(K / 16) * sizeof(float));
-    memset(out, 0, sbb * (size_t)nsb);
+    memset(out, 0, bb * (size_t)nb);
     for (int r = 0; r < nr; r++) {
         const uint8_t *row = (const uint8_t *)w->data + (size_t)(r0 + r) * w->row_bytes;
-        xllm_unpack_row_q(w->type, row, K, q, fs, fm);
-        for (int64_t sb = 0; sb < nsb; sb++) {
-            uint8_t *o = out + (size_t)sb * sbb;
-            const uint8_t *b = row + (size_t)sb * tr->block_bytes;
-            const uint8_t *qq = q + sb * XLLM_QK_K;
-            if (q6) {
-                /* sub-block u of 16 at 320 + 192 u: low nibbles of steps 2u, 2u + 1 (8 elements
-                 * each: byte j of row r = e 8s+j | e 8s+4+j << 4), then the high bit pairs
-                 * (bits 2i of byte j = e 16u+4i+j) */
-                for (int u = 0; u < 16; u++) {
-                    uint8_t *ob = o + 320 + 192 * u;
-                    const uint8_t *qu = qq + 16 * u;
-                    for (int j = 0; j < 4; j++) {
-                        ob[4 * r + j] = (uint8_t)((qu[j] & 15) | ((qu[4 + j] & 15) << 4));
-                        ob[64 + 4 * r + j] = (uint8_t)((qu[8 + j] & 15) | ((qu[12 + j] & 15) << 4));
-                        int v = 0;
-                        for (int i = 0; i < 4; i++) v |= (qu[4 * i + j] >> 4) << (2 * i);
-                        ob[128 + 4 * r + j] = (uint8_t)v;
+        xllm_unpack_row_q(t, row, K, q, fs, fm);
+        for (int64_t ib = 0; ib < nb; ib++) {
+            uint8_t *o = out + (size_t)ib * bb;
+            const uint8_t *b = row + (size_t)ib * tr->block_bytes;
+            const uint8_t *qq = q + ib * tr->block_size;
+            switch (t) {
+                case XLLM_DTYPE_Q4_0:
+                case XLLM_DTYPE_Q4_1:
+                case XLLM_DTYPE_Q5_0:
+                case XLLM_DTYPE_Q5_1: {
+                    const bool five = t == XLLM_DTYPE_Q5_0 || t == XLLM_DTYPE_Q5_1;
+                    const bool one = t == XLLM_DTYPE_Q4_1 || t == XLLM_DTYPE_Q5_1;
+                    const int doff = five ? 320 : 256;
+                    dp_nibbles(qq, 1, r, o);
+                    if (five) dp_fifth(qq, r, o + 256);
+                    memcpy(o + doff + 2 * r, b, 2);
+                    if (one) memcpy(o + doff + 32 + 2 * r, b + 2, 2);
+                    break;
+                }
+                case XLLM_DTYPE_Q2_K:
+                    for (int u = 0; u < 16; u++) {
+                        o[16 * u + r] = b[u];
+                        dp_pairs(qq + 16 * u, r, o + 320 + 64 * u);
                     }
-                }
-                for (int g = 0; g < 16; g++) o[16 * g + r] = b[192 + g];
-                memcpy(o + 256 + 2 * r, b + 208, 2);
-            } else {
-                for (int g = 0; g < 8; g++) {
-                    int sc, mn;
-                    k4_sm(g, b + 4, &sc, &mn);
-                    o[16 * g + r] = (uint8_t)sc;
-                    o[128 + 16 * g + r] = (uint8_t)mn;
-                }
-                memcpy(o + 256 + 2 * r, b, 2);
-                memcpy(o + 288 + 2 * r, b + 2, 2);
-                for (int st = 0; st < 32; st++)
-                    for (int j = 0; j < 4; j++)
-                        o[320 + 64 * st + 4 * r + j] =
-                            (uint8_t)((qq[8 * st + j] & 15) | ((qq[8 * st + 4 + j] & 15) << 4));
+                    memcpy(o + 256 + 2 * r, b + 80, 2);
+                    memcpy(o + 288 + 2 * r, b + 82, 2);
+                    break;
+                case XLLM_DTYPE_Q3_K:
+                    for (int u = 0; u < 16; u++) {
+                        o[16 * u + r] = (uint8_t)(int8_t)q3k_sc(u, b + 96);
+                        uint8_t *ou = o + 288 + 96 * u;
+                        dp_pairs(qq + 16 * u, r, ou);
+                        for (int i = 0; i < 4; i++)
+                            for (int j = 0; j < 4; j++)
+                                if (qq[16 * u + 4 * i + j] & 4)
+                                    ou[64 + 8 * i + (4 * r + j) / 8] |=
+                                        (uint8_t)(1u << ((4 * r + j) % 8));
+                    }
+                    memcpy(o + 256 + 2 * r, b + 108, 2);
+                    break;
+                case XLLM_DTYPE_Q4_K:
+                case XLLM_DTYPE_Q5_K:
+                    for (int g = 0; g < 8; g++) {
+                        int sc, mn;
+                        k4_sm(g, b + 4, &sc, &mn);
+                        o[16 * g + r] = (uint8_t)sc;
+                        o[128 + 16 * g + r] = (uint8_t)mn;
+                        if (t == XLLM_DTYPE_Q5_K) {
+                            dp_nibbles(qq + 32 * g, 1, r, o + 320 + 320 * g);
+                            dp_fifth(qq + 32 * g, r, o + 320 + 320 * g + 256);
+                        }
+                    }
+                    memcpy(o + 256 + 2 * r, b, 2);
+                    memcpy(o + 288 + 2 * r, b + 2, 2);
+                    if (t == XLLM_DTYPE_Q4_K) dp_nibbles(qq, 8, r, o + 320);
+                    break;
+                case XLLM_DTYPE_Q6_K:
+                    /* sub-block u of 16 at 320 + 192 u: low nibbles of steps 2u, 2u + 1 (8
+                     * elements each: byte j of row r = e 8s+j | e 8s+4+j << 4), then the high
+                     * bit pairs (bits 2i of byte j = e 16u+4i+j) */
+                    for (int u = 0; u < 16; u++) {
+                        uint8_t *ob = o + 320 + 192 * u;
+                        const uint8_t *qu = qq + 16 * u;
+                        for (int j = 0; j < 4; j++) {
+                            ob[4 * r + j] = (uint8_t)((qu[j] & 15) | ((qu[4 + j] & 15) << 4));
+                            ob[64 + 4 * r + j] =
+                                (uint8_t)((qu[8 + j] & 15) | ((qu[12 + j] & 15) << 4));
+                            int v = 0;
+                            for (int i = 0; i < 4; i++) v |= (qu[4 * i + j] >> 4) << (2 * i);
+                            ob[128 + 4 * r + j] = (uint8_t)v;
+                        }
+                    }
+                    for (int g = 0; g < 16; g++) o[16 * g + r] = b[192 + g];
+                    memcpy(o + 256 + 2 * r, b + 208, 2);
+                    break;
+                default:
+                    XLLM_ASSERT(!"no decode panel for this type");
             }
         }
     }

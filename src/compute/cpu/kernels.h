@@ -133,19 +133,52 @@ static inline void xllm_k4_scales(const uint8_t *s, uint64_t *sc, uint64_t *mn) 
           ((uint64_t)(((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)) << 32);
 }
 
-/* Decode panels of the K-quant types: 16 rows in the type's own bits, interleaved so that one
- * 64-byte vector holds 4 consecutive elements of each row, each super-block's scales ahead of
+/* Decode panels of the sub-8-bit types: 16 rows in about the type's own bits, interleaved so
+ * that one 64-byte vector holds 4 consecutive elements of each row, each block's scales beside
  * its values; one-token decode reads them front to back, one stream, at about the dense size.
- * Per panel and super-block of 256 elements (row r, element e); a "step" of 8 elements is 64
- * bytes where byte 4 r + j holds e = 8 s + j (low nibble) and e = 8 s + 4 + j (high nibble):
+ * A "step" of 8 elements is 64 bytes where byte 4 r + j holds e = 8 s + j (low nibble) and
+ * e = 8 s + 4 + j (high nibble), e counted in the block; the fifth bits of a group of 32 (4
+ * steps) are one 64-byte vector, byte 4 r + j holding e = 8 s + j in bit 2 s and e = 8 s + 4 + j
+ * in bit 2 s + 1. 2-bit values of a sub-block u of 16: one 64-byte vector, byte 4 r + j holding
+ * e = 16 u + 4 i + j in bits 2 i, 2 i + 1. Per panel and block (row r):
+ *   Q4_0 / Q4_1 / Q5_0 / Q5_1 (32 elements; 288 / 320 / 352 / 384 bytes, the dense sizes):
+ *         [0, 256) 4 steps of low 4 bits, for Q5 [256, 320) the fifth bits, then d f16 (at
+ *         2 r), for Q4_1 / Q5_1 then m f16: w = d (q - 8), d q + m, d (q - 16), d q + m;
+ *   Q2_K (256 elements, 1344 bytes, the dense size): [0, 256) scale | min << 4 (sub-block u of
+ *         16 at 16 u + r), [256, 288) d f16, [288, 320) dmin f16, [320, 1344) the 2-bit
+ *         values of the 16 sub-blocks: w = d sc q - dmin mn;
+ *   Q3_K (1824 bytes): [0, 256) scales int8 (sc - 32, at 16 u + r), [256, 288) d f16, then
+ *         sub-block u at 288 + 96 u: its low 2 bits (as above), and 4 masks of 64 bits, mask i
+ *         holding the third bit of e = 16 u + 4 i + j at bit 4 r + j: w = d sc (q - 4);
  *   Q4_K (2368 bytes): [0, 128) 6-bit scales u8 (sub-block g of 32 at 16 g + r), [128, 256)
  *         6-bit mins, [256, 288) d f16 (at 2 r), [288, 320) dmin f16, [320, 2368) the low 4
  *         bits in 32 steps: w = d sc q - dmin mn;
+ *   Q5_K (2880 bytes): Q4_K's scales, mins, d and dmin, then group g of 32 at 320 + 320 g: its
+ *         4 steps of low 4 bits and its fifth bits;
  *   Q6_K (3392 bytes): [0, 256) scales int8 (sub-block g of 16 at 16 g + r), [256, 288) d f16,
  *         then sub-block u at 320 + 192 u: steps 2u and 2u + 1 of the low 4 bits, and 64 bytes
  *         of high bit pairs (bits 2 i of byte 4 r + j: e = 16 u + 4 i + j): w = d sc (q - 32). */
+#define XLLM_DP_Q2K_SB 1344
+#define XLLM_DP_Q3K_SB 1824
 #define XLLM_DP_Q4K_SB 2368
+#define XLLM_DP_Q5K_SB 2880
 #define XLLM_DP_Q6K_SB 3392
+
+/* Bytes of one legacy-type decode block (32 elements x 16 rows), 0 for another type. */
+static inline int xllm_dp_leg_bytes(xllm_dtype t) {
+    switch (t) {
+        case XLLM_DTYPE_Q4_0:
+            return 288;
+        case XLLM_DTYPE_Q4_1:
+            return 320;
+        case XLLM_DTYPE_Q5_0:
+            return 352;
+        case XLLM_DTYPE_Q5_1:
+            return 384;
+        default:
+            return 0;
+    }
+}
 
 /* Bytes of one 16-row decode panel of K elements; 0 for a type without the form. */
 size_t xllm_dpanel_bytes(xllm_dtype t, int64_t K);
@@ -188,8 +221,8 @@ typedef struct xllm_cpu_kernels {
                        float *y, int64_t y_stride, bool acc);
     void (*to_bf16)(const float *x, uint16_t *y, int64_t n);
     /* One decode panel (xllm_dpanel_bytes) of type t, K elements, against T <= XLLM_GEMV_MAX_T
-     * tokens in the 256-element 8-bit form: y[t * y_stride + r] (+)= row r . x_t for r < nr
-     * (optional: NULL). */
+     * tokens in the type's 8-bit form (xllm_act_block): y[t * y_stride + r] (+)= row r . x_t
+     * for r < nr (optional: NULL). */
     void (*gemv_dp)(xllm_dtype t, const uint8_t *panel, int64_t K, const xllm_q8act *a, int64_t T,
                     int nr, float *y, int64_t y_stride, bool acc);
     /* fp32 -> IEEE half, round to nearest even (KV stores) */

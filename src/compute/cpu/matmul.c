@@ -63,7 +63,7 @@ typedef struct prepacked {
     bool dense_gone; /* the dense rows were released: every reader uses the panels */
     bool decode;     /* one-token decode reads the panels (they are no bigger than 9/8 of the
                         dense rows: 8-bit types) */
-    uint8_t *dq;     /* decode panels of the K-quant types (xllm_pack_dpanel), or NULL */
+    uint8_t *dq;     /* decode panels of the sub-8-bit types (xllm_pack_dpanel), or NULL */
     size_t dq_stride, dq_alloc;
 } prepacked;
 
@@ -669,7 +669,7 @@ size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t ma
 
 bool xllm_mm_packs_replace_dense(const xllm_mm_packs *pk, const xllm_mat *w) {
     const prepacked *e = find_prepacked(pk, w);
-    return e && e->decode;
+    return e && e->q && (e->decode || e->dq);
 }
 
 void xllm_mm_packs_drop_dense(xllm_mm_packs *pk, const xllm_mat *w) {
