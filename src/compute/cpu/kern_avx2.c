@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "compute/cpu/kernels.h"
+#include "util/common.h"
 #include "compute/cpu/ops.h"
 #include "compute/dtype.h"
 
@@ -437,6 +438,272 @@ static void gemm_q(const xllm_qpanel *p, int np, int64_t K, const xllm_q8act *a,
     XLLM_GEMM_Q_BY_FORM(gemm_q_g, p, np, K, a, T, nr, y, y_stride, acc);
 }
 
+/* ---- decode panels (xllm_pack_dpanel) ----------------------------------------------------- */
+
+/* Each 64-byte vector of a decode panel is two registers here: rows 0-7 (h = 0) and 8-15. A
+ * row's 4-element sums come from vpmaddubsw + vpmaddwd as in the GEMM; two vectors' vpmaddubsw
+ * pairs are added in int16 first (values <= 63, |a| <= 128: 2 x 2 x 63 x 128 < 32768). */
+static inline __m256i dp_dot2(__m256i v0, const int8_t *a0, __m256i v1, const int8_t *a1) {
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(v0, _mm256_set1_epi32(ld32(a0))),
+                                       _mm256_maddubs_epi16(v1, _mm256_set1_epi32(ld32(a1))));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+/* Bit 2 st + HI of each byte of the fifth bits h moved to bit 4. */
+static inline __attribute__((always_inline)) __m256i dp_fifth(__m256i h, const int st,
+                                                              const int HI) {
+    const int s = 4 - 2 * st - HI;
+    return _mm256_and_si256(s >= 0 ? _mm256_slli_epi16(h, s & 7) : _mm256_srli_epi16(h, -s & 7),
+                            _mm256_set1_epi8(0x10));
+}
+
+/* One group of 32 elements against NT tokens (as the AVX-512 level's dp_group32): is[c][h] +=
+ * the int32 dot products of rows 8 h.. 8 h + 7 with token c's activations (ap + c * K). */
+static inline __attribute__((always_inline)) void dp_group32(const int FIVE, const int NT,
+                                                             const uint8_t *og, const int8_t *ap,
+                                                             int64_t K, __m256i (*is)[2]) {
+    const __m256i m0f = _mm256_set1_epi8(0x0f);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; h++) {
+        const __m256i hb = FIVE ? _mm256_loadu_si256((const __m256i *)(og + 256 + 32 * h))
+                                : _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int st = 0; st < 4; st++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(og + 64 * st + 32 * h));
+            __m256i vl = _mm256_and_si256(v, m0f),
+                    vh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
+            if (FIVE) {
+                vl = _mm256_or_si256(vl, dp_fifth(hb, st, 0));
+                vh = _mm256_or_si256(vh, dp_fifth(hb, st, 1));
+            }
+#pragma GCC unroll 4
+            for (int c = 0; c < NT; c++) {
+                const int8_t *a = ap + c * K + 8 * st;
+                is[c][h] = _mm256_add_epi32(is[c][h], dp_dot2(vl, a, vh, a + 4));
+            }
+        }
+    }
+}
+
+/* The end of a K-quant super-block sb, per half: f += isc * d * d_a (- imn * dmin * d_a). */
+static inline __attribute__((always_inline)) void
+dp_sb_end(const int MIN, const int NT, const uint8_t *o, const xllm_q8act *a, int64_t nsb,
+          int64_t sb, __m256i (*isc)[2], __m256i (*imn)[2], __m256 (*f)[2]) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; h++) {
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(o + 256 + 16 * h)));
+        const __m256 dm =
+            MIN ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(o + 288 + 16 * h)))
+                : _mm256_setzero_ps();
+#pragma GCC unroll 4
+        for (int c = 0; c < NT; c++) {
+            const __m256 da = _mm256_set1_ps(a->d[c * nsb + sb]);
+            f[c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isc[c][h]), _mm256_mul_ps(d, da), f[c][h]);
+            if (MIN)
+                f[c][h] =
+                    _mm256_fnmadd_ps(_mm256_cvtepi32_ps(imn[c][h]), _mm256_mul_ps(dm, da), f[c][h]);
+        }
+    }
+}
+
+static inline void dp_store(const int NT, __m256 (*f)[2], int nr, float *y, int64_t y_stride,
+                            bool acc) {
+    for (int c = 0; c < NT; c++) {
+        float v[16], *yc = y + c * y_stride;
+        _mm256_storeu_ps(v, f[c][0]);
+        _mm256_storeu_ps(v + 8, f[c][1]);
+        for (int r = 0; r < nr; r++) yc[r] = acc ? yc[r] + v[r] : v[r];
+    }
+}
+
+/* 8 bytes of a panel's per-row scales (rows 8 h..) widened to int32. */
+static inline __m256i dp_u8x8(const uint8_t *p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+}
+
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1 panel x NT tokens. */
+static inline __attribute__((always_inline)) void
+gemv_dp_leg_t(const int FIVE, const int ONE, const uint8_t *panel, int64_t K, const xllm_q8act *a,
+              const int NT, int nr, float *y, int64_t y_stride, bool acc) {
+    const int64_t nb = K / 32;
+    const int bb = 288 + 64 * FIVE + 32 * ONE, doff = 256 + 64 * FIVE, sym = FIVE ? 16 : 8;
+    __m256 f[XLLM_GEMV_MAX_T][2];
+    for (int c = 0; c < NT; c++) f[c][0] = f[c][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *o = panel + b * bb;
+        __m256i is[XLLM_GEMV_MAX_T][2];
+#pragma GCC unroll 4
+        for (int c = 0; c < NT; c++) {
+            const int16_t *s16 = a->s16 + c * (K / 16) + 2 * b;
+            is[c][0] = is[c][1] =
+                ONE ? _mm256_setzero_si256() : _mm256_set1_epi32(-sym * (s16[0] + s16[1]));
+        }
+        dp_group32(FIVE, NT, o, a->q + 32 * b, K, is);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(o + doff + 16 * h)));
+            const __m256 m =
+                ONE ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(o + doff + 32 + 16 * h)))
+                    : _mm256_setzero_ps();
+#pragma GCC unroll 4
+            for (int c = 0; c < NT; c++) {
+                const float *g = a->g + (c * nb + b) * 2;
+                f[c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[c][h]),
+                                          _mm256_mul_ps(d, _mm256_set1_ps(g[0])), f[c][h]);
+                if (ONE) f[c][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(g[1]), f[c][h]);
+            }
+        }
+    }
+    dp_store(NT, f, nr, y, y_stride, acc);
+}
+
+/* Q4_K / Q5_K panel x NT tokens. */
+static inline __attribute__((always_inline)) void
+gemv_dp_q4k_t(const int FIVE, const uint8_t *panel, int64_t K, const xllm_q8act *a, const int NT,
+              int nr, float *y, int64_t y_stride, bool acc) {
+    const int64_t nsb = K / XLLM_QK_K, sbb = FIVE ? XLLM_DP_Q5K_SB : XLLM_DP_Q4K_SB;
+    __m256 f[XLLM_GEMV_MAX_T][2];
+    for (int c = 0; c < NT; c++) f[c][0] = f[c][1] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *o = panel + sb * sbb;
+        __m256i isc[XLLM_GEMV_MAX_T][2], imn[XLLM_GEMV_MAX_T][2];
+        for (int c = 0; c < NT; c++)
+            isc[c][0] = isc[c][1] = imn[c][0] = imn[c][1] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            __m256i is[XLLM_GEMV_MAX_T][2];
+            for (int c = 0; c < NT; c++) is[c][0] = is[c][1] = _mm256_setzero_si256();
+            dp_group32(FIVE, NT, o + 320 + (FIVE ? 320 : 256) * g, a->q + sb * XLLM_QK_K + 32 * g,
+                       K, is);
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                const __m256i sc = dp_u8x8(o + 16 * g + 8 * h),
+                              mn = dp_u8x8(o + 128 + 16 * g + 8 * h);
+#pragma GCC unroll 4
+                for (int c = 0; c < NT; c++) {
+                    const int16_t *s16 = a->s16 + c * (K / 16) + sb * 16 + 2 * g;
+                    isc[c][h] = _mm256_add_epi32(isc[c][h], _mm256_mullo_epi32(is[c][h], sc));
+                    imn[c][h] = _mm256_add_epi32(
+                        imn[c][h], _mm256_mullo_epi32(mn, _mm256_set1_epi32(s16[0] + s16[1])));
+                }
+            }
+        }
+        dp_sb_end(1, NT, o, a, nsb, sb, isc, imn, f);
+    }
+    dp_store(NT, f, nr, y, y_stride, acc);
+}
+
+/* Q6_K panel x NT tokens: the 6-bit values rebuilt from the low nibbles and the high bit
+ * pairs, per sub-block of 16 from -32 times the activations' sum, times the int8 scale. */
+static inline __attribute__((always_inline)) void gemv_dp_q6k_t(const uint8_t *panel, int64_t K,
+                                                                const xllm_q8act *a, const int NT,
+                                                                int nr, float *y, int64_t y_stride,
+                                                                bool acc) {
+    const int64_t nsb = K / XLLM_QK_K;
+    const __m256i m0f = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+    __m256 f[XLLM_GEMV_MAX_T][2];
+    for (int c = 0; c < NT; c++) f[c][0] = f[c][1] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *o = panel + sb * XLLM_DP_Q6K_SB;
+        __m256i isc[XLLM_GEMV_MAX_T][2];
+        for (int c = 0; c < NT; c++) isc[c][0] = isc[c][1] = _mm256_setzero_si256();
+        for (int u = 0; u < 16; u++) {
+#pragma GCC unroll 2
+            for (int hh = 0; hh < 2; hh++) {
+                const uint8_t *ou = o + 320 + 192 * u + 32 * hh;
+                const __m256i n0 = _mm256_loadu_si256((const __m256i *)ou);
+                const __m256i n1 = _mm256_loadu_si256((const __m256i *)(ou + 64));
+                const __m256i h = _mm256_loadu_si256((const __m256i *)(ou + 128));
+                const __m256i v0 = _mm256_or_si256(_mm256_and_si256(n0, m0f),
+                                                   _mm256_and_si256(_mm256_slli_epi16(h, 4), m30));
+                const __m256i v1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(n0, 4), m0f),
+                                                   _mm256_and_si256(_mm256_slli_epi16(h, 2), m30));
+                const __m256i v2 =
+                    _mm256_or_si256(_mm256_and_si256(n1, m0f), _mm256_and_si256(h, m30));
+                const __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(n1, 4), m0f),
+                                                   _mm256_and_si256(_mm256_srli_epi16(h, 2), m30));
+                const __m256i sc =
+                    _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(o + 16 * u + 8 * hh)));
+#pragma GCC unroll 4
+                for (int c = 0; c < NT; c++) {
+                    const int8_t *ap = a->q + c * K + sb * XLLM_QK_K + 16 * u;
+                    const __m256i i = _mm256_add_epi32(
+                        _mm256_add_epi32(dp_dot2(v0, ap, v1, ap + 4),
+                                         dp_dot2(v2, ap + 8, v3, ap + 12)),
+                        _mm256_set1_epi32(-32 * a->s16[c * (K / 16) + sb * 16 + u]));
+                    isc[c][hh] = _mm256_add_epi32(isc[c][hh], _mm256_mullo_epi32(i, sc));
+                }
+            }
+        }
+        dp_sb_end(0, NT, o, a, nsb, sb, isc, isc, f);
+    }
+    dp_store(NT, f, nr, y, y_stride, acc);
+}
+
+/* Q2_K (THREE = 0) / Q3_K panel x NT tokens: the 2-bit values by shifts and masks (Q3_K: the
+ * third bits from 32 of a mask's bits, spread to bytes by a shuffle and a compare). */
+static inline __attribute__((always_inline)) void
+gemv_dp_q23k_t(const int THREE, const uint8_t *panel, int64_t K, const xllm_q8act *a, const int NT,
+               int nr, float *y, int64_t y_stride, bool acc) {
+    const int64_t nsb = K / XLLM_QK_K, sbb = THREE ? XLLM_DP_Q3K_SB : XLLM_DP_Q2K_SB;
+    const __m256i m03 = _mm256_set1_epi8(3), m04 = _mm256_set1_epi8(4);
+    const __m256i bsel = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2,
+                                          2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bbit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    __m256 f[XLLM_GEMV_MAX_T][2];
+    for (int c = 0; c < NT; c++) f[c][0] = f[c][1] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *o = panel + sb * sbb;
+        __m256i isc[XLLM_GEMV_MAX_T][2], imn[XLLM_GEMV_MAX_T][2];
+        for (int c = 0; c < NT; c++)
+            isc[c][0] = isc[c][1] = imn[c][0] = imn[c][1] = _mm256_setzero_si256();
+        for (int u = 0; u < 16; u++) {
+            const uint8_t *ou = THREE ? o + 288 + 96 * u : o + 320 + 64 * u;
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(ou + 32 * h));
+                __m256i vi[4];
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++) {
+                    vi[i] = _mm256_and_si256(i ? _mm256_srli_epi16(v, 2 * i) : v, m03);
+                    if (THREE) {
+                        uint32_t hm;
+                        memcpy(&hm, ou + 64 + 8 * i + 4 * h, 4);
+                        const __m256i bits = _mm256_and_si256(
+                            _mm256_shuffle_epi8(_mm256_set1_epi32((int)hm), bsel), bbit);
+                        vi[i] = _mm256_add_epi8(
+                            vi[i], _mm256_and_si256(_mm256_cmpeq_epi8(bits, bbit), m04));
+                    }
+                }
+                __m256i sc, mn = _mm256_setzero_si256();
+                if (THREE) {
+                    sc = _mm256_cvtepi8_epi32(
+                        _mm_loadl_epi64((const __m128i *)(o + 16 * u + 8 * h)));
+                } else {
+                    const __m256i sm = dp_u8x8(o + 16 * u + 8 * h);
+                    sc = _mm256_and_si256(sm, _mm256_set1_epi32(15));
+                    mn = _mm256_srli_epi32(sm, 4);
+                }
+#pragma GCC unroll 4
+                for (int c = 0; c < NT; c++) {
+                    const int8_t *ap = a->q + c * K + sb * XLLM_QK_K + 16 * u;
+                    const int s = a->s16[c * (K / 16) + sb * 16 + u];
+                    __m256i i = _mm256_add_epi32(dp_dot2(vi[0], ap, vi[1], ap + 4),
+                                                 dp_dot2(vi[2], ap + 8, vi[3], ap + 12));
+                    if (THREE) i = _mm256_add_epi32(i, _mm256_set1_epi32(-4 * s));
+                    isc[c][h] = _mm256_add_epi32(isc[c][h], _mm256_mullo_epi32(i, sc));
+                    if (!THREE)
+                        imn[c][h] = _mm256_add_epi32(imn[c][h],
+                                                     _mm256_mullo_epi32(mn, _mm256_set1_epi32(s)));
+                }
+            }
+        }
+        dp_sb_end(!THREE, NT, o, a, nsb, sb, isc, imn, f);
+    }
+    dp_store(NT, f, nr, y, y_stride, acc);
+}
+
+XLLM_DEFINE_GEMV_DP
+
 /* ---- elementwise ------------------------------------------------------------------------- */
 
 /* e^x for x <= 88.38; below -87.3 the result is 2^-126 scaled down to about e^-87 (no
@@ -599,6 +866,7 @@ static const xllm_cpu_kernels k_avx2 = {
     .gemv = gemv,
     .pack_q = xllm_pack_q_portable,
     .gemm_q = gemm_q,
+    .gemv_dp = gemv_dp,
     .pack_f = pack_f,
     .gemm_f = gemm_f,
     .dot_f32 = dot_f32,

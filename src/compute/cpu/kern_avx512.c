@@ -1040,45 +1040,7 @@ static inline __attribute__((always_inline)) void gemv_dp_q6k_t(const uint8_t *p
 }
 
 /* One decode panel of type TY (a constant once inlined) against NT tokens. */
-static inline __attribute__((always_inline)) void
-gemv_dp_one(const xllm_dtype TY, const uint8_t *panel, int64_t K, const xllm_q8act *a, const int NT,
-            int nr, float *y, int64_t y_stride, bool acc) {
-    const bool five = TY == XLLM_DTYPE_Q5_0 || TY == XLLM_DTYPE_Q5_1 || TY == XLLM_DTYPE_Q5_K;
-    if (xllm_dp_leg_bytes(TY))
-        gemv_dp_leg_t(five, TY == XLLM_DTYPE_Q4_1 || TY == XLLM_DTYPE_Q5_1, panel, K, a, NT, nr, y,
-                      y_stride, acc);
-    else if (TY == XLLM_DTYPE_Q2_K || TY == XLLM_DTYPE_Q3_K)
-        gemv_dp_q23k_t(TY == XLLM_DTYPE_Q3_K, panel, K, a, NT, nr, y, y_stride, acc);
-    else if (TY == XLLM_DTYPE_Q4_K || TY == XLLM_DTYPE_Q5_K)
-        gemv_dp_q4k_t(five, panel, K, a, NT, nr, y, y_stride, acc);
-    else
-        gemv_dp_q6k_t(panel, K, a, NT, nr, y, y_stride, acc);
-}
-
-static inline __attribute__((always_inline)) void
-gemv_dp_by_t(const xllm_dtype TY, const uint8_t *panel, int64_t K, const xllm_q8act *a, int64_t T,
-             int nr, float *y, int64_t y_stride, bool acc) {
-#define CALL(NT) gemv_dp_one(TY, panel, K, a, NT, nr, y, y_stride, acc)
-    BY_T(T, CALL);
-#undef CALL
-}
-
-static void gemv_dp(xllm_dtype t, const uint8_t *panel, int64_t K, const xllm_q8act *a, int64_t T,
-                    int nr, float *y, int64_t y_stride, bool acc) {
-#define DP(TY)                                                                                     \
-    if (t == TY) return gemv_dp_by_t(TY, panel, K, a, T, nr, y, y_stride, acc)
-    DP(XLLM_DTYPE_Q4_0);
-    DP(XLLM_DTYPE_Q4_1);
-    DP(XLLM_DTYPE_Q5_0);
-    DP(XLLM_DTYPE_Q5_1);
-    DP(XLLM_DTYPE_Q2_K);
-    DP(XLLM_DTYPE_Q3_K);
-    DP(XLLM_DTYPE_Q4_K);
-    DP(XLLM_DTYPE_Q5_K);
-    DP(XLLM_DTYPE_Q6_K);
-#undef DP
-    XLLM_ASSERT(!"no decode panel kernel for this type");
-}
+XLLM_DEFINE_GEMV_DP
 
 /* All T tokens against np (1 or 2) panels, in tiles of NT tokens. */
 static inline __attribute__((always_inline)) void gemm_q_g(const xllm_qpanel *p, int np,

@@ -180,6 +180,56 @@ static inline int xllm_dp_leg_bytes(xllm_dtype t) {
     }
 }
 
+/* The types with decode panels: X(type) for each (a level's gemv_dp dispatch). */
+#define XLLM_DP_TYPES(X)                                                                           \
+    X(XLLM_DTYPE_Q4_0);                                                                            \
+    X(XLLM_DTYPE_Q4_1);                                                                            \
+    X(XLLM_DTYPE_Q5_0);                                                                            \
+    X(XLLM_DTYPE_Q5_1);                                                                            \
+    X(XLLM_DTYPE_Q2_K);                                                                            \
+    X(XLLM_DTYPE_Q3_K);                                                                            \
+    X(XLLM_DTYPE_Q4_K);                                                                            \
+    X(XLLM_DTYPE_Q5_K);                                                                            \
+    X(XLLM_DTYPE_Q6_K)
+
+/* Defines a level's gemv_dp (its kernel table's entry) over its four decode-panel kernel
+ * families, named alike at every level: gemv_dp_leg_t (five, one), gemv_dp_q23k_t (three),
+ * gemv_dp_q4k_t (five), gemv_dp_q6k_t; each instantiated per type and token count. */
+#define XLLM_DEFINE_GEMV_DP                                                                        \
+    static inline __attribute__((always_inline)) void gemv_dp_one(                                 \
+        const xllm_dtype TY, const uint8_t *panel, int64_t K, const xllm_q8act *a, const int NT,   \
+        int nr, float *y, int64_t y_stride, bool acc) {                                            \
+        const bool five = TY == XLLM_DTYPE_Q5_0 || TY == XLLM_DTYPE_Q5_1 || TY == XLLM_DTYPE_Q5_K; \
+        if (xllm_dp_leg_bytes(TY))                                                                 \
+            gemv_dp_leg_t(five, TY == XLLM_DTYPE_Q4_1 || TY == XLLM_DTYPE_Q5_1, panel, K, a, NT,   \
+                          nr, y, y_stride, acc);                                                   \
+        else if (TY == XLLM_DTYPE_Q2_K || TY == XLLM_DTYPE_Q3_K)                                   \
+            gemv_dp_q23k_t(TY == XLLM_DTYPE_Q3_K, panel, K, a, NT, nr, y, y_stride, acc);          \
+        else if (TY == XLLM_DTYPE_Q4_K || TY == XLLM_DTYPE_Q5_K)                                   \
+            gemv_dp_q4k_t(five, panel, K, a, NT, nr, y, y_stride, acc);                            \
+        else                                                                                       \
+            gemv_dp_q6k_t(panel, K, a, NT, nr, y, y_stride, acc);                                  \
+    }                                                                                              \
+    static inline __attribute__((always_inline)) void gemv_dp_by_t(                                \
+        const xllm_dtype TY, const uint8_t *panel, int64_t K, const xllm_q8act *a, int64_t T,      \
+        int nr, float *y, int64_t y_stride, bool acc) {                                            \
+        if (T == 1)                                                                                \
+            gemv_dp_one(TY, panel, K, a, 1, nr, y, y_stride, acc);                                 \
+        else if (T == 2)                                                                           \
+            gemv_dp_one(TY, panel, K, a, 2, nr, y, y_stride, acc);                                 \
+        else if (T == 3)                                                                           \
+            gemv_dp_one(TY, panel, K, a, 3, nr, y, y_stride, acc);                                 \
+        else                                                                                       \
+            gemv_dp_one(TY, panel, K, a, 4, nr, y, y_stride, acc);                                 \
+    }                                                                                              \
+    static void gemv_dp(xllm_dtype t, const uint8_t *panel, int64_t K, const xllm_q8act *a,        \
+                        int64_t T, int nr, float *y, int64_t y_stride, bool acc) {                 \
+        XLLM_DP_TYPES(XLLM_DP_IF_);                                                                \
+        XLLM_ASSERT(!"no decode panel kernel for this type");                                      \
+    }
+#define XLLM_DP_IF_(TY)                                                                            \
+    if (t == TY) return gemv_dp_by_t(TY, panel, K, a, T, nr, y, y_stride, acc)
+
 /* Bytes of one 16-row decode panel of K elements; 0 for a type without the form. */
 size_t xllm_dpanel_bytes(xllm_dtype t, int64_t K);
 /* Packs rows [r0, r0 + nr) (nr <= 16; the others are zero) of w into a decode panel. */
