@@ -70,11 +70,12 @@ typedef struct xllm_model_params {
     /* Copy weights into anonymous memory instead of using the read-only file mapping. Default
      * false (weights stay mmapped; pages are shared with the page cache). */
     bool no_mmap;
-    /* Do not keep panels wider than the dense rows: sub-8-bit matrices (Q4_K, Q6_K, ...)
-     * are then packed per prompt chunk instead of once (about twice their dense size in
-     * memory saved, slower prompt processing). 8-bit matrices (Q8_0) always live in the panel
-     * form, which every batch size reads; with no_mmap their dense rows are released, so the
-     * model takes about its file size in memory. Default false. */
+    /* Do not keep panels wider than the dense rows: sub-8-bit matrices (Q4_K, Q6_K, ...) then
+     * keep only their decode panels (about their dense size), which prompts read too, instead
+     * of 8-bit panels as well (twice their dense size saved; prompts 0-15% slower). 8-bit
+     * matrices (Q8_0) always live in the panel form, which every batch size reads. With no_mmap
+     * the dense rows of both are released, so the model takes about its file size in memory.
+     * Default false. */
     bool low_memory;
 } xllm_model_params;
 

@@ -15,7 +15,8 @@ static void usage(FILE *f) {
                "logits for every position, row-major (one row per id x n_vocab), no header.\n"
                "  --no-mmap     copy the weights to memory (8-bit and BF16 matrices then live\n"
                "                only in the packed panel form: their dense rows are released)\n"
-               "  --low-memory  no packed panels of sub-8-bit matrices (packed per call)\n");
+               "  --low-memory  sub-8-bit matrices keep their decode panels only (prompts\n"
+               "                read them too)\n");
 }
 
 int xllm_cmd_logits(int argc, char **argv) {

@@ -285,7 +285,8 @@ static xllm_status fault_in(loader *L, const xllm_model_params *p) {
  * released, so the model takes its weight size in memory rather than twice. Sub-8-bit types
  * get 8-bit panels for batches (8 bits a weight) and decode panels in their own bits (about
  * the dense size), which together replace an anonymous copy's dense rows; low_memory does
- * not make their 8-bit panels (prompts then pack per call from the dense rows, which stay).
+ * not make their 8-bit panels (prompts then read the decode panels too, which alone replace
+ * the dense rows: the model takes about its file size).
  * BF16 matrices get their bf16 pair panels (the dense size) when the weights are an
  * anonymous copy, which they then replace. */
 static void make_packs(xllm_model *m, bool low_memory) {

@@ -30,7 +30,8 @@ static float *run_logits(const char *model, json_t *ids, size_t n_ids, int32_t n
     char out[1024], cmd[16384];
     snprintf(out, sizeof(out), "%s/test_tiny_refs.%d.bin", xllm_test_build_dir(), (int)getpid());
     /* the paged runs load the weights into memory (--no-mmap), where the 8-bit matrices live
-     * only as packed panels, and with --low-memory (sub-8-bit ones packed per call); the
+     * only as packed panels, and with --low-memory (sub-8-bit ones only as decode panels,
+     * which the prompt's matrix products read too); the
      * xtensor runs keep the file mapping and every panel */
     snprintf(cmd, sizeof(cmd),
              "'%s/xllm' logits -m '%s' --tokens '%s' -o '%s' -t 2 --kv-layout %s%s",

@@ -159,6 +159,14 @@ size_t xllm_dpanel_bytes(xllm_dtype t, int64_t K) {
     }
 }
 
+/* A legacy type's decode block: whether it has fifth bits and an offset m; returns where its
+ * d starts. */
+static int dp_leg_form(xllm_dtype t, bool *five, bool *one) {
+    *five = t == XLLM_DTYPE_Q5_0 || t == XLLM_DTYPE_Q5_1;
+    *one = t == XLLM_DTYPE_Q4_1 || t == XLLM_DTYPE_Q5_1;
+    return *five ? 320 : 256;
+}
+
 /* Steps of low nibbles (4 per group of 32 elements qq) of row r, from o. */
 static void dp_nibbles(const uint8_t *qq, int ngroups, int r, uint8_t *o) {
     for (int st = 0; st < 4 * ngroups; st++)
@@ -209,9 +217,8 @@ void xllm_pack_dpanel(const xllm_mat *w, int64_t r0, int nr, uint8_t *out) {
                 case XLLM_DTYPE_Q4_1:
                 case XLLM_DTYPE_Q5_0:
                 case XLLM_DTYPE_Q5_1: {
-                    const bool five = t == XLLM_DTYPE_Q5_0 || t == XLLM_DTYPE_Q5_1;
-                    const bool one = t == XLLM_DTYPE_Q4_1 || t == XLLM_DTYPE_Q5_1;
-                    const int doff = five ? 320 : 256;
+                    bool five, one;
+                    const int doff = dp_leg_form(t, &five, &one);
                     dp_nibbles(qq, 1, r, o);
                     if (five) dp_fifth(qq, r, o + 256);
                     memcpy(o + doff + 2 * r, b, 2);
@@ -282,6 +289,86 @@ void xllm_pack_dpanel(const xllm_mat *w, int64_t r0, int nr, uint8_t *out) {
     free(q);
     free(fs);
     free(fm);
+}
+
+/* Element e's 4 bits in a run of steps o (64 bytes a step of 8 elements), row r. */
+static int dp_nib(const uint8_t *o, int r, int e) {
+    const uint8_t b = o[64 * (e / 8) + 4 * r + e % 4];
+    return e % 8 < 4 ? b & 15 : b >> 4;
+}
+
+/* Element e's fifth bit (e < 32) in a group's fifth-bit vector o, row r, at bit 4. */
+static int dp_bit5(const uint8_t *o, int r, int e) {
+    return ((o[4 * r + e % 4] >> (2 * (e / 8) + (e % 8 >= 4))) & 1) << 4;
+}
+
+void xllm_dpanel_row(xllm_dtype t, const uint8_t *panel, int64_t K, int r, float *out) {
+    const xllm_dtype_traits *tr = xllm_dtype_get_traits(t);
+    const int64_t nb = K / tr->block_size;
+    const size_t bb = xllm_dpanel_bytes(t, K) / (size_t)nb;
+    for (int64_t ib = 0; ib < nb; ib++) {
+        const uint8_t *o = panel + (size_t)ib * bb;
+        float *y = out + ib * tr->block_size;
+        switch (t) {
+            case XLLM_DTYPE_Q4_0:
+            case XLLM_DTYPE_Q4_1:
+            case XLLM_DTYPE_Q5_0:
+            case XLLM_DTYPE_Q5_1: {
+                bool five, one;
+                const int doff = dp_leg_form(t, &five, &one);
+                const float d = h2f(o + doff + 2 * r), m = one ? h2f(o + doff + 32 + 2 * r) : 0.0f;
+                for (int e = 0; e < 32; e++) {
+                    const int q = dp_nib(o, r, e) | (five ? dp_bit5(o + 256, r, e) : 0);
+                    y[e] = one ? d * (float)q + m : d * (float)(q - (five ? 16 : 8));
+                }
+                break;
+            }
+            case XLLM_DTYPE_Q2_K:
+            case XLLM_DTYPE_Q3_K: {
+                const bool three = t == XLLM_DTYPE_Q3_K;
+                const float d = h2f(o + 256 + 2 * r), dmin = three ? 0.0f : h2f(o + 288 + 2 * r);
+                for (int e = 0; e < XLLM_QK_K; e++) {
+                    const int u = e / 16, i = (e % 16) / 4, j = e % 4;
+                    const uint8_t *ou = three ? o + 288 + 96 * u : o + 320 + 64 * u;
+                    int q = (ou[4 * r + j] >> (2 * i)) & 3;
+                    if (three) {
+                        q |= ((ou[64 + 8 * i + (4 * r + j) / 8] >> ((4 * r + j) % 8)) & 1) << 2;
+                        y[e] = d * (float)(int8_t)o[16 * u + r] * (float)(q - 4);
+                    } else {
+                        y[e] = d * (float)(o[16 * u + r] & 15) * (float)q -
+                               dmin * (float)(o[16 * u + r] >> 4);
+                    }
+                }
+                break;
+            }
+            case XLLM_DTYPE_Q4_K:
+            case XLLM_DTYPE_Q5_K: {
+                const bool five = t == XLLM_DTYPE_Q5_K;
+                const float d = h2f(o + 256 + 2 * r), dmin = h2f(o + 288 + 2 * r);
+                for (int e = 0; e < XLLM_QK_K; e++) {
+                    const int g = e / 32;
+                    const int q = five ? dp_nib(o + 320 + 320 * g, r, e % 32) |
+                                             dp_bit5(o + 320 + 320 * g + 256, r, e % 32)
+                                       : dp_nib(o + 320, r, e);
+                    y[e] = d * (float)o[16 * g + r] * (float)q - dmin * (float)o[128 + 16 * g + r];
+                }
+                break;
+            }
+            case XLLM_DTYPE_Q6_K: {
+                const float d = h2f(o + 256 + 2 * r);
+                for (int e = 0; e < XLLM_QK_K; e++) {
+                    const int u = e / 16, ee = e % 16;
+                    const uint8_t *ou = o + 320 + 192 * u;
+                    const int lo = dp_nib(ou, r, ee);
+                    const int hi = (ou[128 + 4 * r + ee % 4] >> (2 * (ee / 4))) & 3;
+                    y[e] = d * (float)(int8_t)o[16 * u + r] * (float)((lo | hi << 4) - 32);
+                }
+                break;
+            }
+            default:
+                XLLM_ASSERT(!"no decode panel for this type");
+        }
+    }
 }
 
 int xllm_panel_sym(xllm_dtype t) {

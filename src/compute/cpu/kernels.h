@@ -234,6 +234,8 @@ static inline int xllm_dp_leg_bytes(xllm_dtype t) {
 size_t xllm_dpanel_bytes(xllm_dtype t, int64_t K);
 /* Packs rows [r0, r0 + nr) (nr <= 16; the others are zero) of w into a decode panel. */
 void xllm_pack_dpanel(const xllm_mat *w, int64_t r0, int nr, uint8_t *out);
+/* Row r (< 16) of a decode panel of type t as K floats (the reference dequantization). */
+void xllm_dpanel_row(xllm_dtype t, const uint8_t *panel, int64_t K, int r, float *out);
 
 typedef struct xllm_cpu_kernels {
     xllm_cpu_level level;

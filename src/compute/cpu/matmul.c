@@ -53,6 +53,7 @@ struct xllm_mm {
  * types (sym == 0) 16 offsets. */
 typedef struct prepacked {
     const void *data; /* the matrix's data pointer (key); NULL = free slot */
+    xllm_dtype type;
     int64_t n_rows, n_cols;
     uint8_t *q;
     size_t qstride, alloc;
@@ -63,7 +64,8 @@ typedef struct prepacked {
     bool dense_gone; /* the dense rows were released: every reader uses the panels */
     bool decode;     /* one-token decode reads the panels (they are no bigger than 9/8 of the
                         dense rows: 8-bit types) */
-    uint8_t *dq;     /* decode panels of the sub-8-bit types (xllm_pack_dpanel), or NULL */
+    uint8_t *dq;     /* decode panels of the sub-8-bit types (xllm_pack_dpanel), or NULL; without
+                        8-bit panels (q NULL: low memory) the GEMM reads them too */
     size_t dq_stride, dq_alloc;
 } prepacked;
 
@@ -107,6 +109,11 @@ static prepacked *find_prepacked(const xllm_mm_packs *pk, const xllm_mat *w) {
  * reference dequantization; s * q + m otherwise. */
 static void panel_row(const prepacked *e, int64_t r, float *out) {
     const int rr = (int)(r % XLLM_PANEL);
+    if (!e->q) {
+        xllm_dpanel_row(e->type, e->dq + (size_t)(r / XLLM_PANEL) * e->dq_stride, e->n_cols, rr,
+                        out);
+        return;
+    }
     if (e->bf16) {
         const uint16_t *p = prepacked_bf16(e, r / XLLM_PANEL);
         for (int64_t k = 0; k < e->n_cols; k++)
@@ -288,6 +295,7 @@ typedef enum path {
     PATH_GEMV_BF16,
     PATH_GEMV_BF16P,
     PATH_GEMV_DP,
+    PATH_GEMM_DP,
     PATH_GEMM_Q,
     PATH_GEMM_BF16,
     PATH_GEMM_F
@@ -364,6 +372,16 @@ static void pack_f_ref(const xllm_mat *w, int64_t r0, int nr, float *row, float 
     }
 }
 
+/* The 8-bit form a of n columns from token t0 on. */
+static xllm_q8act act_at(const xllm_q8act *a, int64_t t0, int64_t n) {
+    xllm_q8act r = *a;
+    r.q += t0 * n;
+    r.d += t0 * (n / r.B);
+    r.s16 += t0 * (n / 16);
+    if (r.G) r.g += t0 * (n / r.G) * 2;
+    return r;
+}
+
 static void run_worker(void *arg, int ith, int nth) {
     run_task *rt = arg;
     xllm_mm *mm = rt->mm;
@@ -378,11 +396,17 @@ static void run_worker(void *arg, int ith, int nth) {
         while (c >= t->n_chunks) c -= (t++)->n_chunks;
         const xllm_mat *w = t->w;
         const int64_t K = w->n_cols;
-        if (t->p == PATH_GEMV_DP) {
+        if (t->p == PATH_GEMV_DP || t->p == PATH_GEMM_DP) {
+            /* (more tokens: a panel against each group of up to 4 in turn, from cache) */
             const prepacked *e = t->pre;
             for (int64_t r0 = c * t->chunk; r0 < XLLM_MIN((c + 1) * t->chunk, w->n_rows); r0 += 16)
-                k->gemv_dp(w->type, e->dq + (size_t)(r0 / 16) * e->dq_stride, K, t->a, T,
-                           (int)XLLM_MIN((int64_t)16, w->n_rows - r0), t->y + r0, t->y_stride, acc);
+                for (int64_t t0 = 0; t0 < T; t0 += XLLM_GEMV_MAX_T) {
+                    const xllm_q8act a = act_at(t->a, t0, mm->n);
+                    k->gemv_dp(w->type, e->dq + (size_t)(r0 / 16) * e->dq_stride, K, &a,
+                               XLLM_MIN(T - t0, (int64_t)XLLM_GEMV_MAX_T),
+                               (int)XLLM_MIN((int64_t)16, w->n_rows - r0),
+                               t->y + t0 * t->y_stride + r0, t->y_stride, acc);
+                }
             continue;
         }
         if (t->p == PATH_GEMV_BF16P) {
@@ -403,14 +427,7 @@ static void run_worker(void *arg, int ith, int nth) {
             /* (more tokens than the direct kernels take: groups of them, see plan) */
             for (int64_t t0 = 0; t->p == PATH_GEMV && t0 < T; t0 += XLLM_GEMV_MAX_T) {
                 xllm_q8act a;
-                if (t->a) {
-                    const int64_t n = mm->n;
-                    a = *t->a;
-                    a.q += t0 * n;
-                    a.d += t0 * (n / a.B);
-                    a.s16 += t0 * (n / 16);
-                    if (a.G) a.g += t0 * (n / a.G) * 2;
-                }
+                if (t->a) a = act_at(t->a, t0, mm->n);
                 k->gemv(w, lo, hi, mm->x + t0 * mm->x_stride, mm->x_stride, t->a ? &a : NULL,
                         XLLM_MIN(T - t0, (int64_t)XLLM_GEMV_MAX_T), t->y + t0 * t->y_stride,
                         t->y_stride, acc);
@@ -497,7 +514,9 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
     t.dense = !t.pre || !t.pre->dense_gone;
     /* BF16 panels made ahead: the GEMM reads them, and decode too (one stream a thread) */
     const bool bfp = t.pre && t.pre->bf16 && k->gemm_bf16 && k->gemv_bf16p;
-    if (k->level == XLLM_CPU_SCALAR || (!t.dense && !(B && k->pack_q) && !bfp)) {
+    const bool dq_only = t.pre && t.pre->dq && !t.pre->q;
+    if (k->level == XLLM_CPU_SCALAR || (!t.dense && !(B && k->pack_q) && !bfp) ||
+        (!t.dense && dq_only && !k->gemv_dp)) {
         t.p = PATH_SCALAR; /* (rows from the panels when the dense ones are gone) */
         /* prepacked panels whenever they are there, but for one token on panels wider than
          * 9/8 of the dense rows (sub-8-bit types: 8 bits a weight in the panel), where the
@@ -507,7 +526,11 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
         t.p = mm->T <= XLLM_GEMV_MAX_T ? PATH_GEMV_BF16P : PATH_GEMM_BF16;
         ensure_forms(mm, FORM_BF16);
     } else if (t.pre && t.pre->dq && mm->T <= XLLM_GEMV_MAX_T && k->gemv_dp) {
-        t.p = PATH_GEMV_DP; /* K-quant decode panels: the type's own bits, one stream */
+        t.p = PATH_GEMV_DP; /* decode panels: the type's own bits, one stream */
+        t.a = q_form(mm, w->type, false);
+    } else if (dq_only && k->gemv_dp) {
+        /* no 8-bit panels (low memory): the decode panels serve batches too */
+        t.p = PATH_GEMM_DP;
         t.a = q_form(mm, w->type, false);
     } else if (w->type == XLLM_DTYPE_BF16 && mm->T <= XLLM_GEMV_MAX_T && k->gemv_bf16 &&
                K % 32 == 0) {
@@ -532,7 +555,7 @@ static mm_job plan(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride) {
         t.p = PATH_GEMM_F;
     }
     if (t.p == PATH_SCALAR || t.p == PATH_GEMV || t.p == PATH_GEMV_BF16 || t.p == PATH_GEMV_BF16P ||
-        t.p == PATH_GEMV_DP) {
+        t.p == PATH_GEMV_DP || t.p == PATH_GEMM_DP) {
         /* ~8 units per thread, whole multiples of 16 rows */
         t.chunk = (w->n_rows / (8 * mm->n_threads) + 15) / 16 * 16;
         if (t.chunk < 16) t.chunk = 16;
@@ -622,7 +645,7 @@ size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t ma
     /* the first panel, packed to the thread scratch, tells whether the type is symmetric */
     mm_thread *th = &mm->th[0];
     xllm_qpanel sp = {.q = th->pq, .s = th->ps, .m = th->pm};
-    prepacked e = {.data = w->data, .n_rows = w->n_rows, .n_cols = K, .G = G};
+    prepacked e = {.data = w->data, .type = w->type, .n_rows = w->n_rows, .n_cols = K, .G = G};
     for (int64_t pi = 0; pi < np; pi++) {
         k->pack_q(w, pi * 16, (int)XLLM_MIN((int64_t)16, w->n_rows - pi * 16), th->stage, &sp);
         XLLM_ASSERT(sp.G == G);
@@ -669,12 +692,12 @@ size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t ma
 
 bool xllm_mm_packs_replace_dense(const xllm_mm_packs *pk, const xllm_mat *w) {
     const prepacked *e = find_prepacked(pk, w);
-    return e && e->q && (e->decode || e->dq);
+    return e && (e->dq || (e->q && e->decode));
 }
 
 void xllm_mm_packs_drop_dense(xllm_mm_packs *pk, const xllm_mat *w) {
     prepacked *e = find_prepacked(pk, w);
-    XLLM_ASSERT(e && e->q);
+    XLLM_ASSERT(e && (e->q || e->dq));
     e->dense_gone = true;
 }
 

@@ -122,8 +122,9 @@ void xllm_mm_packs_free(xllm_mm_packs *pk); /* accepts NULL */
  * data pointer is the key of later look-ups. */
 size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t max_bytes);
 /* Whether w's panels serve every path without its dense rows, so that those can go
- * (xllm_mm_packs_drop_dense): 8-bit panels about the dense size (8-bit types), or 8-bit panels
- * for batches beside decode panels in the type's own bits (sub-8-bit types). */
+ * (xllm_mm_packs_drop_dense): 8-bit panels about the dense size (8-bit types), or decode panels
+ * in the type's own bits (sub-8-bit types; with 8-bit panels for batches beside them, or alone,
+ * when max_bytes left those out: batches then read the decode panels too). */
 bool xllm_mm_packs_replace_dense(const xllm_mm_packs *pk, const xllm_mat *w);
 /* Marks that w's dense rows are gone (w must be packed): from then on every path, at every
  * level, reads w from its panels; w's data pointer stays the key. Before any engine uses pk. */

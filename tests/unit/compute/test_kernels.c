@@ -116,8 +116,44 @@ static void check_matmul(xllm_threadpool *tp, xllm_cpu_level level, xllm_dtype t
         free(y2);
     }
     xllm_mm_free(pm);
-    xllm_mm_free(packer);
     xllm_mm_packs_free(pk);
+    /* low memory: no panels over 9/8 of the dense size, so sub-8-bit types get their decode
+     * panels alone; with the dense rows kept (mapped weights) and then gone, every path (the
+     * batched one over the decode panels too) and the row read give the reference results */
+    xllm_mm *lm = xllm_mm_new(tp, level, T, K);
+    xllm_mm_packs *lp = xllm_mm_packs_new();
+    xllm_mm_use_packs(lm, lp);
+    if (xllm_mm_pack(packer, lp, &m, (size_t)rows * rb * 9 / 8)) {
+        float *y2 = malloc((size_t)(T * rows) * sizeof(float));
+        uint8_t *saved = malloc((size_t)rows * rb);
+        memcpy(saved, w, (size_t)rows * rb);
+        for (int gone = 0; gone < 2; gone++) {
+            if (gone) {
+                assert_true(xllm_mm_packs_replace_dense(lp, &m));
+                xllm_mm_packs_drop_dense(lp, &m);
+                memset(w, 0x5a, (size_t)rows * rb);
+            }
+            xllm_mm_input(lm, x, K, T, K);
+            xllm_mm_run(lm, &m, y2, rows, false);
+            if (matmul_err(type, saved, rb, wf, x, y2, NULL, rows, K, T) > tol_of(type, level)) {
+                fprintf(stderr, "low-memory %s level %s rows %lld K %lld T %lld, dense gone %d\n",
+                        xllm_dtype_name(type), xllm_cpu_level_name(level), (long long)rows,
+                        (long long)K, (long long)T, gone);
+                fail();
+            }
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            xllm_mm_row(lm, &m, r, row);
+            for (int64_t k = 0; k < K; k++)
+                assert_true(fabsf(row[k] - wf[r * K + k]) <= 1e-6f * (1.0f + fabsf(wf[r * K + k])));
+        }
+        memcpy(w, saved, (size_t)rows * rb);
+        free(saved);
+        free(y2);
+    }
+    xllm_mm_free(lm);
+    xllm_mm_packs_free(lp);
+    xllm_mm_free(packer);
     xllm_mm_free(mm);
     free(w);
     free(row);
