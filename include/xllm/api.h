@@ -28,6 +28,9 @@ typedef struct xllm_api_params {
     const char *chat_template_file; /* a .jinja file overriding the model's template; NULL */
     xllm_engine_params engine;      /* batching, queue and KV settings */
     bool log_requests;              /* one line per request on stderr (default false) */
+    /* Weights copied to memory, sub-8-bit matrices kept as decode panels only (model params
+     * no_mmap + low_memory): the model takes about its file size (default false). */
+    bool low_memory;
     /* Cluster instance (`xllm engine`): POST /v1/instance/role {"role": R} calls on_role on
      * the HTTP thread (it updates the registry); NULL = the endpoint answers 404. */
     xllm_status (*on_role)(const char *role, void *user, char *err, size_t err_size);

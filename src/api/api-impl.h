@@ -190,6 +190,7 @@ extern const xllm_api_backend_i xllm_api_engine_backend;
 struct xllm_api_server {
     xllm_api_params p; /* string fields point at the owned copies below */
     char *host, *api_key, *model_path, *served_name, *template_file;
+    bool low_memory; /* xllm_api_params.low_memory */
     struct MHD_Daemon *mhd;
     int32_t port;
     int64_t created; /* Unix seconds */

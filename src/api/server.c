@@ -674,6 +674,7 @@ xllm_status xllm_api_server_start(const xllm_api_params *params, xllm_api_server
     s->host = xllm_xstrdup(params->host ? params->host : "127.0.0.1");
     s->api_key = params->api_key && *params->api_key ? xllm_xstrdup(params->api_key) : NULL;
     s->model_path = xllm_xstrdup(params->model_path);
+    s->low_memory = params->low_memory;
     s->template_file = dup_or_null(params->chat_template_file);
     if (params->served_model_name) {
         s->served_name = xllm_xstrdup(params->served_model_name);
@@ -769,6 +770,7 @@ static char *read_file(const char *path, size_t *len) {
 static xllm_status load_model(xllm_api_server *s, xllm_model **out_model,
                               xllm_chat_template **out_tmpl, char *err, size_t err_size) {
     xllm_model_params mp = xllm_model_default_params();
+    mp.no_mmap = mp.low_memory = s->low_memory;
     xllm_model *model = NULL;
     xllm_status st = xllm_model_load(s->model_path, &mp, &model, err, err_size);
     if (st != XLLM_OK) return st;

@@ -28,7 +28,9 @@ static void usage(FILE *f) {
             "  --kv-layout L           xtensor (default) or paged (block-table baseline)\n"
             "  --kv-memory BYTES       KV page pool size, e.g. 512M (default: a full context)\n"
             "  --kv-block-tokens N     tokens per KV page / prefix block (default: automatic)\n"
-            "  --ignore-eos            keep generating past end-of-generation tokens\n");
+            "  --ignore-eos            keep generating past end-of-generation tokens\n"
+            "  --low-memory            weights copied to memory, sub-8-bit matrices as decode\n"
+            "                          panels only: about the file size in memory\n");
 }
 
 /* Length of the longest prefix of buf[0..n) that ends on a complete UTF-8 character. */
@@ -48,7 +50,7 @@ static size_t utf8_complete(const char *buf, size_t n) {
 int xllm_cmd_run(int argc, char **argv) {
     const char *cmd = "run", *model_path = NULL, *prompt = NULL;
     int64_t n_predict = 128, threads = 0, n_ctx = 0, last_n = 64, seed = 0xFFFFFFFF;
-    bool ignore_eos = false;
+    bool ignore_eos = false, low_memory = false;
     xllm_context_params cp = xllm_context_default_params();
     xllm_sampler_params sp = xllm_sampler_default_params();
     for (int i = 1; i < argc; i++) {
@@ -62,6 +64,10 @@ int xllm_cmd_run(int argc, char **argv) {
         }
         if (!strcmp(a, "--ignore-eos")) {
             ignore_eos = true;
+            continue;
+        }
+        if (!strcmp(a, "--low-memory")) {
+            low_memory = true;
             continue;
         }
         static const char *const k_valued[] = {"-m",
@@ -133,7 +139,7 @@ int xllm_cmd_run(int argc, char **argv) {
     sp.seed = (uint64_t)seed;
 
     double t0 = xllm_cli_now();
-    xllm_model *model = xllm_cli_load_model(cmd, model_path, false, false, false);
+    xllm_model *model = xllm_cli_load_model(cmd, model_path, false, low_memory, low_memory);
     if (!model) return 1;
     double t_load = xllm_cli_now() - t0;
     const xllm_tokenizer *tok = xllm_model_tokenizer(model);

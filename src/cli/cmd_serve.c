@@ -39,6 +39,10 @@ static void usage(FILE *f) {
            "  --kv-memory BYTES         KV page pool, e.g. 512M (default: max-seqs full contexts)\n"
            "  --kv-block-tokens N       tokens per KV page / prefix block (default: automatic)\n"
            "  --no-prefix-cache         do not keep prompt blocks for reuse\n"
+           "  --low-memory              weights copied to memory, sub-8-bit matrices (Q4_K...)\n"
+           "                            as decode panels only: about the file size in memory\n"
+           "                            (default: the file mapped, and 8-bit panels for\n"
+           "                            prompts: up to ~15%% faster prompts)\n"
            "  --drain-timeout SECONDS   on SIGINT/SIGTERM, wait this long for requests in\n"
            "                            flight (default 30; a second signal stops at once)\n"
            "  -v, --log-requests        one line per request on stderr\n");
@@ -148,6 +152,10 @@ static int serve_main(int argc, char **argv, bool engine) {
         }
         if (!strcmp(a, "--no-prefix-cache")) {
             no_prefix = true;
+            continue;
+        }
+        if (!strcmp(a, "--low-memory")) {
+            p.low_memory = true;
             continue;
         }
         if (!strcmp(a, "-v") || !strcmp(a, "--log-requests")) {
@@ -275,6 +283,11 @@ static int serve_main(int argc, char **argv, bool engine) {
         xllm_api_server_free(s);
         return 1;
     }
+    if (p.low_memory)
+        fprintf(stderr,
+                "xllm %s: model loaded in low memory (weights copied, sub-8-bit matrices "
+                "as decode panels only)\n",
+                cmd);
     char self_name[64];
     if (engine) {
         /* register only once ready: a service routes to an instance as soon as it appears */

@@ -38,6 +38,18 @@ if "$XLLM" logits -m "$STORIES" --tokens "1 403 407" -o "$TMP/l.bin" 2>/dev/null
    [ "$(stat -c %s "$TMP/l.bin")" = $((3 * 512 * 4)) ]; then ok "logits file size"
 else bad "logits file"; fi
 
+# 4b. --low-memory (sub-8-bit matrices as decode panels only, the prompt's products over them
+# too; their logits against llama.cpp's are test_tiny_refs'): run generates with it, for a
+# K-quant mix and a legacy type (the text itself is noise: tiny random weights, near-ties)
+for ty in q4_k_m q5_0; do
+  M="$SHARED/models/tiny/qwen3-tiny-$ty.gguf"
+  "$XLLM" run -m "$M" -p "The capital of France is" -n 24 --temp 0 --ignore-eos --low-memory \
+    >"$TMP/lm.txt" 2>"$TMP/lm.err"; rc=$?
+  if [ $rc -eq 0 ] && [ -s "$TMP/lm.txt" ] && grep -q "tokens/s" "$TMP/lm.err"; then
+    ok "run --low-memory generates ($ty)"
+  else bad "run --low-memory ($ty, rc $rc)"; cat "$TMP/lm.err"; fi
+done
+
 # 5. errors: one line, exit code 1
 expect_err() { # description, then the command
   local d=$1; shift

@@ -18,6 +18,7 @@ SHARED = os.environ.get("XLLM_SHARED") or os.environ["XLLM_SHARED_DEFAULT"]
 STORIES = os.path.join(SHARED, "models/stories260K/stories260K.gguf")
 QWENTOK = os.path.join(SHARED, "models/tiny/qwen3-qwentok-f16.gguf")
 QWEN_TINY = os.path.join(SHARED, "models/tiny/qwen3-tiny-f16.gguf")
+QWEN_TINY_Q4KM = os.path.join(SHARED, "models/tiny/qwen3-tiny-q4_k_m.gguf")
 
 _fails = 0
 _passes = 0

@@ -7,8 +7,8 @@ import socket
 import threading
 import time
 
-from serve_lib import (QWEN_TINY, QWENTOK, STORIES, Server, finish, ok, run_ref, stream_text,
-                       wait_idle)
+from serve_lib import (QWEN_TINY, QWEN_TINY_Q4KM, QWENTOK, STORIES, Server, finish, ok, run_ref,
+                       stream_text, wait_idle)
 
 KEY = "sk-test-123"
 PROMPTS = ["Once upon a time", "The cat sat on the mat.", "Lily and Tom went to the park",
@@ -354,6 +354,20 @@ def check_invalid_utf8():
     ok(srv.stop() == 0, "utf-8 server exits cleanly", "".join(srv.log[-20:]))
 
 
+def check_low_memory():
+    """--low-memory (sub-8-bit matrices kept as decode panels only, which the prompt's products
+    read too) serves a K-quant model as `xllm run --low-memory` generates."""
+    p = "Once upon a time"
+    ref = run_ref(QWEN_TINY_Q4KM, p, 16, ("--low-memory",)).decode("utf-8", "replace")
+    srv = Server(QWEN_TINY_Q4KM, "-c", "512", "--low-memory")
+    st, d = srv.post("/v1/completions", {"prompt": p, "max_tokens": 16, "temperature": 0})
+    ok(st == 200 and d["choices"][0]["text"] == ref,
+       "serve --low-memory completes as run --low-memory", (d, ref))
+    ok(any("model loaded in low memory" in line for line in srv.log),
+       "serve says it loaded in low memory", "".join(srv.log[-20:]))
+    ok(srv.stop() == 0, "low-memory server exits cleanly", "".join(srv.log[-20:]))
+
+
 def main():
     refs = {p: run_ref(STORIES, p, N).decode() for p in PROMPTS + [""]}
     srv = Server(STORIES, "--max-seqs", "8", "--max-body", "8192", "-c", "2048", key=KEY)
@@ -367,6 +381,7 @@ def main():
     check_busy_and_drain()
     check_chat(None)
     check_invalid_utf8()
+    check_low_memory()
     finish()
 
 
