@@ -526,7 +526,7 @@ static inline __attribute__((always_inline)) void
 gemv_dp_leg_t(const int FIVE, const int ONE, const uint8_t *panel, int64_t K, const xllm_q8act *a,
               const int NT, int nr, float *y, int64_t y_stride, bool acc) {
     const int64_t nb = K / 32;
-    const int bb = 288 + 64 * FIVE + 32 * ONE, doff = 256 + 64 * FIVE, sym = FIVE ? 16 : 8;
+    const int bb = xllm_dp_leg_size(FIVE, ONE), doff = xllm_dp_leg_doff(FIVE), sym = FIVE ? 16 : 8;
     __m256 f[XLLM_GEMV_MAX_T][2];
     for (int c = 0; c < NT; c++) f[c][0] = f[c][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {

@@ -791,7 +791,8 @@ static inline __attribute__((always_inline)) __m512i dp_fifth(__m512i h, const i
 
 /* One group of 32 elements against NT tokens: og holds its 4 steps (and for FIVE its fifth
  * bits after them), ap the group's activations of token 0 (token c at ap + c * K). Returns
- * per row and token the int32 dot product of the values with the activations plus init[c]. */
+ * per row and token the int32 dot product of the values with the activations plus init[c]
+ * (init NULL: 0). */
 static inline __attribute__((always_inline)) void dp_group32(const int FIVE, const int NT,
                                                              const uint8_t *og, const int8_t *ap,
                                                              int64_t K, const __m512i *init,
@@ -800,7 +801,7 @@ static inline __attribute__((always_inline)) void dp_group32(const int FIVE, con
     __m512i lo[XLLM_GEMV_MAX_T], hi[XLLM_GEMV_MAX_T];
 #pragma GCC unroll 4
     for (int c = 0; c < NT; c++) {
-        lo[c] = init[c];
+        lo[c] = init ? init[c] : _mm512_setzero_si512();
         hi[c] = _mm512_setzero_si512();
     }
     const __m512i h = FIVE ? _mm512_loadu_si512(og + 256) : _mm512_setzero_si512();
@@ -852,8 +853,6 @@ gemv_dp_q4k_t(const int FIVE, const uint8_t *panel, int64_t K, const xllm_q8act 
               int nr, float *y, int64_t y_stride, bool acc) {
     const int64_t nsb = K / XLLM_QK_K;
     const int64_t sbb = FIVE ? XLLM_DP_Q5K_SB : XLLM_DP_Q4K_SB;
-    const __m512i zero[XLLM_GEMV_MAX_T] = {_mm512_setzero_si512(), _mm512_setzero_si512(),
-                                           _mm512_setzero_si512(), _mm512_setzero_si512()};
     __m512 f[XLLM_GEMV_MAX_T];
 #pragma GCC unroll 4
     for (int c = 0; c < NT; c++) f[c] = _mm512_setzero_ps();
@@ -866,7 +865,7 @@ gemv_dp_q4k_t(const int FIVE, const uint8_t *panel, int64_t K, const xllm_q8act 
             /* (Q5_K: each group's 4 steps and then its fifth bits) */
             __m512i is[XLLM_GEMV_MAX_T];
             dp_group32(FIVE, NT, o + 320 + (FIVE ? 320 : 256) * g, a->q + sb * XLLM_QK_K + 32 * g,
-                       K, zero, is);
+                       K, NULL, is);
             const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(o + 16 * g)));
             const __m512i mn =
                 _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(o + 128 + 16 * g)));
@@ -892,7 +891,7 @@ static inline __attribute__((always_inline)) void
 gemv_dp_leg_t(const int FIVE, const int ONE, const uint8_t *panel, int64_t K, const xllm_q8act *a,
               const int NT, int nr, float *y, int64_t y_stride, bool acc) {
     const int64_t nb = K / 32;
-    const int bb = 288 + 64 * FIVE + 32 * ONE, doff = 256 + 64 * FIVE, sym = FIVE ? 16 : 8;
+    const int bb = xllm_dp_leg_size(FIVE, ONE), doff = xllm_dp_leg_doff(FIVE), sym = FIVE ? 16 : 8;
     __m512 f[XLLM_GEMV_MAX_T];
 #pragma GCC unroll 4
     for (int c = 0; c < NT; c++) f[c] = _mm512_setzero_ps();

@@ -159,14 +159,6 @@ size_t xllm_dpanel_bytes(xllm_dtype t, int64_t K) {
     }
 }
 
-/* A legacy type's decode block: whether it has fifth bits and an offset m; returns where its
- * d starts. */
-static int dp_leg_form(xllm_dtype t, bool *five, bool *one) {
-    *five = t == XLLM_DTYPE_Q5_0 || t == XLLM_DTYPE_Q5_1;
-    *one = t == XLLM_DTYPE_Q4_1 || t == XLLM_DTYPE_Q5_1;
-    return *five ? 320 : 256;
-}
-
 /* Steps of low nibbles (4 per group of 32 elements qq) of row r, from o. */
 static void dp_nibbles(const uint8_t *qq, int ngroups, int r, uint8_t *o) {
     for (int st = 0; st < 4 * ngroups; st++)
@@ -218,7 +210,8 @@ void xllm_pack_dpanel(const xllm_mat *w, int64_t r0, int nr, uint8_t *out) {
                 case XLLM_DTYPE_Q5_0:
                 case XLLM_DTYPE_Q5_1: {
                     bool five, one;
-                    const int doff = dp_leg_form(t, &five, &one);
+                    xllm_dp_leg_form(t, &five, &one);
+                    const int doff = xllm_dp_leg_doff(five);
                     dp_nibbles(qq, 1, r, o);
                     if (five) dp_fifth(qq, r, o + 256);
                     memcpy(o + doff + 2 * r, b, 2);
@@ -315,11 +308,13 @@ void xllm_dpanel_row(xllm_dtype t, const uint8_t *panel, int64_t K, int r, float
             case XLLM_DTYPE_Q5_0:
             case XLLM_DTYPE_Q5_1: {
                 bool five, one;
-                const int doff = dp_leg_form(t, &five, &one);
+                xllm_dp_leg_form(t, &five, &one);
+                const int doff = xllm_dp_leg_doff(five);
                 const float d = h2f(o + doff + 2 * r), m = one ? h2f(o + doff + 32 + 2 * r) : 0.0f;
+                const int sym = xllm_panel_sym(t);
                 for (int e = 0; e < 32; e++) {
                     const int q = dp_nib(o, r, e) | (five ? dp_bit5(o + 256, r, e) : 0);
-                    y[e] = one ? d * (float)q + m : d * (float)(q - (five ? 16 : 8));
+                    y[e] = one ? d * (float)q + m : d * (float)(q - sym);
                 }
                 break;
             }

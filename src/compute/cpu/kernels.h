@@ -164,20 +164,28 @@ static inline void xllm_k4_scales(const uint8_t *s, uint64_t *sc, uint64_t *mn) 
 #define XLLM_DP_Q5K_SB 2880
 #define XLLM_DP_Q6K_SB 3392
 
-/* Bytes of one legacy-type decode block (32 elements x 16 rows), 0 for another type. */
+/* A legacy type's decode block (32 elements x 16 rows): whether t is one (Q4_0 .. Q5_1), with
+ * fifth bits (Q5_*) and an offset m (Q*_1). */
+static inline bool xllm_dp_leg_form(xllm_dtype t, bool *five, bool *one) {
+    *five = t == XLLM_DTYPE_Q5_0 || t == XLLM_DTYPE_Q5_1;
+    *one = t == XLLM_DTYPE_Q4_1 || t == XLLM_DTYPE_Q5_1;
+    return *five || *one || t == XLLM_DTYPE_Q4_0;
+}
+
+/* Where its d starts (after 4 steps of nibbles and the fifth bits), and its bytes (d, then m:
+ * 16 f16 each). */
+static inline int xllm_dp_leg_doff(int five) {
+    return 256 + 64 * five;
+}
+
+static inline int xllm_dp_leg_size(int five, int one) {
+    return xllm_dp_leg_doff(five) + 32 + 32 * one;
+}
+
+/* Bytes of one legacy-type decode block, 0 for another type. */
 static inline int xllm_dp_leg_bytes(xllm_dtype t) {
-    switch (t) {
-        case XLLM_DTYPE_Q4_0:
-            return 288;
-        case XLLM_DTYPE_Q4_1:
-            return 320;
-        case XLLM_DTYPE_Q5_0:
-            return 352;
-        case XLLM_DTYPE_Q5_1:
-            return 384;
-        default:
-            return 0;
-    }
+    bool five, one;
+    return xllm_dp_leg_form(t, &five, &one) ? xllm_dp_leg_size(five, one) : 0;
 }
 
 /* The types with decode panels: X(type) for each (a level's gemv_dp dispatch). */
@@ -199,14 +207,13 @@ static inline int xllm_dp_leg_bytes(xllm_dtype t) {
     static inline __attribute__((always_inline)) void gemv_dp_one(                                 \
         const xllm_dtype TY, const uint8_t *panel, int64_t K, const xllm_q8act *a, const int NT,   \
         int nr, float *y, int64_t y_stride, bool acc) {                                            \
-        const bool five = TY == XLLM_DTYPE_Q5_0 || TY == XLLM_DTYPE_Q5_1 || TY == XLLM_DTYPE_Q5_K; \
-        if (xllm_dp_leg_bytes(TY))                                                                 \
-            gemv_dp_leg_t(five, TY == XLLM_DTYPE_Q4_1 || TY == XLLM_DTYPE_Q5_1, panel, K, a, NT,   \
-                          nr, y, y_stride, acc);                                                   \
+        bool five, one;                                                                            \
+        if (xllm_dp_leg_form(TY, &five, &one))                                                     \
+            gemv_dp_leg_t(five, one, panel, K, a, NT, nr, y, y_stride, acc);                       \
         else if (TY == XLLM_DTYPE_Q2_K || TY == XLLM_DTYPE_Q3_K)                                   \
             gemv_dp_q23k_t(TY == XLLM_DTYPE_Q3_K, panel, K, a, NT, nr, y, y_stride, acc);          \
         else if (TY == XLLM_DTYPE_Q4_K || TY == XLLM_DTYPE_Q5_K)                                   \
-            gemv_dp_q4k_t(five, panel, K, a, NT, nr, y, y_stride, acc);                            \
+            gemv_dp_q4k_t(TY == XLLM_DTYPE_Q5_K, panel, K, a, NT, nr, y, y_stride, acc);           \
         else                                                                                       \
             gemv_dp_q6k_t(panel, K, a, NT, nr, y, y_stride, acc);                                  \
     }                                                                                              \
