@@ -54,6 +54,8 @@ int32_t xllm_api_server_kv_block_tokens(const xllm_api_server *s);
 /* Loads the model, the chat template and starts the engine; then the server is ready. Blocks
  * for the load. Main thread, once. */
 xllm_status xllm_api_server_load(xllm_api_server *s, char *err, size_t err_size);
+/* The model being served: NULL before xllm_api_server_load, and with a remote backend. */
+const xllm_model *xllm_api_server_model(const xllm_api_server *s);
 /* Stops taking requests (new ones get 503 "draining") and waits up to timeout_ms (-1: no limit)
  * for the requests in flight to finish. Returns the number still in flight. Main thread. */
 int32_t xllm_api_server_drain(xllm_api_server *s, int32_t timeout_ms);

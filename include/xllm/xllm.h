@@ -106,6 +106,27 @@ float xllm_model_norm_eps(const xllm_model *model);
 uint64_t xllm_model_n_params(const xllm_model *model);
 uint64_t xllm_model_size_bytes(const xllm_model *model); /* bytes of tensor data */
 
+/* How the weights are laid out for the kernels. PANELS (the default): matrices in panels made
+ * at load (8-bit types in place of their rows; sub-8-bit types in 8-bit panels for prompts and
+ * decode panels in their own bits: ~2.9x their file size); LOW_MEMORY (params.low_memory):
+ * sub-8-bit matrices in decode panels only (~1x); DENSE: the file's rows alone (XLLM_PREPACK=0,
+ * or a level without panels). The loader lowers the layout asked for when its panels would
+ * leave less than an eighth of the available memory free (MemAvailable at load, or
+ * XLLM_MEM_AVAILABLE=BYTES from the environment): a model loads wherever its file fits. */
+typedef enum xllm_weight_layout {
+    XLLM_LAYOUT_PANELS,
+    XLLM_LAYOUT_LOW_MEMORY,
+    XLLM_LAYOUT_DENSE
+} xllm_weight_layout;
+
+typedef struct xllm_model_layout_info {
+    xllm_weight_layout layout, asked; /* layout != asked: lowered for lack of memory */
+    uint64_t panel_bytes;             /* bytes of the panels made */
+    uint64_t wanted_bytes;            /* bytes the asked layout's panels would have taken */
+    uint64_t available_bytes;         /* memory available at load (0: unknown) */
+} xllm_model_layout_info;
+void xllm_model_layout(const xllm_model *model, xllm_model_layout_info *out);
+
 /* Tensors, in file order. The name pointer lives as long as the model. */
 typedef struct xllm_tensor_info {
     const char *name;

@@ -803,6 +803,10 @@ static xllm_status load_model(xllm_api_server *s, xllm_model **out_model,
     return XLLM_OK;
 }
 
+const xllm_model *xllm_api_server_model(const xllm_api_server *s) {
+    return s->model;
+}
+
 static void publish(xllm_api_server *s, xllm_model *model, xllm_chat_template *tmpl) {
     const xllm_tokenizer *tok = xllm_model_tokenizer(model);
     s->model = model;

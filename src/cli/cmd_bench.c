@@ -376,6 +376,7 @@ int xllm_cmd_bench(int argc, char **argv) {
         fprintf(stderr, "xllm bench: %s\n", err);
         return 1;
     }
+    xllm_cli_report_layout(cmd, m);
     const int32_t V = xllm_model_n_vocab(m);
     const double wbytes = weight_bytes(m);
     double rss_anon, rss_file; /* the loaded model's, before any context or buffer */

@@ -283,7 +283,13 @@ static int serve_main(int argc, char **argv, bool engine) {
         xllm_api_server_free(s);
         return 1;
     }
-    if (p.low_memory)
+    const xllm_model *served = xllm_api_server_model(s);
+    xllm_model_layout_info li = {.layout = XLLM_LAYOUT_DENSE};
+    if (served) {
+        xllm_cli_report_layout(cmd, served);
+        xllm_model_layout(served, &li);
+    }
+    if (p.low_memory && li.layout == XLLM_LAYOUT_LOW_MEMORY)
         fprintf(stderr,
                 "xllm %s: model loaded in low memory (weights copied, sub-8-bit matrices "
                 "as decode panels only)\n",

@@ -140,7 +140,20 @@ xllm_model *xllm_cli_load_model(const char *cmd, const char *path, bool quiet, b
         fprintf(stderr, "xllm %s: %s\n", cmd, err);
         return NULL;
     }
+    xllm_cli_report_layout(cmd, m);
     return m;
+}
+
+void xllm_cli_report_layout(const char *cmd, const xllm_model *m) {
+    static const char *const names[] = {"panel", "low-memory", "dense"};
+    xllm_model_layout_info li;
+    xllm_model_layout(m, &li);
+    if (li.layout == li.asked) return;
+    fprintf(stderr,
+            "xllm %s: weights in the %s layout: the %s layout's panels (%.2f GB) would not fit "
+            "in the %.2f GB of memory available (an eighth kept free)\n",
+            cmd, names[li.layout], names[li.asked], (double)li.wanted_bytes / 1e9,
+            (double)li.available_bytes / 1e9);
 }
 
 const char *xllm_cli_config_template(json_t *cfg) {

@@ -24,6 +24,10 @@ const char *xllm_cli_value(const char *cmd, int argc, char **argv, int *i);
 xllm_model *xllm_cli_load_model(const char *cmd, const char *path, bool quiet, bool no_mmap,
                                 bool low_memory);
 
+/* Says on stderr when the loader lowered the weights' layout for lack of memory (the layout
+ * asked for, what its panels would take, the memory available; see xllm_model_layout). */
+void xllm_cli_report_layout(const char *cmd, const xllm_model *m);
+
 /* KV options shared by run / logits / bench: --kv-type, --kv-layout, --kv-memory,
  * --kv-block-tokens. Returns 1 when argv[*i] was one of them (value consumed), 0 when it is not,
  * -1 on a bad value (message printed). */

@@ -83,6 +83,10 @@ struct xllm_model {
      * level has none); the panels replace the dense rows of the 8-bit types when the weights
      * are an anonymous copy (xllm_mm_row reads a row wherever it lives) */
     struct xllm_mm_packs *packs;
+    /* the layout asked for and the one made (lowered when memory was short), the panels'
+     * bytes, what the asked layout's panels would take, the memory available at load */
+    xllm_weight_layout layout_asked, layout;
+    uint64_t layout_bytes, layout_wanted, layout_available;
 };
 
 #endif

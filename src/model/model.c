@@ -1,6 +1,7 @@
 /* Model loading: reads hyperparameters from GGUF metadata (with the defaults the format implies),
  * binds weight views for the llama / qwen2 / qwen3 / qwen3moe families, checks every shape. */
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -278,27 +279,29 @@ static xllm_status fault_in(loader *L, const xllm_model_params *p) {
     return XLLM_OK;
 }
 
-/* Packs the dense quantized matrices (and the output) once into the panel form, for every
- * context of the model (XLLM_PREPACK=0: not). Panels about the size of the dense rows (8-bit
- * types: Q8_0 is 34 bytes per 32 weights both ways) serve every batch size, decode included;
- * when the weights are an anonymous copy they replace the dense rows, whose pages are
- * released, so the model takes its weight size in memory rather than twice. Sub-8-bit types
- * get 8-bit panels for batches (8 bits a weight) and decode panels in their own bits (about
- * the dense size), which together replace an anonymous copy's dense rows; low_memory does
- * not make their 8-bit panels (prompts then read the decode panels too, which alone replace
- * the dense rows: the model takes about its file size).
- * BF16 matrices get their bf16 pair panels (the dense size) when the weights are an
- * anonymous copy, which they then replace. */
-static void make_packs(xllm_model *m, bool low_memory) {
-    const char *env = getenv("XLLM_PREPACK");
-    if (env && strcmp(env, "0") == 0) return;
+/* The memory the system can still give, in bytes: XLLM_MEM_AVAILABLE when set (a cap the
+ * user chooses, or what a test pretends), else MemAvailable of /proc/meminfo; 0 when unknown. */
+static uint64_t mem_available(void) {
+    const char *env = getenv("XLLM_MEM_AVAILABLE");
+    if (env && *env) {
+        char *end;
+        unsigned long long v = strtoull(env, &end, 10);
+        if (*end == '\0') return v;
+    }
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f) return 0;
+    char line[256];
+    unsigned long long kb = 0;
+    while (fgets(line, sizeof(line), f))
+        if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
+    fclose(f);
+    return (uint64_t)kb * 1024;
+}
+
+/* The dense quantized matrices (and the output), one at a time, each layer in turn. */
+static int model_mats(const xllm_model *m, xllm_mat *out, int cap) {
     const xllm_hparams *hp = &m->hp;
-    int64_t mc = XLLM_MAX((int64_t)hp->n_embd, (int64_t)hp->n_head * hp->head_dim);
-    mc = XLLM_MAX(mc, (int64_t)hp->n_ff);
-    xllm_threadpool *tp = xllm_threadpool_new(1);
-    if (!tp) return;
-    xllm_mm *mm = xllm_mm_new(tp, xllm_cpu_level_default(), 1, mc);
-    m->packs = xllm_mm_packs_new();
+    int n = 0;
     for (int il = 0; il <= hp->n_layer; il++) {
         const xllm_layer *ly = il < hp->n_layer ? &m->layers[il] : NULL;
         const xllm_weight *ws[] = {ly ? &ly->wq : &m->output, ly ? &ly->wk : NULL,
@@ -307,20 +310,86 @@ static void make_packs(xllm_model *m, bool low_memory) {
                                    ly ? &ly->ffn_down : NULL};
         for (size_t i = 0; i < sizeof(ws) / sizeof(ws[0]); i++) {
             if (!ws[i] || !ws[i]->data) continue;
-            const xllm_mat w = {ws[i]->data, ws[i]->type, ws[i]->ne[1], ws[i]->ne[0],
-                                ws[i]->row_bytes};
-            const size_t dense = (size_t)w.n_rows * w.row_bytes;
-            /* (BF16 panels only in place of an anonymous copy: beside mapped file pages they
-             * would double the memory, for no more than the per-call packing they save) */
-            size_t max = low_memory ? dense + dense / 8 : SIZE_MAX;
-            if (w.type == XLLM_DTYPE_BF16 && !m->data_copy) max = 0;
-            const size_t packed = xllm_mm_pack(mm, m->packs, &w, max);
-            if (packed && m->data_copy && xllm_mm_packs_replace_dense(m->packs, &w)) {
-                xllm_mm_packs_drop_dense(m->packs, &w);
-                release_pages(w.data, dense);
+            if (out && n < cap)
+                out[n] = (xllm_mat){ws[i]->data, ws[i]->type, ws[i]->ne[1], ws[i]->ne[0],
+                                    ws[i]->row_bytes};
+            n++;
+        }
+    }
+    return n;
+}
+
+/* The most bytes of panels a matrix may take in a layout: low memory keeps none wider than
+ * 9/8 of the dense rows; BF16 panels only in place of an anonymous copy (beside mapped file
+ * pages they would double the memory, for no more than the per-call packing they save). */
+static size_t pack_max(const xllm_model *m, const xllm_mat *w, xllm_weight_layout layout) {
+    const size_t dense = (size_t)w->n_rows * w->row_bytes;
+    if (w->type == XLLM_DTYPE_BF16 && !m->data_copy) return 0;
+    return layout == XLLM_LAYOUT_LOW_MEMORY ? dense + dense / 8 : SIZE_MAX;
+}
+
+/* Packs the dense quantized matrices (and the output) once into the panel form, for every
+ * context of the model (XLLM_PREPACK=0: not). Panels about the size of the dense rows (8-bit
+ * types: Q8_0 is 34 bytes per 32 weights both ways) serve every batch size, decode included;
+ * when the weights are an anonymous copy they replace the dense rows, whose pages are
+ * released, so the model takes its weight size in memory rather than twice. Sub-8-bit types
+ * get 8-bit panels for batches (8 bits a weight) and decode panels in their own bits (about
+ * the dense size), which together replace an anonymous copy's dense rows; the low-memory
+ * layout does not make their 8-bit panels (prompts then read the decode panels too, which
+ * alone replace the dense rows: the model takes about its file size).
+ * BF16 matrices get their bf16 pair panels (the dense size) when the weights are an
+ * anonymous copy, which they then replace.
+ * The layout asked for is lowered (to low memory, then to the dense rows alone) when what it
+ * adds to the process (the panels, less the dense rows they release) would leave less than an
+ * eighth of the available memory free: a model must load wherever its file fits. */
+static void make_packs(xllm_model *m, bool low_memory) {
+    const char *env = getenv("XLLM_PREPACK");
+    m->layout_asked = m->layout = XLLM_LAYOUT_DENSE;
+    if (env && strcmp(env, "0") == 0) return;
+    const xllm_hparams *hp = &m->hp;
+    int64_t mc = XLLM_MAX((int64_t)hp->n_embd, (int64_t)hp->n_head * hp->head_dim);
+    mc = XLLM_MAX(mc, (int64_t)hp->n_ff);
+    xllm_threadpool *tp = xllm_threadpool_new(1);
+    if (!tp) return;
+    xllm_mm *mm = xllm_mm_new(tp, xllm_cpu_level_default(), 1, mc);
+    const int n = model_mats(m, NULL, 0);
+    xllm_mat *mats = xllm_xcalloc((size_t)XLLM_MAX(n, 1), sizeof(xllm_mat));
+    model_mats(m, mats, n);
+
+    xllm_weight_layout asked = low_memory ? XLLM_LAYOUT_LOW_MEMORY : XLLM_LAYOUT_PANELS;
+    const uint64_t avail = mem_available();
+    xllm_weight_layout layout = asked;
+    for (; layout != XLLM_LAYOUT_DENSE; layout++) {
+        uint64_t add = 0, freed = 0;
+        for (int i = 0; i < n; i++) {
+            const size_t b = xllm_mm_pack_bytes(mm, &mats[i], pack_max(m, &mats[i], layout));
+            add += b;
+            if (b && m->data_copy) freed += (uint64_t)mats[i].n_rows * mats[i].row_bytes;
+        }
+        const uint64_t grow = add > freed ? add - freed : 0;
+        if (layout == asked) m->layout_wanted = add;
+        if (add == 0 && layout == asked) { /* nothing has panels (type, CPU level) */
+            asked = layout = XLLM_LAYOUT_DENSE;
+            break;
+        }
+        if (avail == 0 || grow <= avail - avail / 8) break;
+    }
+    m->layout_asked = asked;
+    m->layout = layout;
+    m->layout_available = avail;
+    if (layout != XLLM_LAYOUT_DENSE) {
+        m->packs = xllm_mm_packs_new();
+        for (int i = 0; i < n; i++) {
+            const xllm_mat *w = &mats[i];
+            const size_t packed = xllm_mm_pack(mm, m->packs, w, pack_max(m, w, layout));
+            m->layout_bytes += packed;
+            if (packed && m->data_copy && xllm_mm_packs_replace_dense(m->packs, w)) {
+                xllm_mm_packs_drop_dense(m->packs, w);
+                release_pages(w->data, (size_t)w->n_rows * w->row_bytes);
             }
         }
     }
+    free(mats);
     xllm_mm_free(mm);
     xllm_threadpool_free(tp);
 }
@@ -466,6 +535,14 @@ float xllm_model_norm_eps(const xllm_model *m) {
 uint64_t xllm_model_n_params(const xllm_model *m) {
     return m->n_params;
 }
+void xllm_model_layout(const xllm_model *m, xllm_model_layout_info *out) {
+    *out = (xllm_model_layout_info){.layout = m->layout,
+                                    .asked = m->layout_asked,
+                                    .panel_bytes = m->layout_bytes,
+                                    .wanted_bytes = m->layout_wanted,
+                                    .available_bytes = m->layout_available};
+}
+
 uint64_t xllm_model_size_bytes(const xllm_model *m) {
     return m->n_bytes;
 }

@@ -626,32 +626,59 @@ static void put_prepacked(xllm_mm_packs *pk, const prepacked *e) {
     pk->n++;
 }
 
-/* BF16 weights in pack_bf16's panels (the dense size): the GEMM then skips packing per call
- * (4% of a BF16 prompt's time), decode reads them as one stream. */
-static size_t pack_bf16_ahead(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t max_bytes,
-                              prepacked *e) {
+/* Whether w gets bf16 pair panels (BF16 weights at a level with the bf16 GEMM). */
+static bool packs_bf16(const xllm_cpu_kernels *k, const xllm_mat *w) {
+    return w->type == XLLM_DTYPE_BF16 && k->pack_bf16 && k->gemm_bf16 && k->gemv_bf16p &&
+           w->n_cols % 32 == 0;
+}
+
+/* The layout of w's packs, no memory yet: BF16 pair panels (the dense size), or for the
+ * quantized types 8-bit panels (left out, alloc 0, when over max_bytes) and for the sub-8-bit
+ * ones decode panels in their own bits. False when w gets none. */
+static bool pack_layout(const xllm_mm *mm, const xllm_mat *w, size_t max_bytes, prepacked *e) {
+    const xllm_cpu_kernels *k = mm->k;
     const int64_t K = w->n_cols, np = (w->n_rows + 15) / 16;
-    *e = (prepacked){.data = w->data,
-                     .n_rows = w->n_rows,
-                     .n_cols = K,
-                     .bf16 = true,
-                     .qstride = (size_t)K * 16 * sizeof(uint16_t)};
+    *e = (prepacked){.data = w->data, .type = w->type, .n_rows = w->n_rows, .n_cols = K};
+    if (w->n_rows <= 0 || K > mm->max_cols) return false;
+    if (packs_bf16(k, w)) {
+        /* the GEMM then skips packing per call (4% of a BF16 prompt's time), decode reads
+         * them as one stream */
+        e->bf16 = e->decode = true;
+        e->qstride = (size_t)K * 16 * sizeof(uint16_t);
+        e->alloc = e->qstride * (size_t)np;
+        return e->alloc <= max_bytes;
+    }
+    if (!k->pack_q || !xllm_act_block(w->type)) return false;
+    const int G = xllm_panel_group(w->type);
+    if (K % G) return false;
+    const int64_t ng = K / G;
+    e->G = G;
+    e->sym = xllm_panel_sym(w->type);
+    /* the scale of these types is the block's f16 d: exact as f16 */
+    e->h16 =
+        G == 32 && e->sym &&
+        (w->type == XLLM_DTYPE_Q8_0 || w->type == XLLM_DTYPE_Q4_0 || w->type == XLLM_DTYPE_Q5_0);
+    e->gb = e->h16 ? 2 * 16 * G + 2 * 16 * (int64_t)sizeof(uint16_t)
+                   : 16 * G + (e->sym ? 1 : 2) * 16 * (int64_t)sizeof(float);
+    e->qstride = (size_t)((e->h16 ? (ng + 1) / 2 : ng) * e->gb);
     e->alloc = e->qstride * (size_t)np;
-    if (e->alloc > max_bytes || !(e->q = packs_alloc(pk, e->alloc))) return 0;
-    for (int64_t pi = 0; pi < np; pi++)
-        mm->k->pack_bf16(w, pi * 16, (int)XLLM_MIN((int64_t)16, w->n_rows - pi * 16),
-                         (uint16_t *)(e->q + (size_t)pi * e->qstride));
-    e->decode = true;
-    return e->alloc;
+    if (e->alloc > max_bytes) e->alloc = 0;
+    e->decode = e->alloc && e->alloc <= (size_t)w->n_rows * w->row_bytes * 9 / 8;
+    /* sub-8-bit types: decode panels in their own bits as well */
+    e->dq_stride = k->gemv_dp ? xllm_dpanel_bytes(w->type, K) : 0;
+    e->dq_alloc = e->dq_stride * (size_t)np;
+    return e->alloc || e->dq_alloc;
+}
+
+size_t xllm_mm_pack_bytes(const xllm_mm *mm, const xllm_mat *w, size_t max_bytes) {
+    prepacked e;
+    return pack_layout(mm, w, max_bytes, &e) ? e.alloc + e.dq_alloc : 0;
 }
 
 size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t max_bytes) {
     const xllm_cpu_kernels *k = mm->k;
-    const bool bf = w->type == XLLM_DTYPE_BF16 && k->pack_bf16 && k->gemm_bf16 && k->gemv_bf16p &&
-                    w->n_cols % 32 == 0;
-    if ((!bf && (!k->pack_q || !xllm_act_block(w->type))) || w->n_rows <= 0 ||
-        w->n_cols > mm->max_cols || find_prepacked(pk, w))
-        return 0;
+    prepacked e;
+    if (find_prepacked(pk, w) || !pack_layout(mm, w, max_bytes, &e)) return 0;
     if (pk->n * 2 + 2 > pk->cap) { /* grow and rehash */
         const int64_t old_cap = pk->cap;
         prepacked *old = pk->pre;
@@ -665,38 +692,26 @@ size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t ma
         }
         free(old);
     }
-    if (bf) {
-        prepacked e;
-        if (!pack_bf16_ahead(mm, pk, w, max_bytes, &e)) return 0;
+    const int64_t K = w->n_cols, np = (w->n_rows + 15) / 16;
+    if (e.alloc && !(e.q = packs_alloc(pk, e.alloc))) e.alloc = 0;
+    if (e.dq_alloc && !(e.dq = packs_alloc(pk, e.dq_alloc))) e.dq_alloc = 0;
+    e.decode = e.decode && e.q;
+    if (!e.q && !e.dq) return 0;
+    if (e.bf16) {
+        for (int64_t pi = 0; pi < np; pi++)
+            k->pack_bf16(w, pi * 16, (int)XLLM_MIN((int64_t)16, w->n_rows - pi * 16),
+                         (uint16_t *)(e.q + (size_t)pi * e.qstride));
         put_prepacked(pk, &e);
         return e.alloc;
     }
-    const int64_t K = w->n_cols, np = (w->n_rows + 15) / 16;
-    const int G = xllm_panel_group(w->type);
-    const int64_t ng = K / G;
-    if (K % G) return 0;
-    /* the first panel, packed to the thread scratch, tells whether the type is symmetric */
+    /* each panel packed to the thread scratch, then copied into the groups' layout */
     mm_thread *th = &mm->th[0];
     xllm_qpanel sp = {.q = th->pq, .s = th->ps, .m = th->pm};
-    prepacked e = {.data = w->data, .type = w->type, .n_rows = w->n_rows, .n_cols = K, .G = G};
-    for (int64_t pi = 0; pi < np; pi++) {
+    const int G = e.G;
+    const int64_t ng = K / G;
+    for (int64_t pi = 0; e.q && pi < np; pi++) {
         k->pack_q(w, pi * 16, (int)XLLM_MIN((int64_t)16, w->n_rows - pi * 16), th->stage, &sp);
-        XLLM_ASSERT(sp.G == G);
-        if (pi == 0) {
-            e.sym = sp.sym;
-            /* the scale of these types is the block's f16 d: exact as f16 */
-            e.h16 = G == 32 && e.sym &&
-                    (w->type == XLLM_DTYPE_Q8_0 || w->type == XLLM_DTYPE_Q4_0 ||
-                     w->type == XLLM_DTYPE_Q5_0);
-            e.gb = e.h16 ? 2 * 16 * G + 2 * 16 * (int64_t)sizeof(uint16_t)
-                         : 16 * G + (e.sym ? 1 : 2) * 16 * (int64_t)sizeof(float);
-            e.qstride = (size_t)((e.h16 ? (ng + 1) / 2 : ng) * e.gb);
-            e.alloc = e.qstride * (size_t)np;
-            if (e.alloc > max_bytes || !(e.q = packs_alloc(pk, e.alloc))) {
-                e.alloc = 0;
-                break;
-            }
-        }
+        XLLM_ASSERT(sp.G == G && sp.sym == e.sym);
         const xllm_qpanel dp = prepacked_panel(&e, pi);
         for (int64_t g = 0; g < ng; g++) {
             memcpy((uint8_t *)xllm_qpanel_q(&dp, g, dp.qgs), sp.q + g * 16 * G, (size_t)(16 * G));
@@ -709,16 +724,9 @@ size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t ma
             if (dp.m) memcpy(dp.m + g * dp.sgs, sp.m + g * 16, 16 * sizeof(float));
         }
     }
-    e.decode = e.q && e.alloc <= (size_t)w->n_rows * w->row_bytes * 9 / 8;
-    /* K-quant types: decode panels in their own bits as well */
-    e.dq_stride = k->gemv_dp ? xllm_dpanel_bytes(w->type, K) : 0;
-    if (e.dq_stride && (e.dq = packs_alloc(pk, e.dq_stride * (size_t)np))) {
-        e.dq_alloc = e.dq_stride * (size_t)np;
-        for (int64_t pi = 0; pi < np; pi++)
-            xllm_pack_dpanel(w, pi * 16, (int)XLLM_MIN((int64_t)16, w->n_rows - pi * 16),
-                             e.dq + (size_t)pi * e.dq_stride);
-    }
-    if (!e.q && !e.dq) return 0;
+    for (int64_t pi = 0; e.dq && pi < np; pi++)
+        xllm_pack_dpanel(w, pi * 16, (int)XLLM_MIN((int64_t)16, w->n_rows - pi * 16),
+                         e.dq + (size_t)pi * e.dq_stride);
     put_prepacked(pk, &e);
     return e.alloc + e.dq_alloc;
 }

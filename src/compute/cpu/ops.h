@@ -121,6 +121,8 @@ void xllm_mm_packs_free(xllm_mm_packs *pk); /* accepts NULL */
  * type has no panel form, the panels would take more than max_bytes, or memory ran out. w's
  * data pointer is the key of later look-ups. */
 size_t xllm_mm_pack(xllm_mm *mm, xllm_mm_packs *pk, const xllm_mat *w, size_t max_bytes);
+/* The bytes xllm_mm_pack would take for w with that max_bytes, packing nothing. */
+size_t xllm_mm_pack_bytes(const xllm_mm *mm, const xllm_mat *w, size_t max_bytes);
 /* Whether w's panels serve every path without its dense rows, so that those can go
  * (xllm_mm_packs_drop_dense): 8-bit panels about the dense size (8-bit types), or decode panels
  * in the type's own bits (sub-8-bit types; with 8-bit panels for batches beside them, or alone,
