@@ -1,5 +1,8 @@
 /* Persistent thread pool: a generation counter announces each task; workers spin on it for a
- * short while (decode steps come back to back) and then block on a condition variable. */
+ * short while (decode steps come back to back) and then block on a condition variable.
+ * A shared task (xllm_threadpool_run_shared) ends when the caller's part is done and the
+ * workers that joined it have left: a worker the OS has not run by then skips it, so a busy
+ * host's scheduling delays hold no region whose work the others have already taken. */
 #include "compute/threadpool.h"
 
 #include <pthread.h>
@@ -19,6 +22,12 @@ static inline void spin_pause(int spins) {
     __builtin_ia32_pause();
 #endif
 }
+
+/* The task's state word: its generation (low 32 bits) in the high half, then whether it is
+ * shared, whether it is closed to joining, and the number of workers in it. */
+#define ST_SHARED ((uint64_t)1 << 31)
+#define ST_CLOSED ((uint64_t)1 << 30)
+#define ST_JOINED (ST_CLOSED - 1)
 
 typedef struct worker {
     xllm_threadpool *tp;
@@ -42,9 +51,16 @@ struct xllm_threadpool {
      * consistent, so at least one of the two sees the other. */
     atomic_int sleepers;
     atomic_bool caller_waits;
+    atomic_uint_fast64_t state; /* ST_*: of the current task */
     xllm_task_fn fn;
     void *arg;
 };
+
+static void wake_caller(xllm_threadpool *tp) {
+    pthread_mutex_lock(&tp->mu);
+    pthread_cond_signal(&tp->cv_done);
+    pthread_mutex_unlock(&tp->mu);
+}
 
 static void *worker_main(void *p) {
     worker *w = p;
@@ -67,12 +83,26 @@ static void *worker_main(void *p) {
         }
         if (atomic_load(&tp->stop)) break;
         seen = gen;
-        tp->fn(tp->arg, w->ith, tp->n_threads);
-        if (atomic_fetch_sub(&tp->pending, 1) == 1 && atomic_load(&tp->caller_waits)) {
-            pthread_mutex_lock(&tp->mu);
-            pthread_cond_signal(&tp->cv_done);
-            pthread_mutex_unlock(&tp->mu);
+        uint64_t st = atomic_load(&tp->state);
+        /* a newer task already: this one was shared and ended without this worker */
+        if ((uint32_t)(st >> 32) != (uint32_t)gen) continue;
+        if (!(st & ST_SHARED)) {
+            /* (the caller waits for every worker) */
+            tp->fn(tp->arg, w->ith, tp->n_threads);
+            if (atomic_fetch_sub(&tp->pending, 1) == 1 && atomic_load(&tp->caller_waits))
+                wake_caller(tp);
+            continue;
         }
+        /* join unless the task is over or closed; fn and arg are the task's only once joined
+         * (the caller does not return while a worker is in) */
+        bool in = false;
+        while (!in && (uint32_t)(st >> 32) == (uint32_t)gen && !(st & ST_CLOSED))
+            in = atomic_compare_exchange_weak(&tp->state, &st, st + 1);
+        if (!in) continue;
+        tp->fn(tp->arg, w->ith, tp->n_threads);
+        st = atomic_fetch_sub(&tp->state, 1) - 1;
+        if ((st & ST_CLOSED) && !(st & ST_JOINED) && atomic_load(&tp->caller_waits))
+            wake_caller(tp);
     }
     return NULL;
 }
@@ -115,31 +145,61 @@ int xllm_threadpool_n_threads(const xllm_threadpool *tp) {
     return tp->n_threads;
 }
 
-void xllm_threadpool_run(xllm_threadpool *tp, xllm_task_fn fn, void *arg) {
-    if (tp->n_threads == 1) {
-        fn(arg, 0, 1);
-        return;
-    }
+/* Publishes task fn(arg) as the next generation and wakes sleeping workers. */
+static void post(xllm_threadpool *tp, xllm_task_fn fn, void *arg, bool shared) {
     tp->fn = fn;
     tp->arg = arg;
     atomic_store(&tp->pending, tp->n_threads - 1);
-    atomic_fetch_add(&tp->generation, 1);
+    const uint64_t gen = atomic_load_explicit(&tp->generation, memory_order_relaxed) + 1;
+    atomic_store(&tp->state, (uint64_t)(uint32_t)gen << 32 | (shared ? ST_SHARED : 0));
+    atomic_store_explicit(&tp->generation, gen, memory_order_release);
     if (atomic_load(&tp->sleepers) > 0) {
         pthread_mutex_lock(&tp->mu);
         pthread_cond_broadcast(&tp->cv_start);
         pthread_mutex_unlock(&tp->mu);
     }
-    fn(arg, 0, tp->n_threads);
+}
+
+/* Waits, spinning and then blocking, until done(tp) holds. */
+static void await(xllm_threadpool *tp, bool (*done)(xllm_threadpool *)) {
     int spins = 0;
-    while (atomic_load_explicit(&tp->pending, memory_order_acquire) > 0 && spins < SPIN_ITERS)
-        spin_pause(++spins);
-    if (atomic_load(&tp->pending) > 0) {
+    while (!done(tp) && spins < SPIN_ITERS) spin_pause(++spins);
+    if (!done(tp)) {
         pthread_mutex_lock(&tp->mu);
         atomic_store(&tp->caller_waits, true);
-        while (atomic_load(&tp->pending) > 0) pthread_cond_wait(&tp->cv_done, &tp->mu);
+        while (!done(tp)) pthread_cond_wait(&tp->cv_done, &tp->mu);
         atomic_store(&tp->caller_waits, false);
         pthread_mutex_unlock(&tp->mu);
     }
+}
+
+static bool all_left(xllm_threadpool *tp) {
+    return atomic_load(&tp->pending) == 0;
+}
+
+static bool joined_left(xllm_threadpool *tp) {
+    return !(atomic_load(&tp->state) & ST_JOINED);
+}
+
+void xllm_threadpool_run(xllm_threadpool *tp, xllm_task_fn fn, void *arg) {
+    if (tp->n_threads == 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+    post(tp, fn, arg, false);
+    fn(arg, 0, tp->n_threads);
+    await(tp, all_left);
+}
+
+void xllm_threadpool_run_shared(xllm_threadpool *tp, xllm_task_fn fn, void *arg) {
+    if (tp->n_threads == 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+    post(tp, fn, arg, true);
+    fn(arg, 0, tp->n_threads);
+    atomic_fetch_or(&tp->state, ST_CLOSED);
+    await(tp, joined_left);
 }
 
 int xllm_cpu_count(void) {

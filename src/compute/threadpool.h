@@ -18,6 +18,12 @@ int xllm_threadpool_n_threads(const xllm_threadpool *tp);
 /* Runs fn on every thread and returns when all have finished. Called from one thread at a
  * time (the pool's owner). */
 void xllm_threadpool_run(xllm_threadpool *tp, xllm_task_fn fn, void *arg);
+/* As xllm_threadpool_run for a task whose work any thread may take (fn returns when none is
+ * left to take; per-thread scratch by ith is fine): returns when the caller's fn has returned
+ * and the workers that started fn meanwhile have finished it. A worker the OS has not run by
+ * the time the caller's fn returns does not call fn at all, so a busy host's scheduling delays
+ * do not hold the caller once the work is done. */
+void xllm_threadpool_run_shared(xllm_threadpool *tp, xllm_task_fn fn, void *arg);
 
 /* Number of CPU cores available to this process. */
 int xllm_cpu_count(void);

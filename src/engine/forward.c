@@ -189,7 +189,7 @@ static void attention_block(xllm_context *ctx, const xllm_batch *b, int il) {
     if (ctx->layer_hook) ctx->layer_hook(ctx->layer_hook_user, b, il);
     attn_task a = {.ctx = ctx, .b = b, .il = il};
     atomic_init(&a.next, 0);
-    xllm_threadpool_run(ctx->tp, attn_worker, &a);
+    xllm_threadpool_run_shared(ctx->tp, attn_worker, &a);
     /* x += att @ Wo^T: the residual add is fused into the matmul's store */
     mm_input(ctx, ws->att, T, nq);
     matmul(ctx, &ly->wo, 0, ws->x, true);

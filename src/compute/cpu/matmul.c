@@ -767,7 +767,7 @@ void xllm_mm_run_multi(xllm_mm *mm, int n, const xllm_mat *const *w, float *cons
     }
     if (t.total == 0) return;
     share_units(mm, t.total);
-    xllm_threadpool_run(mm->tp, run_worker, &t);
+    xllm_threadpool_run_shared(mm->tp, run_worker, &t);
 }
 
 void xllm_mm_run(xllm_mm *mm, const xllm_mat *w, float *y, int64_t y_stride, bool acc) {
