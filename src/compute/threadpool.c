@@ -181,25 +181,23 @@ static bool joined_left(xllm_threadpool *tp) {
     return !(atomic_load(&tp->state) & ST_JOINED);
 }
 
-void xllm_threadpool_run(xllm_threadpool *tp, xllm_task_fn fn, void *arg) {
+static void run(xllm_threadpool *tp, xllm_task_fn fn, void *arg, bool shared) {
     if (tp->n_threads == 1) {
         fn(arg, 0, 1);
         return;
     }
-    post(tp, fn, arg, false);
+    post(tp, fn, arg, shared);
     fn(arg, 0, tp->n_threads);
-    await(tp, all_left);
+    if (shared) atomic_fetch_or(&tp->state, ST_CLOSED);
+    await(tp, shared ? joined_left : all_left);
+}
+
+void xllm_threadpool_run(xllm_threadpool *tp, xllm_task_fn fn, void *arg) {
+    run(tp, fn, arg, false);
 }
 
 void xllm_threadpool_run_shared(xllm_threadpool *tp, xllm_task_fn fn, void *arg) {
-    if (tp->n_threads == 1) {
-        fn(arg, 0, 1);
-        return;
-    }
-    post(tp, fn, arg, true);
-    fn(arg, 0, tp->n_threads);
-    atomic_fetch_or(&tp->state, ST_CLOSED);
-    await(tp, joined_left);
+    run(tp, fn, arg, true);
 }
 
 int xllm_cpu_count(void) {
