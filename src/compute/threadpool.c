@@ -24,7 +24,8 @@ static inline void spin_pause(int spins) {
 }
 
 /* The task's state word: its generation (low 32 bits) in the high half, then whether it is
- * shared, whether it is closed to joining, and the number of workers in it. */
+ * shared, whether it is closed to joining, and the number of workers in it (an every-thread
+ * task counts them all in from the start, closed). */
 #define ST_SHARED ((uint64_t)1 << 31)
 #define ST_CLOSED ((uint64_t)1 << 30)
 #define ST_JOINED (ST_CLOSED - 1)
@@ -42,7 +43,6 @@ struct xllm_threadpool {
     pthread_cond_t cv_start;
     pthread_cond_t cv_done;
     atomic_uint_fast64_t generation;
-    atomic_int pending; /* workers still running the current task */
     atomic_bool stop;
     /* Workers blocked (or about to block) on cv_start, and whether the caller is on cv_done:
      * a task's start and end take the mutex and signal only when someone sleeps (while they
@@ -86,16 +86,10 @@ static void *worker_main(void *p) {
         uint64_t st = atomic_load(&tp->state);
         /* a newer task already: this one was shared and ended without this worker */
         if ((uint32_t)(st >> 32) != (uint32_t)gen) continue;
-        if (!(st & ST_SHARED)) {
-            /* (the caller waits for every worker) */
-            tp->fn(tp->arg, w->ith, tp->n_threads);
-            if (atomic_fetch_sub(&tp->pending, 1) == 1 && atomic_load(&tp->caller_waits))
-                wake_caller(tp);
-            continue;
-        }
-        /* join unless the task is over or closed; fn and arg are the task's only once joined
-         * (the caller does not return while a worker is in) */
-        bool in = false;
+        /* a shared task is joined unless it is over or closed (every-thread tasks count their
+         * workers in when posted); fn and arg are the task's only once in (the caller does not
+         * return while a worker is in) */
+        bool in = !(st & ST_SHARED);
         while (!in && (uint32_t)(st >> 32) == (uint32_t)gen && !(st & ST_CLOSED))
             in = atomic_compare_exchange_weak(&tp->state, &st, st + 1);
         if (!in) continue;
@@ -149,9 +143,9 @@ int xllm_threadpool_n_threads(const xllm_threadpool *tp) {
 static void post(xllm_threadpool *tp, xllm_task_fn fn, void *arg, bool shared) {
     tp->fn = fn;
     tp->arg = arg;
-    atomic_store(&tp->pending, tp->n_threads - 1);
     const uint64_t gen = atomic_load_explicit(&tp->generation, memory_order_relaxed) + 1;
-    atomic_store(&tp->state, (uint64_t)(uint32_t)gen << 32 | (shared ? ST_SHARED : 0));
+    atomic_store(&tp->state, (uint64_t)(uint32_t)gen << 32 |
+                                 (shared ? ST_SHARED : ST_CLOSED | (uint64_t)(tp->n_threads - 1)));
     atomic_store_explicit(&tp->generation, gen, memory_order_release);
     if (atomic_load(&tp->sleepers) > 0) {
         pthread_mutex_lock(&tp->mu);
@@ -160,25 +154,22 @@ static void post(xllm_threadpool *tp, xllm_task_fn fn, void *arg, bool shared) {
     }
 }
 
-/* Waits, spinning and then blocking, until done(tp) holds. */
-static void await(xllm_threadpool *tp, bool (*done)(xllm_threadpool *)) {
+/* Whether every worker in the current task has left it. */
+static bool all_left(xllm_threadpool *tp) {
+    return !(atomic_load(&tp->state) & ST_JOINED);
+}
+
+/* Waits, spinning and then blocking, until the workers in the task have left it. */
+static void await_workers(xllm_threadpool *tp) {
     int spins = 0;
-    while (!done(tp) && spins < SPIN_ITERS) spin_pause(++spins);
-    if (!done(tp)) {
+    while (!all_left(tp) && spins < SPIN_ITERS) spin_pause(++spins);
+    if (!all_left(tp)) {
         pthread_mutex_lock(&tp->mu);
         atomic_store(&tp->caller_waits, true);
-        while (!done(tp)) pthread_cond_wait(&tp->cv_done, &tp->mu);
+        while (!all_left(tp)) pthread_cond_wait(&tp->cv_done, &tp->mu);
         atomic_store(&tp->caller_waits, false);
         pthread_mutex_unlock(&tp->mu);
     }
-}
-
-static bool all_left(xllm_threadpool *tp) {
-    return atomic_load(&tp->pending) == 0;
-}
-
-static bool joined_left(xllm_threadpool *tp) {
-    return !(atomic_load(&tp->state) & ST_JOINED);
 }
 
 static void run(xllm_threadpool *tp, xllm_task_fn fn, void *arg, bool shared) {
@@ -189,7 +180,7 @@ static void run(xllm_threadpool *tp, xllm_task_fn fn, void *arg, bool shared) {
     post(tp, fn, arg, shared);
     fn(arg, 0, tp->n_threads);
     if (shared) atomic_fetch_or(&tp->state, ST_CLOSED);
-    await(tp, shared ? joined_left : all_left);
+    await_workers(tp);
 }
 
 void xllm_threadpool_run(xllm_threadpool *tp, xllm_task_fn fn, void *arg) {
