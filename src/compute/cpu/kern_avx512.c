@@ -1496,6 +1496,43 @@ att_query(const int DV, int D, const float *q, const float (*vb)[256], int cnt, 
     }
 }
 
+/* Two queries against one block whose raw scores are given (sc0, sc1; the scores of both
+ * taken from att_scores_t): online-softmax update of each, then o += p V for both in one pass
+ * over the block, each V vector loaded once for the two (att_query loads it once a query: a
+ * load an FMA). The same operations in the same order as two att_query calls. D = 16 * DV. */
+static inline __attribute__((always_inline)) void att_query2(const int DV, const float (*vb)[256],
+                                                             int cnt, const float *sc0,
+                                                             const float *sc1, float *m, float *l,
+                                                             float *o0, float *o1) {
+    const __mmask16 valid = (__mmask16)(cnt >= 16 ? 0xffffu : (1u << cnt) - 1u);
+    float pv[2][16] __attribute__((aligned(64)));
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    const __m512 a0 = _mm512_set1_ps(att_softmax(
+        _mm512_mask_mov_ps(ninf, valid, _mm512_load_ps(sc0)), valid, &m[0], &l[0], pv[0]));
+    const __m512 a1 = _mm512_set1_ps(att_softmax(
+        _mm512_mask_mov_ps(ninf, valid, _mm512_load_ps(sc1)), valid, &m[1], &l[1], pv[1]));
+    __m512 u0[16], u1[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < DV; j++) {
+        u0[j] = _mm512_mul_ps(_mm512_load_ps(o0 + 16 * j), a0);
+        u1[j] = _mm512_mul_ps(_mm512_load_ps(o1 + 16 * j), a1);
+    }
+    for (int pp = 0; pp < cnt; pp++) {
+        const __m512 w0 = _mm512_set1_ps(pv[0][pp]), w1 = _mm512_set1_ps(pv[1][pp]);
+#pragma GCC unroll 16
+        for (int j = 0; j < DV; j++) {
+            const __m512 vv = _mm512_load_ps(vb[pp] + 16 * j);
+            u0[j] = _mm512_fmadd_ps(w0, vv, u0[j]);
+            u1[j] = _mm512_fmadd_ps(w1, vv, u1[j]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < DV; j++) {
+        _mm512_store_ps(o0 + 16 * j, u0[j]);
+        _mm512_store_ps(o1 + 16 * j, u1[j]);
+    }
+}
+
 /* Decode (one token): NQ (1 or 2) query heads sharing one KV head against a block of cnt
  * positions, K / V read straight from the cache rows (F16 converted in registers, no staged
  * copy), each converted vector used by the NQ queries. D = 16 * DV. q: scaled queries; o:
@@ -1700,6 +1737,22 @@ static void attention(const xllm_attn_args *a) {
                 }
                 const int cnt = lim[i] - p0 < pb ? lim[i] - p0 : pb;
                 if (cnt <= 0) continue;
+                /* two queries at a time where both see the same positions (a token's GQA
+                 * group, or consecutive tokens in a block they both pass) and share a batch of
+                 * scores */
+                if (!rows && (D == 128 || D == 64) && i + 1 < (hh + 1) * nqh &&
+                    (i + 1 - hh * nqh) % 4 != 0 &&
+                    (lim[i + 1] - p0 < pb ? lim[i + 1] - p0 : pb) == cnt) {
+                    const int r = (i - hh * nqh) % 4;
+                    if (D == 128)
+                        att_query2(8, (const float(*)[256])vb, cnt, sq[r], sq[r + 1], &mx[i], &l[i],
+                                   o[i], o[i + 1]);
+                    else
+                        att_query2(4, (const float(*)[256])vb, cnt, sq[r], sq[r + 1], &mx[i], &l[i],
+                                   o[i], o[i + 1]);
+                    i++;
+                    continue;
+                }
 #define CALL(DV)                                                                                   \
     att_query(DV, D, qf[i], (const float(*)[256])vb, cnt, &mx[i], &l[i], o[i],                     \
               (const float(*)[256])kf, rows ? NULL : sq[(i - hh * nqh) % 4])
