@@ -1385,9 +1385,9 @@ static void swiglu(float *out, const float *g, const float *u, int64_t n) {
 
 /* ---- fused attention --------------------------------------------------------------------- */
 
-/* Positions per block: K is transposed per block so a query's 16 scores come out of D FMAs
- * as one vector (no horizontal sums); V rows of the block are converted once and reused by
- * every query of the call. */
+/* Positions per block: a block's 16 scores of a query come out as one vector (few queries: by
+ * one transpose of the partial sums; many: positions by queries, the queries in lanes); K / V
+ * rows of the block are converted once and reused by every query of the call. */
 #define ATT_BLK 16
 /* Blocks ahead whose K / V lines are touched (several tokens) or prefetched (decode). */
 #define ATT_TOUCH 1
@@ -1415,63 +1415,37 @@ static inline float att_softmax(__m512 s, __mmask16 valid, float *m, float *l, f
     return alpha;
 }
 
-/* Raw scores of NQ queries (rows of q) against a transposed K block kt (D, 16): one load of
- * a K vector feeds NQ FMAs (a query at a time: two loads an FMA, the q element's broadcast
- * and the K vector); two chains a query. */
-static inline __attribute__((always_inline)) void
-att_scores_t(const int NQ, int D, const float (*q)[256], const float (*kt)[16], float (*out)[16]) {
-    __m512 acc[4][2];
-#pragma GCC unroll 4
-    for (int i = 0; i < NQ; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    for (int d = 0; d < D; d += 2) {
-        const __m512 k0 = _mm512_load_ps(kt[d]), k1 = _mm512_load_ps(kt[d + 1]);
-#pragma GCC unroll 4
-        for (int i = 0; i < NQ; i++) {
-            acc[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d]), k0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d + 1]), k1, acc[i][1]);
-        }
-    }
-#pragma GCC unroll 4
-    for (int i = 0; i < NQ; i++) _mm512_store_ps(out[i], _mm512_add_ps(acc[i][0], acc[i][1]));
-}
-
 /* One query against one block: scores, online-softmax update, o += p V. DV = D / 16 when the
- * caller knows it (registers hold o), 0 for the general loop. The scores are either dot
- * products against the block's K rows kr (few queries) or given (sc: the raw scores from
- * att_scores_t on the transposed block). */
-static inline __attribute__((always_inline)) void
-att_query(const int DV, int D, const float *q, const float (*vb)[256], int cnt, float *m, float *l,
-          float *o, const float (*kr)[256], const float *sc) {
+ * caller knows it (registers hold o), 0 for the general loop. The scores are dot products
+ * against the block's K rows kr (few queries; many go to att_prefill_head). */
+static inline __attribute__((always_inline)) void att_query(const int DV, int D, const float *q,
+                                                            const float (*vb)[256], int cnt,
+                                                            float *m, float *l, float *o,
+                                                            const float (*kr)[256]) {
     const __mmask16 valid = (__mmask16)(cnt >= 16 ? 0xffffu : (1u << cnt) - 1u);
-    __m512 s;
-    if (sc) {
-        s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_load_ps(sc));
-    } else {
-        /* dot products against K rows, then one transpose adds the 16 partial vectors into a
-         * vector of 16 scores */
-        __m512i acc[16];
-        for (int pp = 0; pp < 16; pp++) {
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-            if (pp < cnt) {
-                int d = 0;
-                for (; d + 32 <= D; d += 32) {
-                    a0 = _mm512_fmadd_ps(_mm512_load_ps(q + d), _mm512_load_ps(kr[pp] + d), a0);
-                    a1 = _mm512_fmadd_ps(_mm512_load_ps(q + d + 16),
-                                         _mm512_load_ps(kr[pp] + d + 16), a1);
-                }
-                if (d < D)
-                    a0 = _mm512_fmadd_ps(_mm512_load_ps(q + d), _mm512_load_ps(kr[pp] + d), a0);
+    /* dot products against K rows, then one transpose adds the 16 partial vectors into a
+     * vector of 16 scores */
+    __m512i acc[16];
+    for (int pp = 0; pp < 16; pp++) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        if (pp < cnt) {
+            int d = 0;
+            for (; d + 32 <= D; d += 32) {
+                a0 = _mm512_fmadd_ps(_mm512_load_ps(q + d), _mm512_load_ps(kr[pp] + d), a0);
+                a1 = _mm512_fmadd_ps(_mm512_load_ps(q + d + 16), _mm512_load_ps(kr[pp] + d + 16),
+                                     a1);
             }
-            acc[pp] = _mm512_castps_si512(_mm512_add_ps(a0, a1));
+            if (d < D) a0 = _mm512_fmadd_ps(_mm512_load_ps(q + d), _mm512_load_ps(kr[pp] + d), a0);
         }
-        transpose16(acc);
-        __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
-        for (int j = 0; j < 16; j += 2) {
-            t0 = _mm512_add_ps(t0, _mm512_castsi512_ps(acc[j]));
-            t1 = _mm512_add_ps(t1, _mm512_castsi512_ps(acc[j + 1]));
-        }
-        s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_add_ps(t0, t1));
+        acc[pp] = _mm512_castps_si512(_mm512_add_ps(a0, a1));
     }
+    transpose16(acc);
+    __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+    for (int j = 0; j < 16; j += 2) {
+        t0 = _mm512_add_ps(t0, _mm512_castsi512_ps(acc[j]));
+        t1 = _mm512_add_ps(t1, _mm512_castsi512_ps(acc[j + 1]));
+    }
+    const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_add_ps(t0, t1));
     float pv[16] __attribute__((aligned(64)));
     const __m512 av = _mm512_set1_ps(att_softmax(s, valid, m, l, pv));
     if (DV > 0) {
@@ -1493,43 +1467,6 @@ att_query(const int DV, int D, const float *q, const float (*vb)[256], int cnt, 
                 ov = _mm512_fmadd_ps(_mm512_set1_ps(pv[pp]), _mm512_load_ps(vb[pp] + j), ov);
             _mm512_store_ps(o + j, ov);
         }
-    }
-}
-
-/* Two queries against one block whose raw scores are given (sc0, sc1; the scores of both
- * taken from att_scores_t): online-softmax update of each, then o += p V for both in one pass
- * over the block, each V vector loaded once for the two (att_query loads it once a query: a
- * load an FMA). The same operations in the same order as two att_query calls. D = 16 * DV. */
-static inline __attribute__((always_inline)) void att_query2(const int DV, const float (*vb)[256],
-                                                             int cnt, const float *sc0,
-                                                             const float *sc1, float *m, float *l,
-                                                             float *o0, float *o1) {
-    const __mmask16 valid = (__mmask16)(cnt >= 16 ? 0xffffu : (1u << cnt) - 1u);
-    float pv[2][16] __attribute__((aligned(64)));
-    const __m512 ninf = _mm512_set1_ps(-INFINITY);
-    const __m512 a0 = _mm512_set1_ps(att_softmax(
-        _mm512_mask_mov_ps(ninf, valid, _mm512_load_ps(sc0)), valid, &m[0], &l[0], pv[0]));
-    const __m512 a1 = _mm512_set1_ps(att_softmax(
-        _mm512_mask_mov_ps(ninf, valid, _mm512_load_ps(sc1)), valid, &m[1], &l[1], pv[1]));
-    __m512 u0[16], u1[16];
-#pragma GCC unroll 16
-    for (int j = 0; j < DV; j++) {
-        u0[j] = _mm512_mul_ps(_mm512_load_ps(o0 + 16 * j), a0);
-        u1[j] = _mm512_mul_ps(_mm512_load_ps(o1 + 16 * j), a1);
-    }
-    for (int pp = 0; pp < cnt; pp++) {
-        const __m512 w0 = _mm512_set1_ps(pv[0][pp]), w1 = _mm512_set1_ps(pv[1][pp]);
-#pragma GCC unroll 16
-        for (int j = 0; j < DV; j++) {
-            const __m512 vv = _mm512_load_ps(vb[pp] + 16 * j);
-            u0[j] = _mm512_fmadd_ps(w0, vv, u0[j]);
-            u1[j] = _mm512_fmadd_ps(w1, vv, u1[j]);
-        }
-    }
-#pragma GCC unroll 16
-    for (int j = 0; j < DV; j++) {
-        _mm512_store_ps(o0 + 16 * j, u0[j]);
-        _mm512_store_ps(o1 + 16 * j, u1[j]);
     }
 }
 
@@ -1629,6 +1566,144 @@ att_decode_block(const int NQ, const int DV, const float (*q)[256], const uint8_
         for (int j = 0; j < DV; j++) _mm512_store_ps(o[i] + 16 * j, ov[i][j]);
 }
 
+/* acc[j] += x[j * xs] * (w0, w1) for 8 rows j: an 8 x 32 outer-product step. */
+static inline __attribute__((always_inline)) void fma8x2(__m512 acc[8][2], const float *x,
+                                                         size_t xs, __m512 w0, __m512 w1) {
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) {
+        const __m512 v = _mm512_set1_ps(x[(size_t)j * xs]);
+        acc[j][0] = _mm512_fmadd_ps(v, w0, acc[j][0]);
+        acc[j][1] = _mm512_fmadd_ps(v, w1, acc[j][1]);
+    }
+}
+
+/* Rows j of dst (32 floats each) = acc[j]. */
+static inline __attribute__((always_inline)) void store8x2(float (*dst)[32], __m512 acc[8][2]) {
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) {
+        _mm512_store_ps(dst[j], acc[j][0]);
+        _mm512_store_ps(dst[j] + 16, acc[j][1]);
+    }
+}
+
+/* Prompt attention of one KV head, many queries (9..32: a run of a sequence's tokens times the
+ * query heads of the group), with the queries in the lanes of two vectors: the scores of a
+ * block come out as 16 positions x 32 queries from broadcast K elements against the transposed
+ * queries (8 positions x 2 vectors a pass: 10 loads feed 16 FMAs, where per-query scores took a
+ * broadcast load an FMA), the online softmax is lane-wise (no horizontal max or sum a query),
+ * and o += p V keeps 8 of the head's dimensions x 32 queries in registers over the block's
+ * positions (the outputs transposed, (D, 32)). Lanes past nq hold zero queries that see every
+ * position (finite scores, discarded). q: the scaled queries; lim: positions each sees. */
+static void att_prefill_head(const xllm_attn_args *a, int hh, const float (*q)[256],
+                             const int32_t *lim, int nq, int32_t n_max) {
+    const int D = a->head_dim;
+    const size_t es = a->kv_type == XLLM_DTYPE_F32 ? 4 : 2;
+    float qt[256][32] __attribute__((aligned(64)));
+    float ot[256][32] __attribute__((aligned(64)));
+    float kf[ATT_BLK][256] __attribute__((aligned(64)));
+    float vb[ATT_BLK][256] __attribute__((aligned(64)));
+    float st[ATT_BLK][32] __attribute__((aligned(64)));
+    int32_t lv[32] __attribute__((aligned(64)));
+    /* the queries transposed by 16 x 16 tiles */
+    for (int i0 = 0; i0 < 32; i0 += 16)
+        for (int d0 = 0; d0 < D; d0 += 16) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = i0 + i < nq ? _mm512_castps_si512(_mm512_load_ps(q[i0 + i] + d0))
+                                   : _mm512_setzero_si512();
+            transpose16(r);
+            for (int d = 0; d < 16; d++) _mm512_store_si512(qt[d0 + d] + i0, r[d]);
+        }
+    for (int i = 0; i < 32; i++) lv[i] = i < nq ? lim[i] : n_max;
+    memset(ot, 0, sizeof(float) * 32 * (size_t)D);
+    const __m512i lim0 = _mm512_load_si512(lv), lim1 = _mm512_load_si512(lv + 16);
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0, l0 = _mm512_setzero_ps(), l1 = l0;
+    const uint8_t *kbh = (const uint8_t *)a->k + (a->kv_off + (int64_t)hh * D) * (int64_t)es;
+    const uint8_t *vbh = (const uint8_t *)a->v + (a->kv_off + (int64_t)hh * D) * (int64_t)es;
+    const size_t rb = a->row_bytes;
+    for (int32_t p0 = 0; p0 < n_max; p0 += ATT_BLK) {
+        const int pb = n_max - p0 < ATT_BLK ? n_max - p0 : ATT_BLK;
+        /* the next block's K / V lines into L2 while this one computes */
+        for (int p = 0; p < ATT_BLK && p0 + ATT_BLK + p < n_max; p++)
+            for (size_t off = 0; off < (size_t)D * es; off += 64) {
+                _mm_prefetch(kbh + (size_t)(p0 + ATT_BLK + p) * rb + off, _MM_HINT_T1);
+                _mm_prefetch(vbh + (size_t)(p0 + ATT_BLK + p) * rb + off, _MM_HINT_T1);
+            }
+        for (int p = 0; p < ATT_BLK; p++)
+            for (int d = 0; d < D; d += 16) {
+                _mm512_store_ps(kf[p] + d, p < pb ? kv16(kbh + (size_t)(p0 + p) * rb, a->kv_type, d)
+                                                  : _mm512_setzero_ps());
+                _mm512_store_ps(vb[p] + d, p < pb ? kv16(vbh + (size_t)(p0 + p) * rb, a->kv_type, d)
+                                                  : _mm512_setzero_ps());
+            }
+        /* scores: 8 positions x 32 queries a pass */
+        for (int h8 = 0; h8 < ATT_BLK; h8 += 8) {
+            __m512 acc[8][2];
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+            for (int d = 0; d < D; d++)
+                fma8x2(acc, &kf[h8][d], 256, _mm512_load_ps(qt[d]), _mm512_load_ps(qt[d] + 16));
+            store8x2(st + h8, acc);
+        }
+        /* lane-wise online softmax */
+        __mmask16 k0[ATT_BLK], k1[ATT_BLK];
+        __m512 b0 = _mm512_set1_ps(-INFINITY), b1 = b0;
+        for (int p = 0; p < ATT_BLK; p++) {
+            const __m512i pv = _mm512_set1_epi32(p0 + p);
+            k0[p] = p < pb ? _mm512_cmpgt_epi32_mask(lim0, pv) : 0;
+            k1[p] = p < pb ? _mm512_cmpgt_epi32_mask(lim1, pv) : 0;
+            b0 = _mm512_mask_max_ps(b0, k0[p], b0, _mm512_load_ps(st[p]));
+            b1 = _mm512_mask_max_ps(b1, k1[p], b1, _mm512_load_ps(st[p] + 16));
+        }
+        const __m512 n0 = _mm512_max_ps(m0, b0), n1 = _mm512_max_ps(m1, b1);
+        /* (first block: m = -inf, the factor ~0 against o = l = 0) */
+        const __m512 a0 = exp512(_mm512_sub_ps(m0, n0)), a1 = exp512(_mm512_sub_ps(m1, n1));
+        m0 = n0;
+        m1 = n1;
+        l0 = _mm512_mul_ps(l0, a0);
+        l1 = _mm512_mul_ps(l1, a1);
+        for (int p = 0; p < ATT_BLK; p++) {
+            const __m512 e0 =
+                _mm512_maskz_mov_ps(k0[p], exp512(_mm512_sub_ps(_mm512_load_ps(st[p]), n0)));
+            const __m512 e1 =
+                _mm512_maskz_mov_ps(k1[p], exp512(_mm512_sub_ps(_mm512_load_ps(st[p] + 16), n1)));
+            _mm512_store_ps(st[p], e0);
+            _mm512_store_ps(st[p] + 16, e1);
+            l0 = _mm512_add_ps(l0, e0);
+            l1 = _mm512_add_ps(l1, e1);
+        }
+        /* o = o * factor + p V, 8 dimensions x 32 queries in registers */
+        for (int d0 = 0; d0 < D; d0 += 8) {
+            __m512 acc[8][2];
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                acc[j][0] = _mm512_mul_ps(_mm512_load_ps(ot[d0 + j]), a0);
+                acc[j][1] = _mm512_mul_ps(_mm512_load_ps(ot[d0 + j] + 16), a1);
+            }
+            for (int p = 0; p < pb; p++)
+                fma8x2(acc, &vb[p][d0], 1, _mm512_load_ps(st[p]), _mm512_load_ps(st[p] + 16));
+            store8x2(ot + d0, acc);
+        }
+    }
+    /* each query's outputs over its softmax sum: lanes scaled, then transposed back by 16 x 16
+     * tiles */
+    const __m512 il[2] = {_mm512_div_ps(_mm512_set1_ps(1.0f), l0),
+                          _mm512_div_ps(_mm512_set1_ps(1.0f), l1)};
+    for (int i0 = 0; i0 < nq; i0 += 16)
+        for (int d0 = 0; d0 < D; d0 += 16) {
+            __m512i r[16];
+            for (int d = 0; d < 16; d++)
+                r[d] = _mm512_castps_si512(
+                    _mm512_mul_ps(_mm512_load_ps(ot[d0 + d] + i0), il[i0 / 16]));
+            transpose16(r);
+            for (int i = i0; i < nq && i < i0 + 16; i++) {
+                const int tok = i / a->group, h = hh * a->group + i % a->group;
+                _mm512_storeu_ps(a->out + (size_t)tok * a->out_stride + (size_t)h * D + d0,
+                                 _mm512_castsi512_ps(r[i - i0]));
+            }
+        }
+}
+
 static void attention(const xllm_attn_args *a) {
     /* H consecutive KV heads per call (all of a token's, for decode): the block loop then reads
      * whole K / V rows, which the heads share in cache */
@@ -1642,7 +1717,6 @@ static void attention(const xllm_attn_args *a) {
     const int nl = D * (int)es / 64; /* lines of one head's K / V row (decode prefetches) */
     float qf[XLLM_ATTN_MAX_Q][256] __attribute__((aligned(64)));
     float o[XLLM_ATTN_MAX_Q][256] __attribute__((aligned(64)));
-    float kt[256][16] __attribute__((aligned(64)));      /* K block transposed: (D, 16 positions) */
     float vb[ATT_BLK][256] __attribute__((aligned(64))); /* V block: (16 positions, D) */
     float kf[ATT_BLK][256] __attribute__((aligned(64))); /* K block rows (few-query path) */
     float mx[XLLM_ATTN_MAX_Q], l[XLLM_ATTN_MAX_Q];
@@ -1660,6 +1734,12 @@ static void attention(const xllm_attn_args *a) {
         lim[i] = a->n_pos + tok;
     }
     const int32_t n_max = a->n_pos + a->n_tok - 1;
+    if (nqh > 8 && nqh <= 32 && !(a->n_tok == 1 && nqh <= 2)) {
+        for (int hh = 0; hh < H; hh++)
+            att_prefill_head(a, hh, (const float(*)[256])(qf + hh * nqh), lim + hh * nqh, nqh,
+                             n_max);
+        return;
+    }
     const uint8_t *kb = (const uint8_t *)a->k + a->kv_off * es;
     const uint8_t *vbase = (const uint8_t *)a->v + a->kv_off * es;
     for (int32_t p0 = 0; p0 < n_max; p0 += ATT_BLK) {
@@ -1708,54 +1788,22 @@ static void attention(const xllm_attn_args *a) {
 #undef CALL
                 continue;
             }
-            const bool rows = nqh <= 8; /* few queries: no K transpose, reduce the scores instead */
-            for (int p = 0; p < pb && rows; p++)
+            /* few queries (the queries-in-lanes kernel takes 9 to 32): scores as dot products
+             * against the block's K rows */
+            for (int p = 0; p < pb; p++)
                 for (int d = 0; d < D; d += 16)
                     _mm512_store_ps(kf[p] + d,
                                     kv16(kbh + (size_t)(p0 + p) * a->row_bytes, a->kv_type, d));
-            for (int d = 0; d < D && !rows; d += 16) {
-                __m512i r[16];
-                for (int p = 0; p < 16; p++)
-                    r[p] = p < pb ? _mm512_castps_si512(
-                                        kv16(kbh + (size_t)(p0 + p) * a->row_bytes, a->kv_type, d))
-                                  : _mm512_setzero_si512();
-                transpose16(r);
-                for (int j = 0; j < 16; j++) _mm512_store_si512(kt[d + j], r[j]);
-            }
             for (int p = 0; p < pb; p++) {
                 const uint8_t *vr = vbh + (size_t)(p0 + p) * a->row_bytes;
                 for (int d = 0; d < D; d += 16) _mm512_store_ps(vb[p] + d, kv16(vr, a->kv_type, d));
             }
-            float sq[4][16] __attribute__((aligned(64)));
             for (int i = hh * nqh; i < (hh + 1) * nqh; i++) {
-                if (!rows && (i - hh * nqh) % 4 == 0) {
-                    /* the scores of the next 4 queries at once: each K vector loaded once */
-                    const int n4 = (hh + 1) * nqh - i < 4 ? (hh + 1) * nqh - i : 4;
-#define CALL(NQ) att_scores_t(NQ, D, qf + i, (const float(*)[16])kt, sq)
-                    BY_T(n4, CALL);
-#undef CALL
-                }
                 const int cnt = lim[i] - p0 < pb ? lim[i] - p0 : pb;
                 if (cnt <= 0) continue;
-                /* two queries at a time where both see the same positions (a token's GQA
-                 * group, or consecutive tokens in a block they both pass) and share a batch of
-                 * scores */
-                if (!rows && (D == 128 || D == 64) && i + 1 < (hh + 1) * nqh &&
-                    (i + 1 - hh * nqh) % 4 != 0 &&
-                    (lim[i + 1] - p0 < pb ? lim[i + 1] - p0 : pb) == cnt) {
-                    const int r = (i - hh * nqh) % 4;
-                    if (D == 128)
-                        att_query2(8, (const float(*)[256])vb, cnt, sq[r], sq[r + 1], &mx[i], &l[i],
-                                   o[i], o[i + 1]);
-                    else
-                        att_query2(4, (const float(*)[256])vb, cnt, sq[r], sq[r + 1], &mx[i], &l[i],
-                                   o[i], o[i + 1]);
-                    i++;
-                    continue;
-                }
 #define CALL(DV)                                                                                   \
     att_query(DV, D, qf[i], (const float(*)[256])vb, cnt, &mx[i], &l[i], o[i],                     \
-              (const float(*)[256])kf, rows ? NULL : sq[(i - hh * nqh) % 4])
+              (const float(*)[256])kf)
                 if (D == 128)
                     CALL(8);
                 else if (D == 64)

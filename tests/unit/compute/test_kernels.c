@@ -230,9 +230,10 @@ static void test_attention(void **state) {
     uint64_t rs = 4242;
     static const int dims[] = {64, 128, 80, 256};
     static const int groups[] = {1, 2, 4};
-    static const int ntoks[] = {1, 3, 5};
+    /* (8 to 16 tokens: prompt runs of up to XLLM_ATTN_MAX_Q queries, the queries-in-lanes path) */
+    static const int ntoks[] = {1, 3, 5, 8, 11, 16};
     static const int npos[] = {1, 2, 63, 64, 65, 200};
-    const int n_kv_heads = 2, max_pos = 210;
+    const int n_kv_heads = 2, max_pos = 216; /* the last np + the most tokens - 1 */
     for (size_t li = 1; li < 3; li++) {
         if (!level_ok(k_levels[li])) continue;
         const xllm_cpu_kernels *k = xllm_cpu_kernels_get(k_levels[li]);
@@ -250,9 +251,10 @@ static void test_attention(void **state) {
                     xllm_quant_row_ref(kvt, tmp, V + p * rb, n_kv_heads * D);
                 }
                 for (size_t gi = 0; gi < 3; gi++)
-                    for (size_t ti = 0; ti < 3; ti++)
+                    for (size_t ti = 0; ti < 6; ti++)
                         for (size_t pi = 0; pi < 6; pi++) {
                             const int g = groups[gi], nt = ntoks[ti], np = npos[pi];
+                            if (nt * g > XLLM_ATTN_MAX_Q) continue;
                             float *q = malloc(sizeof(float) * (size_t)(nt * g * D));
                             float *o1 = malloc(sizeof(float) * (size_t)(nt * g * D));
                             float *o2 = malloc(sizeof(float) * (size_t)(nt * g * D));
