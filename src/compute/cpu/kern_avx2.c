@@ -328,16 +328,6 @@ static inline void qp_scales(const xllm_qpanel *p, int64_t g, int64_t qgs, int64
     }
 }
 
-/* The panel kernels prefetch each line they will read XLLM_DECODE_PF bytes ahead, as the
- * AVX-512 ones do (Qwen3-0.6B at this level, one process, blocks of steps alternating: Q8_0 one
- * thread 44.8 -> 50.6 tokens/s, two 59.8 -> 64.6; Q4_K_M 51.9 -> 54.6, 87.8 -> 93.6; prompts
- * the same: pp512 223 / 221, 245 / 244). */
-#define XLLM_DECODE_PF 4096
-static inline __attribute__((always_inline)) void pf_lines(const void *p, const int n) {
-    for (int j = 0; j < n; j++)
-        _mm_prefetch((const char *)p + XLLM_DECODE_PF + 64 * j, _MM_HINT_T0);
-}
-
 /* One panel (16 rows) x NT <= 4 tokens from t0. Per 4 elements, the panel's 64 bytes are two
  * registers of 8 rows x 4 u8 values, each token's 4 activations one broadcast dword; vpmaddubsw
  * + vpmaddwd make each row's 4-element sum in one int32 lane, as vpdpbusd does. Without
@@ -359,10 +349,10 @@ gemm_q_tile(const xllm_qpanel *p, const int G, const int SYM, int64_t K, const x
         ag[c] = a->g + (t0 + c) * ng * 2;
         f[c][0] = f[c][1] = _mm256_setzero_ps();
     }
-    const int pfl = (int)((p->h16 ? qgs / 2 : qgs) + 63) / 64;
+    const int pfl = xllm_qpanel_group_lines(p, qgs);
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *wq = xllm_qpanel_q(p, g, qgs);
-        pf_lines(wq, pfl);
+        xllm_pf_lines(wq, pfl);
         __m256i is[4][2];
 #pragma GCC unroll 4
         for (int c = 0; c < NT; c++) is[c][0] = is[c][1] = _mm256_setzero_si256();
@@ -544,7 +534,7 @@ gemv_dp_leg_t(const int FIVE, const int ONE, const uint8_t *panel, int64_t K, co
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *o = panel + b * bb;
         __m256i is[XLLM_GEMV_MAX_T][2];
-        pf_lines(o, (bb + 63) / 64);
+        xllm_pf_lines(o, (bb + 63) / 64);
 #pragma GCC unroll 4
         for (int c = 0; c < NT; c++) {
             const int16_t *s16 = a->s16 + c * (K / 16) + 2 * b;
@@ -582,9 +572,9 @@ gemv_dp_q4k_t(const int FIVE, const uint8_t *panel, int64_t K, const xllm_q8act 
         __m256i isc[XLLM_GEMV_MAX_T][2], imn[XLLM_GEMV_MAX_T][2];
         for (int c = 0; c < NT; c++)
             isc[c][0] = isc[c][1] = imn[c][0] = imn[c][1] = _mm256_setzero_si256();
-        pf_lines(o, 5);
+        xllm_pf_lines(o, 5);
         for (int g = 0; g < 8; g++) {
-            pf_lines(o + 320 + (FIVE ? 320 : 256) * g, FIVE ? 5 : 4);
+            xllm_pf_lines(o + 320 + (FIVE ? 320 : 256) * g, FIVE ? 5 : 4);
             __m256i is[XLLM_GEMV_MAX_T][2];
             for (int c = 0; c < NT; c++) is[c][0] = is[c][1] = _mm256_setzero_si256();
             dp_group32(FIVE, NT, o + 320 + (FIVE ? 320 : 256) * g, a->q + sb * XLLM_QK_K + 32 * g,
@@ -621,9 +611,9 @@ static inline __attribute__((always_inline)) void gemv_dp_q6k_t(const uint8_t *p
         const uint8_t *o = panel + sb * XLLM_DP_Q6K_SB;
         __m256i isc[XLLM_GEMV_MAX_T][2];
         for (int c = 0; c < NT; c++) isc[c][0] = isc[c][1] = _mm256_setzero_si256();
-        pf_lines(o, 5);
+        xllm_pf_lines(o, 5);
         for (int u = 0; u < 16; u++) {
-            pf_lines(o + 320 + 192 * u, 3);
+            xllm_pf_lines(o + 320 + 192 * u, 3);
 #pragma GCC unroll 2
             for (int hh = 0; hh < 2; hh++) {
                 const uint8_t *ou = o + 320 + 192 * u + 32 * hh;
@@ -673,10 +663,10 @@ gemv_dp_q23k_t(const int THREE, const uint8_t *panel, int64_t K, const xllm_q8ac
         __m256i isc[XLLM_GEMV_MAX_T][2], imn[XLLM_GEMV_MAX_T][2];
         for (int c = 0; c < NT; c++)
             isc[c][0] = isc[c][1] = imn[c][0] = imn[c][1] = _mm256_setzero_si256();
-        pf_lines(o, 5);
+        xllm_pf_lines(o, 5);
         for (int u = 0; u < 16; u++) {
             const uint8_t *ou = THREE ? o + 288 + 96 * u : o + 320 + 64 * u;
-            pf_lines(ou, THREE ? 2 : 1);
+            xllm_pf_lines(ou, THREE ? 2 : 1);
 #pragma GCC unroll 2
             for (int h = 0; h < 2; h++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(ou + 32 * h));

@@ -728,20 +728,6 @@ gemm_q_tile(const xllm_qpanel *p, const int NP, const int G, const int SYM, int6
                            nr - 16 * i > 16 ? 16 : nr - 16 * i, acc);
 }
 
-/* One-token decode kernels prefetch each line they will read XLLM_DECODE_PF bytes ahead of it
- * into L1: a thread's stream then keeps more lines in flight than the hardware prefetchers
- * and the kernel's out-of-order window do alone. The one-token kernels do little work a line
- * (Q8_0: 8 dot products a 512-byte group), yet without it one thread streamed their panels
- * at ~60% of a plain read (Qwen3-0.6B shape, one process, blocks of steps alternating: Q8_0
- * one thread 37.5 -> 56.9 tokens/s, two 66 -> 94; Q4_K_M 79 -> 87, 126 -> 136; 2 KB and 8 KB
- * ahead did less for Q8_0). BF16's panels gained nothing (one vdpbf16ps a line: it streams
- * at a plain read's pace without it). */
-#define XLLM_DECODE_PF 4096
-static inline __attribute__((always_inline)) void pf_lines(const void *p, const int n) {
-    for (int j = 0; j < n; j++)
-        _mm_prefetch((const char *)p + XLLM_DECODE_PF + 64 * j, _MM_HINT_T0);
-}
-
 /* One panel x NT <= XLLM_GEMV_MAX_T tokens (decode): the panel read once, front to back
  * (with the interleaved form, one stream), two int32 chains per token. */
 static inline __attribute__((always_inline)) void
@@ -757,12 +743,10 @@ gemv_qp_tile(const xllm_qpanel *p, const int G, const int SYM, int64_t K, const 
         ag[c] = a->g + c * ng * 2;
         f[c] = _mm512_setzero_ps();
     }
-    /* lines of the stream per group (pairs: half the pair, rounded up, so the two groups'
-     * prefetches cover the pair's scales too) */
-    const int pfl = (int)((p->h16 ? qgs / 2 : qgs) + 63) / 64;
+    const int pfl = xllm_qpanel_group_lines(p, qgs);
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *wq = xllm_qpanel_q(p, g, qgs);
-        pf_lines(wq, pfl);
+        xllm_pf_lines(wq, pfl);
         __m512i i0[XLLM_GEMV_MAX_T], i1[XLLM_GEMV_MAX_T];
 #pragma GCC unroll 4
         for (int c = 0; c < NT; c++) {
@@ -879,9 +863,9 @@ gemv_dp_q4k_t(const int FIVE, const uint8_t *panel, int64_t K, const xllm_q8act 
         __m512i isc[XLLM_GEMV_MAX_T], imn[XLLM_GEMV_MAX_T];
 #pragma GCC unroll 4
         for (int c = 0; c < NT; c++) isc[c] = imn[c] = _mm512_setzero_si512();
-        pf_lines(o, 5);
+        xllm_pf_lines(o, 5);
         for (int g = 0; g < 8; g++) {
-            pf_lines(o + 320 + (FIVE ? 320 : 256) * g, FIVE ? 5 : 4);
+            xllm_pf_lines(o + 320 + (FIVE ? 320 : 256) * g, FIVE ? 5 : 4);
             /* (Q5_K: each group's 4 steps and then its fifth bits) */
             __m512i is[XLLM_GEMV_MAX_T];
             dp_group32(FIVE, NT, o + 320 + (FIVE ? 320 : 256) * g, a->q + sb * XLLM_QK_K + 32 * g,
@@ -918,7 +902,7 @@ gemv_dp_leg_t(const int FIVE, const int ONE, const uint8_t *panel, int64_t K, co
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *o = panel + b * bb;
         __m512i init[XLLM_GEMV_MAX_T], is[XLLM_GEMV_MAX_T];
-        pf_lines(o, (bb + 63) / 64);
+        xllm_pf_lines(o, (bb + 63) / 64);
 #pragma GCC unroll 4
         for (int c = 0; c < NT; c++) {
             const int16_t *s16 = a->s16 + c * (K / 16) + 2 * b;
@@ -959,10 +943,10 @@ gemv_dp_q23k_t(const int THREE, const uint8_t *panel, int64_t K, const xllm_q8ac
         __m512i isc[XLLM_GEMV_MAX_T], imn[XLLM_GEMV_MAX_T];
 #pragma GCC unroll 4
         for (int c = 0; c < NT; c++) isc[c] = imn[c] = _mm512_setzero_si512();
-        pf_lines(o, 5);
+        xllm_pf_lines(o, 5);
         for (int u = 0; u < 16; u++) {
             const uint8_t *ou = THREE ? o + 288 + 96 * u : o + 320 + 64 * u;
-            pf_lines(ou, THREE ? 2 : 1);
+            xllm_pf_lines(ou, THREE ? 2 : 1);
             const __m512i v = _mm512_loadu_si512(ou);
             __m512i i0[XLLM_GEMV_MAX_T], i1[XLLM_GEMV_MAX_T];
 #pragma GCC unroll 4
@@ -1027,13 +1011,13 @@ static inline __attribute__((always_inline)) void gemv_dp_q6k_t(const uint8_t *p
     for (int c = 0; c < NT; c++) f[c] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *o = panel + sb * XLLM_DP_Q6K_SB;
-        pf_lines(o, 5);
+        xllm_pf_lines(o, 5);
         __m512i isc[XLLM_GEMV_MAX_T];
 #pragma GCC unroll 4
         for (int c = 0; c < NT; c++) isc[c] = _mm512_setzero_si512();
         for (int u = 0; u < 16; u++) {
             const uint8_t *ou = o + 320 + 192 * u;
-            pf_lines(ou, 3);
+            xllm_pf_lines(ou, 3);
             const __m512i n0 = _mm512_loadu_si512(ou);
             const __m512i n1 = _mm512_loadu_si512(ou + 64);
             const __m512i h = _mm512_loadu_si512(ou + 128);
@@ -1734,7 +1718,7 @@ static void attention(const xllm_attn_args *a) {
         lim[i] = a->n_pos + tok;
     }
     const int32_t n_max = a->n_pos + a->n_tok - 1;
-    if (nqh > 8 && nqh <= 32 && !(a->n_tok == 1 && nqh <= 2)) {
+    if (nqh > 8 && nqh <= 32) {
         for (int hh = 0; hh < H; hh++)
             att_prefill_head(a, hh, (const float(*)[256])(qf + hh * nqh), lim + hh * nqh, nqh,
                              n_max);
